@@ -1,0 +1,230 @@
+"""memslot's canonical trace format: JSON lines, one operation per line.
+
+A request line (``"op"`` omitted or ``"set"``) has ``slot``, ``flags``, ``guest_phys_addr``,
+``memory_size``, ``userspace_addr``; optional ``as_id`` (then ``slot`` is the id, below 65536),
+``guest_memfd`` and ``guest_memfd_offset`` (make it a v2 request), ``expect`` (an errno name
+such as ``"EEXIST"`` or ``0``) and ``note``. Other operations: ``{"op": "get_dirty_log",
+"slot": S}``, ``{"op": "clear_dirty_log", "slot": S, "first_page": F, "num_pages": N,
+"bitmap": "<hex>" | "all" | null}``, ``{"op": "enable_cap", "cap": "KVM_CAP_..." | N,
+"args": [...]}``, ``{"op": "mark_dirty", "gfn": G, "as_id": A}``. Integers may be written as
+JSON numbers or as ``"0x..."`` strings. Blank lines are skipped. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from .. import constants
+from ..errors import errno_name, errno_value
+from ..request import MemoryRegion
+from .records import (
+    ClearDirtyLog,
+    EnableCap,
+    GetDirtyLog,
+    MarkDirty,
+    SetRegion,
+    TraceFormatError,
+    TraceOp,
+)
+
+_COMMON = {"op", "expect", "note"}
+_KEYS: dict[str, set[str]] = {
+    "set": _COMMON | {"slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr",
+                      "as_id", "guest_memfd", "guest_memfd_offset"},
+    "get_dirty_log": _COMMON | {"slot", "as_id", "bitmap"},
+    "clear_dirty_log": _COMMON | {"slot", "as_id", "first_page", "num_pages", "bitmap"},
+    "enable_cap": _COMMON | {"cap", "args", "flags"},
+    "mark_dirty": _COMMON | {"gfn", "as_id"},
+}
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "set": ("slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr"),
+    "get_dirty_log": ("slot",),
+    "clear_dirty_log": ("slot", "first_page", "num_pages"),
+    "enable_cap": ("cap",),
+    "mark_dirty": ("gfn",),
+}
+_U64 = (1 << 64) - 1
+
+
+class _LineError(Exception):
+    pass
+
+
+def _int(obj: dict[str, Any], key: str, default: int | None = None, limit: int = _U64) -> int:
+    if key not in obj:
+        if default is None:
+            raise _LineError(f"missing field {key!r}")
+        return default
+    value = obj[key]
+    if isinstance(value, str) and value.lower().startswith("0x"):
+        try:
+            value = int(value, 16)
+        except ValueError:
+            raise _LineError(f"field {key!r} is not an integer: {obj[key]!r}") from None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _LineError(f"field {key!r} is not an integer: {value!r}")
+    if value < 0:
+        raise _LineError(f"field {key!r} is negative: {value}")
+    if value > limit:
+        raise _LineError(f"field {key!r} is too large: {value:#x} > {limit:#x}")
+    return value
+
+
+def _slot(obj: dict[str, Any]) -> int:
+    if "as_id" in obj:
+        as_id = _int(obj, "as_id", limit=0xFFFF)
+        return (as_id << 16) | _int(obj, "slot", limit=0xFFFF)
+    return _int(obj, "slot", limit=0xFFFFFFFF)
+
+
+def _expect(obj: dict[str, Any]) -> int | None:
+    if "expect" not in obj or obj["expect"] is None:
+        return None
+    value = obj["expect"]
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise _LineError(f"field 'expect' must be an errno name or 0: {value!r}")
+    try:
+        return errno_value(value)
+    except ValueError as exc:
+        raise _LineError(str(exc)) from None
+
+
+def _bitmap(obj: dict[str, Any], key: str = "bitmap") -> bytes | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _LineError(f"field {key!r} must be a hex string, \"all\" or null")
+    if value == "all":
+        return b""
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise _LineError(f"field {key!r} is not hex: {value[:40]!r}") from None
+
+
+def _cap(obj: dict[str, Any]) -> int:
+    value = obj["cap"]
+    if isinstance(value, str) and not value.lower().startswith("0x"):
+        cap = getattr(constants, value, None)
+        if not value.startswith("KVM_CAP_") or not isinstance(cap, int):
+            raise _LineError(f"unknown capability {value!r}")
+        return cap
+    return _int(obj, "cap", limit=0xFFFFFFFF)
+
+
+def parse_object(obj: Any, line: int = 0) -> TraceOp:
+    """One decoded JSON value -> a trace operation (``_LineError`` on bad input)."""
+    if not isinstance(obj, dict):
+        raise _LineError(f"expected a JSON object, got {type(obj).__name__}")
+    op = obj.get("op", "set")
+    if op not in _KEYS:
+        raise _LineError(f"unknown op {op!r}")
+    unknown = sorted(set(obj) - _KEYS[op])
+    if unknown:
+        raise _LineError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}")
+    for key in _REQUIRED[op]:
+        if key not in obj:
+            raise _LineError(f"missing field {key!r}")
+    note = obj.get("note", "")
+    if not isinstance(note, str):
+        raise _LineError("field 'note' must be a string")
+    expect = _expect(obj)
+    if op == "set":
+        gmem = obj.get("guest_memfd")
+        region = MemoryRegion(
+            _slot(obj),
+            _int(obj, "flags", limit=0xFFFFFFFF),
+            _int(obj, "guest_phys_addr"),
+            _int(obj, "memory_size"),
+            _int(obj, "userspace_addr"),
+            _int(obj, "guest_memfd_offset", 0),
+            None if gmem is None else _int(obj, "guest_memfd", limit=0xFFFFFFFF),
+        )
+        return SetRegion(region, expect, line, note)
+    if op == "get_dirty_log":
+        return GetDirtyLog(_slot(obj), expect, line, note, _bitmap(obj))
+    if op == "clear_dirty_log":
+        return ClearDirtyLog(
+            _slot(obj),
+            _int(obj, "first_page"),
+            _int(obj, "num_pages", limit=0xFFFFFFFF),
+            _bitmap(obj),
+            expect,
+            line,
+            note,
+        )
+    if op == "enable_cap":
+        args = obj.get("args", [])
+        if not isinstance(args, list) or len(args) > 4:
+            raise _LineError("field 'args' must be a list of at most 4 integers")
+        values = tuple(_int({"args": a}, "args") for a in args)
+        return EnableCap(_cap(obj), values, _int(obj, "flags", 0, 0xFFFFFFFF), expect, line, note)
+    return MarkDirty(_int(obj, "gfn"), _int(obj, "as_id", 0, 0xFFFF), expect, line, note)
+
+
+def parse_lines(lines: Iterable[str], path: str = "<input>") -> Iterator[TraceOp]:
+    """Parse JSON lines lazily; raises :class:`TraceFormatError` naming the line."""
+    for number, text in enumerate(lines, 1):
+        stripped = text.strip()
+        if not stripped:
+            continue
+        try:
+            obj = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise TraceFormatError(path, number, f"malformed JSON: {exc.msg}") from None
+        except RecursionError:
+            raise TraceFormatError(path, number, "malformed JSON: nested too deeply") from None
+        try:
+            yield parse_object(obj, number)
+        except _LineError as exc:
+            raise TraceFormatError(path, number, str(exc)) from None
+
+
+def _hex(value: int) -> str:
+    return f"{value:#x}"
+
+
+def to_object(op: TraceOp) -> dict[str, Any]:
+    """A trace operation -> a JSON-ready dict (the inverse of :func:`parse_object`)."""
+    out: dict[str, Any]
+    if isinstance(op, SetRegion):
+        r = op.region
+        out = {"slot": r.id, "as_id": r.as_id} if r.as_id else {"slot": r.slot}
+        out |= {
+            "flags": r.flags,
+            "guest_phys_addr": _hex(r.guest_phys_addr),
+            "memory_size": _hex(r.memory_size),
+            "userspace_addr": _hex(r.userspace_addr),
+        }
+        if r.guest_memfd is not None:
+            out |= {"guest_memfd": r.guest_memfd, "guest_memfd_offset": _hex(r.guest_memfd_offset)}
+    elif isinstance(op, GetDirtyLog):
+        out = {"op": op.op, "slot": op.slot}
+        if op.expect_bitmap is not None:
+            out["bitmap"] = op.expect_bitmap.hex()
+    elif isinstance(op, ClearDirtyLog):
+        out = {"op": op.op, "slot": op.slot, "first_page": op.first_page,
+               "num_pages": op.num_pages,
+               "bitmap": None if op.bitmap is None else (op.bitmap.hex() if op.bitmap else "all")}
+    elif isinstance(op, EnableCap):
+        name = constants.CAPABILITY_NAMES.get(op.cap)
+        out = {"op": op.op, "cap": name or op.cap, "args": list(op.args)}
+        if op.flags:
+            out["flags"] = op.flags
+    else:
+        out = {"op": op.op, "gfn": _hex(op.gfn)}
+        if op.as_id:
+            out["as_id"] = op.as_id
+    if op.expect is not None:
+        out["expect"] = errno_name(op.expect) if op.expect else 0
+    if op.note:
+        out["note"] = op.note
+    return out
+
+
+def dumps(op: TraceOp) -> str:
+    """One JSON line (no newline)."""
+    return json.dumps(to_object(op), separators=(", ", ": "))

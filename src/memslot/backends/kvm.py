@@ -1,0 +1,642 @@
+"""The VM API on a real ``/dev/kvm``: every request is an ioctl and every errno is the kernel's.
+
+:class:`KvmVM` keeps its own record of the slots its successful requests created (the kernel
+offers no way to list them), classified the way the kernel classifies a request: size 0 deletes,
+an existing id gets the new base and flags, a new id is created. ``memslots()`` and
+``gfn_to_memslot()`` answer from that record; raw ioctls issued through :meth:`KvmVM.ioctl`
+bypass it.
+
+Standard library only (``os``, ``fcntl``, ``mmap``, ``ctypes``). Ioctls are retried on
+``EINTR``. A VM belongs to the process (``mm``) that created it: a call from a ``fork()``-ed
+child is still issued, and the kernel's ``EIO`` comes back with an explanation.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+from ..constants import KVM_CAP_MULTI_ADDRESS_SPACE, KVM_MEM_GUEST_MEMFD, PAGE_SIZE
+from ..engine.slot import MemorySlot
+from ..errors import ClosedError, KvmError, KvmUnavailable, MemslotError
+from ..request import MemoryRegion
+from . import uapi
+from .base import U32, U64, VM, check_region_fields
+
+if TYPE_CHECKING:
+    from .vcpu import Vcpu
+
+__all__ = [
+    "KVM_DEVICE",
+    "HostMemory",
+    "KvmVM",
+    "UnownedMemoryError",
+    "bitmap_bytes",
+    "kvm_available",
+]
+
+KVM_DEVICE: Final = "/dev/kvm"
+_C_INT_MIN: Final = -(1 << 31)
+_C_INT_MAX: Final = (1 << 31) - 1
+# User buffers above this size are anonymous mappings (zero pages, faulted in only if touched).
+_MMAP_THRESHOLD: Final = 1 << 20
+
+IoctlArg = int | bytearray | ctypes.Structure | ctypes.Union | ctypes.Array[Any]
+
+
+class UnownedMemoryError(MemslotError):
+    """A slot's userspace range is not memory this process mapped for the VM, so running a
+    guest on it could read or write unrelated memory of this process."""
+
+
+def bitmap_bytes(npages: int) -> int:
+    """Size of a dirty bitmap for ``npages`` pages: ``ALIGN(npages, 64) / 8``."""
+    return ((npages + 63) // 64) * 8
+
+
+# --- ioctl plumbing ------------------------------------------------------------------------
+
+_libc: ctypes.CDLL | None = None
+
+
+def _libc_ioctl(fd: int, request: int, arg: int) -> int:
+    """``ioctl(fd, request, (unsigned long)arg)``, for values ``fcntl.ioctl`` cannot pass (it
+    takes a C ``int``)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    result = int(_libc.ioctl(fd, ctypes.c_ulong(request), ctypes.c_ulong(arg & U64)))
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def _ioctl(fd: int, request: int, arg: IoctlArg = 0) -> int:
+    """One ioctl, retried on ``EINTR``; raises ``OSError`` with the kernel's errno."""
+    while True:
+        try:
+            if isinstance(arg, int) and not _C_INT_MIN <= arg <= _C_INT_MAX:
+                return _libc_ioctl(fd, request, arg)
+            return int(fcntl.ioctl(fd, request, arg))
+        except InterruptedError:
+            continue
+
+
+class _UserBuffer:
+    """Zeroed memory handed to the kernel by address (a ``bytearray``, or an anonymous mapping
+    when large). ``data`` is copied to its start."""
+
+    def __init__(self, size: int, data: bytes = b"") -> None:
+        self.size = max(size, len(data), 1)
+        self._store: bytearray | mmap.mmap
+        if self.size > _MMAP_THRESHOLD:
+            self._store = mmap.mmap(-1, -(-self.size // PAGE_SIZE) * PAGE_SIZE)
+        else:
+            self._store = bytearray(self.size)
+        self._store[: len(data)] = data
+        view = (ctypes.c_char * self.size).from_buffer(self._store)
+        self.address = ctypes.addressof(view)
+        del view  # the store is never resized, so the address stays valid until close()
+
+    def read(self, length: int) -> bytes:
+        return bytes(self._store[:length])
+
+    def close(self) -> None:
+        if isinstance(self._store, mmap.mmap):
+            self._store.close()
+
+    def __enter__(self) -> _UserBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _buffer_address(buf: bytearray | mmap.mmap) -> int:
+    view = ctypes.c_char.from_buffer(buf)
+    address = ctypes.addressof(view)
+    del view
+    return address
+
+
+def kvm_available(path: str = KVM_DEVICE) -> tuple[bool, str]:
+    """``(True, description)`` when a VM can be created on ``path``, else ``(False, reason)``."""
+    try:
+        with KvmVM(path) as vm:
+            return True, f"{path}: API version {uapi.KVM_API_VERSION}, VM fd {vm.fd}"
+    except KvmUnavailable as exc:
+        return False, str(exc)
+
+
+# --- host memory ---------------------------------------------------------------------------
+
+
+class HostMemory:
+    """An anonymous mapping owned by a :class:`KvmVM` (unmapped by ``vm.close()``) and
+    registered as guest-backing memory. ``address`` is aligned as requested."""
+
+    def __init__(self, size: int, align: int = PAGE_SIZE, *, hugepages: bool = False) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"size {size:#x} must be a positive multiple of {PAGE_SIZE:#x}")
+        if align < PAGE_SIZE or align & (align - 1):
+            raise ValueError(f"align {align:#x} must be a power of two >= {PAGE_SIZE:#x}")
+        extra = align - PAGE_SIZE
+        self._map: mmap.mmap | None = mmap.mmap(-1, size + extra)
+        base = _buffer_address(self._map)
+        self.offset = (-base) % align
+        self.address = base + self.offset
+        self.size = size
+        if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+            self._map.madvise(mmap.MADV_HUGEPAGE, self.offset, size)
+
+    def _checked(self, offset: int, length: int) -> mmap.mmap:
+        if self._map is None:
+            raise ClosedError("host memory was unmapped")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise IndexError(f"[{offset:#x}, +{length:#x}) is outside {self.size:#x} bytes")
+        return self._map
+
+    def read(self, offset: int, length: int) -> bytes:
+        start = self.offset + offset
+        return self._checked(offset, length)[start : start + length]
+
+    def write(self, offset: int, data: bytes) -> None:
+        start = self.offset + offset
+        self._checked(offset, len(data))[start : start + len(data)] = data
+
+    @property
+    def closed(self) -> bool:
+        return self._map is None
+
+    def close(self) -> None:
+        """Unmap (idempotent)."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._map is None else f"{self.address:#x}+{self.size:#x}"
+        return f"HostMemory({state})"
+
+
+# --- the VM --------------------------------------------------------------------------------
+
+
+class _Resources:
+    """What a KvmVM must release; held apart from the VM so a finalizer can release it."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self.memories: list[HostMemory] = []
+
+    def release(self) -> None:
+        for fd in reversed(self.fds):
+            with contextlib.suppress(OSError):  # already closed behind our back
+                os.close(fd)
+        self.fds.clear()
+        for memory in self.memories:
+            memory.close()
+        self.memories.clear()
+
+
+class KvmVM(VM):
+    """One VM on ``/dev/kvm`` (``KVM_CREATE_VM`` of type ``vm_type``).
+
+    Raises :class:`~memslot.errors.KvmUnavailable` when the device is missing, not permitted,
+    not KVM, or speaks another API version. Failed requests raise
+    :class:`~memslot.errors.KvmError` with the kernel's errno, ``rule`` = the ioctl name.
+    """
+
+    def __init__(self, path: str = KVM_DEVICE, vm_type: int = 0) -> None:
+        self._closed = True
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
+        self._slots: dict[tuple[int, int], MemorySlot] = {}
+        self._order: dict[int, tuple[list[int], list[MemorySlot]]] = {}
+        self._gmem_fds: set[int] = set()
+        self._mappings: list[tuple[int, int]] = []
+        self._ownership_generation = 0
+        self._vcpus: weakref.WeakSet[Vcpu] = weakref.WeakSet()
+        self._res = _Resources()
+        self._finalizer = weakref.finalize(self, self._res.release)
+        self._kvm_fd = self._open_device(path)
+        self._res.fds.append(self._kvm_fd)
+        try:
+            version = _ioctl(self._kvm_fd, uapi.KVM_GET_API_VERSION)
+        except OSError as exc:
+            self._finalizer()
+            raise KvmUnavailable(
+                exc.errno, f"{path} is not a KVM device (KVM_GET_API_VERSION: {exc.strerror})"
+            ) from None
+        if version != uapi.KVM_API_VERSION:
+            self._finalizer()
+            raise KvmUnavailable(
+                f"{path} speaks KVM API version {version}, expected {uapi.KVM_API_VERSION}"
+            )
+        try:
+            self._vm_fd = _ioctl(self._kvm_fd, uapi.KVM_CREATE_VM, vm_type)
+        except OSError as exc:
+            self._finalizer()
+            raise KvmUnavailable(
+                exc.errno, f"KVM_CREATE_VM(type={vm_type}) on {path} failed: {exc.strerror}"
+            ) from None
+        self._res.fds.append(self._vm_fd)
+        self._closed = False
+        self._nr_as = max(1, self.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE))
+
+    @staticmethod
+    def _open_device(path: str) -> int:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailable(
+                errno.ENOENT, f"{path} does not exist (no KVM in this kernel or container)"
+            ) from None
+        except PermissionError as exc:
+            raise KvmUnavailable(
+                exc.errno, f"no permission to open {path} read-write (join the 'kvm' group?)"
+            ) from None
+        except OSError as exc:
+            raise KvmUnavailable(exc.errno, f"cannot open {path}: {exc.strerror}") from None
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this KvmVM was closed")
+
+    @property
+    def creator_pid(self) -> int:
+        """The pid that created the VM; only its ``mm`` may issue VM and vCPU ioctls."""
+        return self._pid
+
+    def _error(self, err: int, rule: str, detail: str = "") -> KvmError:
+        pid = os.getpid()
+        if pid != self._pid:
+            note = (
+                f"VM created by pid {self._pid}, called from pid {pid}: "
+                "KVM refuses ioctls from another mm"
+            )
+            detail = f"{detail}; {note}" if detail else note
+        return KvmError(err, rule, detail)
+
+    def ioctl(
+        self, request: int, arg: IoctlArg = 0, *, detail: str = "", fd: int | None = None
+    ) -> int:
+        """Issue a raw ioctl on the VM fd (or ``fd``, e.g. a vCPU's) with this VM's error
+        handling. Low-level: it does not update the slot record."""
+        self._check_open()
+        try:
+            return _ioctl(self._vm_fd if fd is None else fd, request, arg)
+        except OSError as exc:
+            raise self._error(exc.errno or 0, uapi.ioctl_name(request), detail) from None
+
+    @property
+    def fd(self) -> int:
+        """The VM file descriptor."""
+        self._check_open()
+        return self._vm_fd
+
+    @property
+    def kvm_fd(self) -> int:
+        """The ``/dev/kvm`` file descriptor."""
+        self._check_open()
+        return self._kvm_fd
+
+    # -- memslot requests -------------------------------------------------------------------
+    def apply(self, region: MemoryRegion) -> None:
+        """``KVM_SET_USER_MEMORY_REGION`` (``region.guest_memfd is None``) or ``...REGION2``."""
+        check_region_fields(region)
+        arg: ctypes.Structure
+        if region.guest_memfd is None:
+            request = uapi.KVM_SET_USER_MEMORY_REGION
+            arg = uapi.kvm_userspace_memory_region(
+                region.slot,
+                region.flags,
+                region.guest_phys_addr,
+                region.memory_size,
+                region.userspace_addr,
+            )
+        else:
+            request = uapi.KVM_SET_USER_MEMORY_REGION2
+            arg = uapi.kvm_userspace_memory_region2(
+                region.slot,
+                region.flags,
+                region.guest_phys_addr,
+                region.memory_size,
+                region.userspace_addr,
+                region.guest_memfd_offset,
+                region.guest_memfd,
+            )
+        with self._lock:
+            self.ioctl(request, arg, detail=region.describe())
+            self._record(region)
+
+    def _record(self, region: MemoryRegion) -> None:
+        """Mirror the kernel's classification of a request that succeeded."""
+        key = (region.as_id, region.id)
+        old = self._slots.get(key)
+        if region.memory_size == 0:
+            self._slots.pop(key, None)
+        elif old is not None:
+            self._slots[key] = old._replace(base_gfn=region.base_gfn, flags=region.flags)
+        else:
+            gmem = None
+            if region.guest_memfd is not None and region.flags & KVM_MEM_GUEST_MEMFD:
+                gmem = (region.guest_memfd, region.guest_memfd_offset)
+            self._slots[key] = MemorySlot(
+                id=region.id,
+                as_id=region.as_id,
+                base_gfn=region.base_gfn,
+                npages=region.npages,
+                flags=region.flags,
+                userspace_addr=region.userspace_addr,
+                gmem=gmem,
+            )
+            self._ownership_generation += 1
+        self._order.pop(region.as_id, None)
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        """``KVM_CREATE_GUEST_MEMFD``; the fd is closed by :meth:`close` (or
+        :meth:`close_guest_memfd`)."""
+        _check_uint("size", size, U64)
+        _check_uint("flags", flags, U64)
+        fd = self.ioctl(
+            uapi.KVM_CREATE_GUEST_MEMFD,
+            uapi.kvm_create_guest_memfd(size, flags),
+            detail=f"size={size:#x} flags={flags:#x}",
+        )
+        self._gmem_fds.add(fd)
+        self._res.fds.append(fd)
+        return fd
+
+    def close_guest_memfd(self, fd: int) -> None:
+        """Close a guest_memfd made by :meth:`create_guest_memfd` (a bound slot keeps it alive
+        in the kernel)."""
+        self._check_open()
+        if fd not in self._gmem_fds:
+            raise ValueError(f"fd {fd} is not a guest_memfd of this VM")
+        self._gmem_fds.discard(fd)
+        self._res.fds.remove(fd)
+        os.close(fd)
+
+    # -- capabilities -----------------------------------------------------------------------
+    def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on the VM fd."""
+        return self.ioctl(uapi.KVM_CHECK_EXTENSION, cap, detail=f"cap={cap}")
+
+    def check_system_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on ``/dev/kvm``."""
+        return self.ioctl(uapi.KVM_CHECK_EXTENSION, cap, detail=f"cap={cap}", fd=self.kvm_fd)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """``KVM_ENABLE_CAP`` on the VM fd with up to four ``args``."""
+        if len(args) > 4:
+            raise ValueError(f"KVM_ENABLE_CAP takes at most 4 args, got {len(args)}")
+        _check_uint("cap", cap, U32)
+        _check_uint("flags", flags, U32)
+        for value in args:
+            _check_uint("arg", value, U64)
+        arg = uapi.kvm_enable_cap(cap, flags, (uapi.u64 * 4)(*args))
+        self.ioctl(
+            uapi.KVM_ENABLE_CAP,
+            arg,
+            detail=f"cap={cap} flags={flags:#x} args={[hex(a) for a in args]}",
+        )
+
+    @property
+    def nr_address_spaces(self) -> int:
+        """``KVM_CAP_MULTI_ADDRESS_SPACE`` on the VM fd (0 means 1)."""
+        self._check_open()
+        return self._nr_as
+
+    @property
+    def vcpu_mmap_size(self) -> int:
+        """``KVM_GET_VCPU_MMAP_SIZE`` (size of a vCPU's kvm_run mapping)."""
+        return self.ioctl(uapi.KVM_GET_VCPU_MMAP_SIZE, fd=self.kvm_fd)
+
+    def set_tss_addr(self, addr: int) -> None:
+        """``KVM_SET_TSS_ADDR``."""
+        _check_uint("addr", addr, U64)
+        self.ioctl(uapi.KVM_SET_TSS_ADDR, addr, detail=f"addr={addr:#x}")
+
+    def set_nr_mmu_pages(self, pages: int) -> None:
+        """``KVM_SET_NR_MMU_PAGES``."""
+        _check_uint("pages", pages, U64)
+        self.ioctl(uapi.KVM_SET_NR_MMU_PAGES, pages, detail=f"pages={pages}")
+
+    # -- dirty logging ----------------------------------------------------------------------
+    def get_dirty_log(self, slot: int) -> bytes:
+        """``KVM_GET_DIRTY_LOG`` into a buffer sized from the slot record:
+        ``ALIGN(npages, 64) / 8`` bytes. For a slot the record lacks the ioctl is still issued
+        (into a one-page buffer) so that the kernel's errno comes out."""
+        _check_uint("slot", slot, U32)
+        record = self._slots.get((slot >> 16, slot & 0xFFFF))
+        size = bitmap_bytes(record.npages) if record is not None else PAGE_SIZE
+        with _UserBuffer(size) as buf:
+            self.ioctl(
+                uapi.KVM_GET_DIRTY_LOG,
+                uapi.kvm_dirty_log(slot, 0, buf.address),
+                detail=f"slot={slot >> 16}:{slot & 0xFFFF}",
+            )
+            if record is None:
+                raise MemslotError(
+                    f"KVM_GET_DIRTY_LOG succeeded for slot {slot:#x}, which this KvmVM never "
+                    "created (was it made through a raw ioctl?)"
+                )
+            return buf.read(size)
+
+    def get_dirty_log_raw(self, slot: int, address: int | None) -> None:
+        """``KVM_GET_DIRTY_LOG`` with an arbitrary user address (``None`` = NULL). The kernel
+        writes ``ALIGN(npages, 64) / 8`` bytes there: the caller owns that memory."""
+        _check_uint("slot", slot, U32)
+        pointer = 0 if address is None else address
+        _check_uint("address", pointer, U64)
+        self.ioctl(
+            uapi.KVM_GET_DIRTY_LOG,
+            uapi.kvm_dirty_log(slot, 0, pointer),
+            detail=f"slot={slot >> 16}:{slot & 0xFFFF} bitmap={pointer:#x}",
+        )
+
+    def clear_dirty_log(
+        self, slot: int, first_page: int, num_pages: int, bitmap: bytes | None
+    ) -> None:
+        """``KVM_CLEAR_DIRTY_LOG``. ``bitmap=None`` passes NULL; a bitmap shorter than
+        ``ALIGN(num_pages, 64) / 8`` bytes is zero-padded so the kernel never reads past it."""
+        _check_uint("slot", slot, U32)
+        _check_uint("first_page", first_page, U64)
+        _check_uint("num_pages", num_pages, U32)
+        detail = f"slot={slot >> 16}:{slot & 0xFFFF} first={first_page} num={num_pages}"
+        if bitmap is None:
+            self.ioctl(
+                uapi.KVM_CLEAR_DIRTY_LOG,
+                uapi.kvm_clear_dirty_log(slot, num_pages, first_page, 0),
+                detail=detail + " bitmap=NULL",
+            )
+            return
+        with _UserBuffer(bitmap_bytes(num_pages), bytes(bitmap)) as buf:
+            self.ioctl(
+                uapi.KVM_CLEAR_DIRTY_LOG,
+                uapi.kvm_clear_dirty_log(slot, num_pages, first_page, buf.address),
+                detail=detail,
+            )
+
+    # -- the slot record --------------------------------------------------------------------
+    def _ordered(self, as_id: int) -> tuple[list[int], list[MemorySlot]]:
+        with self._lock:
+            cached = self._order.get(as_id)
+            if cached is None:
+                slots = sorted(
+                    (s for s in self._slots.values() if s.as_id == as_id),
+                    key=lambda s: s.base_gfn,
+                )
+                cached = ([s.base_gfn for s in slots], slots)
+                self._order[as_id] = cached
+            return cached
+
+    def memslots(self, as_id: int = 0) -> list[MemorySlot]:
+        """Slots of ``as_id`` in gfn order, from this VM's record of successful requests
+        (``arch`` is ``None``: the kernel's metadata is not visible)."""
+        self._check_open()
+        return list(self._ordered(as_id)[1])
+
+    def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> MemorySlot | None:
+        """The recorded slot containing ``gfn`` (slots never overlap, so one bisection)."""
+        self._check_open()
+        bases, slots = self._ordered(as_id)
+        index = bisect.bisect_right(bases, gfn) - 1
+        if index >= 0 and slots[index].contains_gfn(gfn):
+            return slots[index]
+        return None
+
+    # -- memory this process owns for the guest ---------------------------------------------
+    def register_host_mapping(self, addr: int, size: int) -> None:
+        """Declare ``[addr, addr + size)`` memory this process mapped for the guest. A vCPU
+        runs only while every slot lies inside registered memory."""
+        self._check_open()
+        _check_uint("addr", addr, U64)
+        if size <= 0 or addr + size > U64 + 1:
+            raise ValueError(f"bad host mapping size {size:#x} at {addr:#x}")
+        with self._lock:
+            self._mappings.append((addr, size))
+            self._ownership_generation += 1
+
+    def unregister_host_mapping(self, addr: int, size: int) -> None:
+        """Withdraw a range given to :meth:`register_host_mapping`."""
+        self._check_open()
+        with self._lock:
+            try:
+                self._mappings.remove((addr, size))
+            except ValueError:
+                raise ValueError(f"{addr:#x}+{size:#x} was not registered") from None
+            self._ownership_generation += 1
+
+    def host_mappings(self) -> list[tuple[int, int]]:
+        """Registered ``(addr, size)`` ranges."""
+        self._check_open()
+        with self._lock:
+            return list(self._mappings)
+
+    def map_anonymous(
+        self, size: int, align: int = PAGE_SIZE, *, hugepages: bool = False
+    ) -> HostMemory:
+        """Map ``size`` bytes of anonymous memory at an ``align``-aligned address, register it,
+        and unmap it when the VM closes."""
+        self._check_open()
+        memory = HostMemory(size, align, hugepages=hugepages)
+        self._res.memories.append(memory)
+        self.register_host_mapping(memory.address, memory.size)
+        return memory
+
+    @property
+    def ownership_generation(self) -> int:
+        """Changes whenever a slot is created or a host mapping (un)registered."""
+        return self._ownership_generation
+
+    def unowned_slots(self) -> list[MemorySlot]:
+        """Recorded slots whose ``[uaddr, uaddr + size)`` is not inside registered memory."""
+        self._check_open()
+        with self._lock:
+            merged = _merge(self._mappings)
+            starts = [start for start, _ in merged]
+            bad = []
+            for slot in self._slots.values():
+                begin, end = slot.userspace_addr, slot.userspace_addr + slot.memory_size
+                index = bisect.bisect_right(starts, begin) - 1
+                if index < 0 or merged[index][1] < end:
+                    bad.append(slot)
+            return sorted(bad, key=lambda s: (s.as_id, s.base_gfn))
+
+    def check_owned_memory(self) -> None:
+        """Raise :class:`UnownedMemoryError` unless every slot is backed by registered memory."""
+        bad = self.unowned_slots()
+        if bad:
+            listing = ", ".join(
+                f"slot {s.as_id}:{s.id} ua {s.userspace_addr:#x}+{s.memory_size:#x}"
+                for s in bad[:4]
+            )
+            more = f" (and {len(bad) - 4} more)" if len(bad) > 4 else ""
+            raise UnownedMemoryError(
+                f"{listing}{more} not inside memory this process mapped for the VM "
+                "(KvmVM.map_anonymous / register_host_mapping): the VM was built from recorded "
+                "addresses, and a guest would read or write whatever this process has there; "
+                "refusing to run a vCPU"
+            )
+
+    # -- vCPUs ------------------------------------------------------------------------------
+    def _attach_vcpu(self, vcpu: Vcpu) -> None:
+        self._check_open()
+        self._vcpus.add(vcpu)
+
+    # -- lifetime ---------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the vCPUs, every fd (VM, guest_memfds, /dev/kvm) and owned mapping.
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for vcpu in list(self._vcpus):
+            vcpu.close()
+        self._finalizer()
+        self._slots.clear()
+        self._order.clear()
+        self._gmem_fds.clear()
+        self._mappings.clear()
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "KvmVM(closed)"
+        return f"KvmVM(fd={self._vm_fd}, slots={len(self._slots)})"
+
+
+def _check_uint(name: str, value: int, limit: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= limit:
+        bits = limit.bit_length()
+        raise ValueError(f"{name}={value:#x} does not fit the ioctl's {bits}-bit field")
+
+
+def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(addr, size)`` ranges -> sorted, merged ``(start, end)`` intervals."""
+    merged: list[tuple[int, int]] = []
+    for start, size in sorted(ranges):
+        end = start + size
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged

@@ -51,7 +51,7 @@ KVM_DIRTY_LOG_MANUAL_CAPS: Final = (
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
 )
 
-# Dirty ring: struct kvm_dirty_gfn is 16 bytes; KVM_DIRTY_RING_MAX_ENTRIES = 65536 (kvm_dirty_ring.h)
+# Dirty ring: struct kvm_dirty_gfn is 16 bytes; KVM_DIRTY_RING_MAX_ENTRIES (kvm_dirty_ring.h)
 KVM_DIRTY_GFN_SIZE: Final = 16
 KVM_DIRTY_RING_MAX_ENTRIES: Final = 65536
 

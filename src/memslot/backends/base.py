@@ -29,7 +29,8 @@ def check_region_fields(region: MemoryRegion) -> None:
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{name} must be an int, not {type(value).__name__}")
         if not 0 <= value <= limit:
-            raise ValueError(f"{name}={value:#x} does not fit the ioctl's {limit.bit_length()}-bit field")
+            bits = limit.bit_length()
+            raise ValueError(f"{name}={value:#x} does not fit the ioctl's {bits}-bit field")
     if region.guest_memfd is not None and not 0 <= region.guest_memfd <= U32:
         raise ValueError(f"guest_memfd={region.guest_memfd} does not fit a u32")
 

@@ -124,7 +124,8 @@ def parse_object(obj: Any, line: int = 0) -> TraceOp:
         raise _LineError(f"unknown op {op!r}")
     unknown = sorted(set(obj) - _KEYS[op])
     if unknown:
-        raise _LineError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}")
+        plural = "s" if len(unknown) > 1 else ""
+        raise _LineError(f"unknown key{plural} {', '.join(map(repr, unknown))}")
     for key in _REQUIRED[op]:
         if key not in obj:
             raise _LineError(f"missing field {key!r}")

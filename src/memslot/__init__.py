@@ -1,0 +1,55 @@
+"""memslot: the Linux KVM memory-slot subsystem as an exact, executable model, a /dev/kvm
+backend that answers the same calls, guest memory for Python VMMs, and trace tools.
+
+>>> import memslot
+>>> with memslot.ModelVM("x86_64-shadow") as vm:
+...     vm.set_user_memory_region(0, 0, 0, 0x200000, 0x7f0000000000)
+...     vm.memslots()[0].npages
+512
+"""
+
+from __future__ import annotations
+
+from . import constants as _constants
+from .backends.base import VM
+from .backends.model import (
+    KVM_HVA_ERR_BAD,
+    KVM_HVA_ERR_RO_BAD,
+    ModelVM,
+    kvm_is_error_hva,
+)
+from .constants import *  # noqa: F403  (kernel names are the public names)
+from .engine.change import ChangeType, Rule
+from .engine.ledger import Allocation
+from .engine.memslots import SwapEvent
+from .engine.result import OpResult
+from .engine.slot import MemorySlot
+from .errors import ClosedError, GuestAddressError, KvmError, KvmUnavailable, MemslotError
+from .profile import PRESETS, Profile, get_profile
+from .request import MemoryRegion
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KVM_HVA_ERR_BAD",
+    "KVM_HVA_ERR_RO_BAD",
+    "PRESETS",
+    "VM",
+    "Allocation",
+    "ChangeType",
+    "ClosedError",
+    "GuestAddressError",
+    "KvmError",
+    "KvmUnavailable",
+    "MemoryRegion",
+    "MemorySlot",
+    "MemslotError",
+    "ModelVM",
+    "OpResult",
+    "Profile",
+    "Rule",
+    "SwapEvent",
+    "get_profile",
+    "kvm_is_error_hva",
+    *(name for name in vars(_constants) if name.startswith(("KVM_", "PAGE_"))),
+]

@@ -1,0 +1,43 @@
+"""arm64 (arch/arm64/kvm/mmu.c ``kvm_arch_prepare_memory_region``, 6.18): no per-slot
+metadata; CREATE, MOVE and FLAGS_ONLY must end within the IPA space (EFAULT otherwise).
+
+Not modelled: the VMA walk over the hva range (MTE VMs need MTE-capable VMAs; ``VM_PFNMAP``
+VMAs refuse dirty logging), because the model has no host mappings to look at.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..constants import KVM_MEMSLOT_GMEM_ONLY
+from ..engine import change as ch
+from ..engine.change import ChangeType, Rule
+from ..engine.slot import MemorySlot
+from .base import ArchHooks, PrepareError
+
+IPA_LIMIT = Rule("arm64-ipa", 14, "kvm_arch_prepare_memory_region",
+                 "base_gfn + npages > IPA size >> PAGE_SHIFT")
+GMEM_ONLY = Rule("arm64-gmem-only", 22, "kvm_arch_prepare_memory_region",
+                 "guest_memfd slots must be mappable (GUEST_MEMFD_FLAG_MMAP)")
+
+
+class Arm64Arch(ArchHooks):
+    def prepare(
+        self,
+        change: ChangeType,
+        old: MemorySlot | None,
+        as_id: int,
+        slot_id: int,
+        base_gfn: int,
+        npages: int,
+        flags: int,
+        userspace_addr: int,
+    ) -> Any:
+        if change is ch.DELETE:
+            return None
+        bits = self.profile.ipa_bits or 40
+        if base_gfn + npages > (1 << bits) >> self.profile.page_shift:
+            raise PrepareError(IPA_LIMIT)
+        if old is None and flags & 4 and not flags & KVM_MEMSLOT_GMEM_ONLY:
+            raise PrepareError(GMEM_ONLY)
+        return None

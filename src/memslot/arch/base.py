@@ -1,0 +1,77 @@
+"""The arch hooks the generic engine calls, as in kvm_main.c: ``kvm_arch_prepare_memory_region``,
+``kvm_arch_commit_memory_region`` and ``kvm_arch_free_memslot``; plus what the model adds:
+a description of each slot's metadata and integrity checks for it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ..engine.change import ChangeType, Rule
+from ..engine.ledger import Allocation, Ledger
+from ..engine.slot import MemorySlot
+from ..profile import Profile
+
+
+class PrepareError(Exception):
+    """An arch prepare step refused the change (carries the rule and its errno)."""
+
+    def __init__(self, rule: Rule, detail: str = "") -> None:
+        super().__init__(str(rule))
+        self.rule = rule
+        self.detail = detail
+
+
+class ArchHooks:
+    """Hooks of an arch with no per-slot metadata and no extra checks (PPC PR, mips)."""
+
+    #: Variant names this arch understands (see ``ModelVM(variants=...)``).
+    VARIANTS: tuple[str, ...] = ()
+
+    def __init__(self, profile: Profile, ledger: Ledger, variants: frozenset[str]) -> None:
+        self.profile = profile
+        self.ledger = ledger
+        self.variants = variants
+
+    # -- kernel hooks ---------------------------------------------------------------------
+    def prepare(
+        self,
+        change: ChangeType,
+        old: MemorySlot | None,
+        as_id: int,
+        slot_id: int,
+        base_gfn: int,
+        npages: int,
+        flags: int,
+        userspace_addr: int,
+    ) -> Any:
+        """``kvm_arch_prepare_memory_region``: return the new slot's arch data or raise
+        :class:`PrepareError`; anything allocated before a failure is freed first."""
+        return None
+
+    def commit(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> None:
+        """``kvm_arch_commit_memory_region``."""
+
+    def free(self, slot: MemorySlot) -> None:
+        """``kvm_arch_free_memslot``: release ``slot``'s arch arrays."""
+
+    # -- model extras -----------------------------------------------------------------------
+    def allocations(self, arch: Any) -> Iterable[Allocation]:
+        """The ledger entries an arch-data object holds."""
+        return ()
+
+    def check_slot(self, slot: MemorySlot) -> list[str]:
+        """Problems with ``slot``'s metadata (empty when its shapes fit the slot)."""
+        return []
+
+    def describe(self, slot: MemorySlot) -> dict[str, Any]:
+        """Per-array entries and bytes, and large-page facts, as plain data."""
+        return {}
+
+    def huge_ranges(self, slot: MemorySlot) -> dict[str, list[tuple[int, int]]]:
+        """Per large-page size, the gfn ranges ``[start, end)`` that may be mapped huge."""
+        return {}
+
+    def on_vm_event(self, event: str, slots: Iterable[MemorySlot]) -> list[MemorySlot]:
+        """Arch reaction to a VM-wide event (x86: first shadow root); returns replaced slots."""
+        return []

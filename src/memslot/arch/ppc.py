@@ -1,0 +1,85 @@
+"""PowerPC book3s memslot metadata (arch/powerpc/kvm/book3s_hv.c, book3s_pr.c, v5.17+).
+
+HV keeps one ``unsigned long`` rmap entry per guest page, allocated on CREATE (``vzalloc``,
+refused with ENOMEM when it would exceed ``totalram_pages()``) and *carried over* on MOVE and
+FLAGS_ONLY (``new->arch.rmap = old->arch.rmap``): the rmap is indexed by page offset in the
+slot, so the base does not change its shape, and commit never frees ``old->arch`` on MOVE —
+reallocating there would leak the old array. PR keeps no per-slot metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ..engine import change as ch
+from ..engine.change import ChangeType, Rule
+from ..engine.ledger import KIND_PPC_RMAP, Allocation
+from ..engine.slot import MemorySlot
+from .base import ArchHooks, PrepareError
+
+VARIANT_REALLOC_RMAP_ON_MOVE = "ppc-realloc-rmap-on-move"
+RMAP_ENTRY_SIZE = 8
+
+RMAP_TOTALRAM = Rule("ppc-rmap-totalram", 12, "kvmppc_core_prepare_memory_region_hv",
+                     "rmap would need more pages than totalram_pages()")
+ALLOC_RMAP = Rule("ppc-alloc-rmap", 12, "kvmppc_core_prepare_memory_region_hv",
+                  "vzalloc of the rmap failed")
+
+
+class PpcHvArch(ArchHooks):
+    """book3s HV: ``arch.rmap`` is a single :class:`Allocation` (or ``None``)."""
+
+    VARIANTS = (VARIANT_REALLOC_RMAP_ON_MOVE,)
+
+    def prepare(
+        self,
+        change: ChangeType,
+        old: MemorySlot | None,
+        as_id: int,
+        slot_id: int,
+        base_gfn: int,
+        npages: int,
+        flags: int,
+        userspace_addr: int,
+    ) -> Any:
+        realloc = change is ch.MOVE and VARIANT_REALLOC_RMAP_ON_MOVE in self.variants
+        if change is ch.CREATE or realloc:
+            size = npages * RMAP_ENTRY_SIZE
+            if size >> self.profile.page_shift > self.profile.totalram_pages:
+                raise PrepareError(RMAP_TOTALRAM)
+            a = self.ledger.alloc(KIND_PPC_RMAP, as_id, slot_id, npages, RMAP_ENTRY_SIZE)
+            if a is None:
+                raise PrepareError(ALLOC_RMAP)
+            return a
+        if change is ch.DELETE:
+            return None
+        assert old is not None
+        return old.arch  # MOVE and FLAGS_ONLY share the old rmap
+
+    def free(self, slot: MemorySlot) -> None:
+        if slot.arch is not None:
+            self.ledger.free(slot.arch)
+
+    def allocations(self, arch: Any) -> Iterable[Allocation]:
+        return () if arch is None else (arch,)
+
+    def check_slot(self, slot: MemorySlot) -> list[str]:
+        name = f"slot {slot.as_id}:{slot.id}"
+        a: Allocation | None = slot.arch
+        if a is None:
+            return [f"{name}: no rmap"]
+        if a.entries != slot.npages:
+            return [f"{name}: rmap has {a.entries} entries for {slot.npages} pages"]
+        return []
+
+    def describe(self, slot: MemorySlot) -> dict[str, Any]:
+        a: Allocation | None = slot.arch
+        if a is None:
+            return {}
+        return {"arrays": [{"array": "rmap", "entries": a.entries, "bytes": a.bytes,
+                            "vmalloc_bytes": a.vmalloc_bytes}]}
+
+
+class PpcPrArch(ArchHooks):
+    """book3s PR (and booke): prepare returns 0, nothing to free."""

@@ -1,0 +1,368 @@
+"""x86 memslot metadata (arch/x86/kvm/x86.c, mmu/mmu.c, mmu/page_track.c, 6.18).
+
+Per slot KVM keeps, described here without being materialised:
+
+* ``rmap[L-1]`` for L = 1..3 (4K, 2M, 1G): ``lpages(L)`` 8-byte heads, only while
+  ``kvm_memslots_have_rmaps`` (always with shadow paging or the legacy TDP MMU; lazily,
+  from the first shadow root, with the TDP MMU);
+* ``lpage_info[L-2]`` for L = 2..3: ``lpages(L)`` 4-byte ``disallow_lpage`` counters whose
+  initial marks are facts about the slot's base, end and ``userspace_addr``;
+* ``gfn_write_track``: ``npages`` 2-byte counters when write tracking is enabled.
+
+``lpages(L) = ((base + npages - 1) >> 9(L-1)) - (base >> 9(L-1)) + 1`` (``__kvm_mmu_slot_lpages``),
+so the shapes depend on the base's alignment: a MOVE must allocate fresh arrays
+(``kvm_alloc_memslot_metadata`` zeroes ``new->arch`` first; "KVM: x86: Allocate new rmap and large
+page tracking when moving memslot", 2020) and commit frees the old ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+from ..engine import change as ch
+from ..engine.change import ChangeType, Rule
+from ..engine.ledger import (
+    KIND_LPAGE_INFO,
+    KIND_RMAP,
+    KIND_WRITE_TRACK,
+    Allocation,
+)
+from ..engine.slot import MemorySlot
+from .base import ArchHooks, PrepareError
+
+KVM_NR_PAGE_SIZES = 3  # 4K, 2M, 1G
+HUGE_LEVELS = (2, 3)
+LEVEL_NAMES = {1: "4K", 2: "2M", 3: "1G"}
+RMAP_HEAD_SIZE = 8  # struct kvm_rmap_head { unsigned long val; }
+LPAGE_INFO_SIZE = 4  # struct kvm_lpage_info { int disallow_lpage; }
+WRITE_TRACK_SIZE = 2  # unsigned short
+
+VARIANT_REUSE_ARCH_ON_MOVE = "x86-reuse-arch-on-move"
+
+MAX_GFN = Rule("x86-max-gfn", 22, "kvm_arch_prepare_memory_region",
+               "last gfn above kvm_mmu_max_gfn()")
+PAGE_TRACK_MOVE = Rule("x86-page-track-move", 22, "kvm_arch_prepare_memory_region",
+                       "MOVE with an external page-track user (KVMGT) attached")
+ALLOC_METADATA = Rule("x86-alloc-metadata", 12, "kvm_alloc_memslot_metadata",
+                      "rmap / lpage_info / write-track allocation failed")
+
+
+def hpage_shift(level: int) -> int:
+    """``KVM_HPAGE_GFN_SHIFT(level) = 9 * (level - 1)``."""
+    return 9 * (level - 1)
+
+
+def lpages(base_gfn: int, npages: int, level: int) -> int:
+    """``__kvm_mmu_slot_lpages``: entries per level for a slot."""
+    s = 9 * (level - 1)
+    return ((base_gfn + npages - 1) >> s) - (base_gfn >> s) + 1
+
+
+class LpageInfo(NamedTuple):
+    """One ``lpage_info`` array: its allocation and its initial disallow marks, as set by
+    ``kvm_alloc_memslot_metadata`` (assignments, so a one-entry array marked at both ends
+    holds 1)."""
+
+    alloc: Allocation
+    level: int
+    head: bool  # linfo[0] = 1: base not aligned to the huge page
+    tail: bool  # linfo[lpages - 1] = 1: base + npages not aligned
+    whole: bool  # every entry = 1: base and userspace_addr disagree modulo the huge page
+
+    @property
+    def entries(self) -> int:
+        return self.alloc.entries
+
+    def marked(self, index: int) -> bool:
+        return (
+            self.whole
+            or (index == 0 and self.head)
+            or (index == self.alloc.entries - 1 and self.tail)
+        )
+
+
+class X86SlotArch(NamedTuple):
+    """``struct kvm_arch_memory_slot`` as a description."""
+
+    rmap: tuple[Allocation, ...]  # per level 1..3, empty while rmaps are lazy
+    lpage_info: tuple[LpageInfo, ...]  # levels 2 and 3
+    write_track: Allocation | None
+
+
+def expected_marks(base_gfn: int, npages: int, uaddr: int, level: int) -> tuple[bool, bool, bool]:
+    """(head, tail, whole) marks that ``kvm_alloc_memslot_metadata`` sets for this level."""
+    mask = (1 << hpage_shift(level)) - 1
+    return (
+        bool(base_gfn & mask),
+        bool((base_gfn + npages) & mask),
+        bool((base_gfn ^ (uaddr >> 12)) & mask),
+    )
+
+
+def _allowed_indices(entries: int, head: bool, tail: bool, whole: bool) -> tuple[int, int]:
+    """Index range ``[lo, hi)`` of entries left unmarked."""
+    if whole:
+        return (0, 0)
+    lo = 1 if head else 0
+    hi = entries - 1 if tail else entries
+    return (lo, max(lo, hi))
+
+
+class X86Arch(ArchHooks):
+    """x86 hooks."""
+
+    VARIANTS = (VARIANT_REUSE_ARCH_ON_MOVE,)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        p = self.profile
+        self.shadow_root_allocated = False
+        self.reuse_on_move = VARIANT_REUSE_ARCH_ON_MOVE in self.variants
+        self._page_shift = p.page_shift
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def have_rmaps(self) -> bool:
+        """``kvm_memslots_have_rmaps``: ``!tdp_mmu_enabled || shadow_root_allocated``."""
+        p = self.profile
+        return not (p.tdp and p.tdp_mmu) or self.shadow_root_allocated
+
+    @property
+    def write_tracking(self) -> bool:
+        """``kvm_page_track_write_tracking_enabled``."""
+        p = self.profile
+        return p.external_write_tracking or not p.tdp or self.shadow_root_allocated
+
+    # -- hooks ------------------------------------------------------------------------------
+    def prepare(
+        self,
+        change: ChangeType,
+        old: MemorySlot | None,
+        as_id: int,
+        slot_id: int,
+        base_gfn: int,
+        npages: int,
+        flags: int,
+        userspace_addr: int,
+    ) -> Any:
+        if change is ch.MOVE and self.profile.external_page_tracker:
+            raise PrepareError(PAGE_TRACK_MOVE)
+        if change is ch.CREATE or change is ch.MOVE:
+            if base_gfn + npages - 1 > self.profile.max_gfn:
+                raise PrepareError(MAX_GFN, f"last gfn {base_gfn + npages - 1:#x} > "
+                                            f"{self.profile.max_gfn:#x}")
+            if change is ch.MOVE and self.reuse_on_move:
+                assert old is not None
+                return old.arch  # kernels before the 2020 fix kept the old arrays
+            return self._alloc_metadata(as_id, slot_id, base_gfn, npages, userspace_addr)
+        if change is ch.FLAGS_ONLY:
+            assert old is not None
+            return old.arch  # memcpy(&new->arch, &old->arch): the arrays are shared
+        return None
+
+    def _alloc_metadata(
+        self, as_id: int, slot_id: int, base_gfn: int, npages: int, uaddr: int
+    ) -> X86SlotArch:
+        """``kvm_alloc_memslot_metadata``: rmaps (levels 1..3), lpage_info (2, 3), write
+        track, in that order; on failure everything allocated so far is freed."""
+        ledger = self.ledger
+        done: list[Allocation] = []
+        rmap: list[Allocation] = []
+        infos: list[LpageInfo] = []
+        track = None
+        try:
+            if self.have_rmaps:
+                for level in (1, 2, 3):
+                    a = ledger.alloc(KIND_RMAP, as_id, slot_id, lpages(base_gfn, npages, level),
+                                     RMAP_HEAD_SIZE, level=level)
+                    if a is None:
+                        raise PrepareError(ALLOC_METADATA, f"rmap[{LEVEL_NAMES[level]}]")
+                    done.append(a)
+                    rmap.append(a)
+            for level in HUGE_LEVELS:
+                a = ledger.alloc(KIND_LPAGE_INFO, as_id, slot_id, lpages(base_gfn, npages, level),
+                                 LPAGE_INFO_SIZE, level=level)
+                if a is None:
+                    raise PrepareError(ALLOC_METADATA, f"lpage_info[{LEVEL_NAMES[level]}]")
+                done.append(a)
+                infos.append(LpageInfo(a, level, *expected_marks(base_gfn, npages, uaddr, level)))
+            if self.write_tracking:
+                track = ledger.alloc(KIND_WRITE_TRACK, as_id, slot_id, npages, WRITE_TRACK_SIZE)
+                if track is None:
+                    raise PrepareError(ALLOC_METADATA, "gfn_write_track")
+        except PrepareError:
+            for a in done:
+                ledger.free(a)
+            raise
+        return X86SlotArch(tuple(rmap), tuple(infos), track)
+
+    def commit(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> None:
+        # kvm_arch_commit_memory_region: a MOVE frees the old arrays (kvm_arch_free_memslot).
+        if change is ch.MOVE and not self.reuse_on_move:
+            assert old is not None
+            self.free(old)
+
+    def free(self, slot: MemorySlot) -> None:
+        arch: X86SlotArch | None = slot.arch
+        if arch is None:
+            return
+        for a in self.allocations(arch):
+            self.ledger.free(a)
+
+    # -- model extras -------------------------------------------------------------------------
+    def allocations(self, arch: Any) -> Iterable[Allocation]:
+        if arch is None:
+            return ()
+        out = list(arch.rmap)
+        out.extend(info.alloc for info in arch.lpage_info)
+        if arch.write_track is not None:
+            out.append(arch.write_track)
+        return out
+
+    def on_vm_event(self, event: str, slots: Iterable[MemorySlot]) -> list[MemorySlot]:
+        """``mmu_first_shadow_root_alloc``: the first shadow root allocates rmaps and write
+        tracking for every slot (skipping arrays that exist); returns the updated slots."""
+        if event != "shadow_root" or self.shadow_root_allocated:
+            return []
+        self.shadow_root_allocated = True
+        out = []
+        for slot in slots:
+            arch: X86SlotArch = slot.arch
+            rmap = arch.rmap
+            if not rmap:
+                rmap = tuple(
+                    self._must_alloc(KIND_RMAP, slot, lpages(slot.base_gfn, slot.npages, level),
+                                     RMAP_HEAD_SIZE, level)
+                    for level in (1, 2, 3)
+                )
+            track = arch.write_track
+            if track is None:
+                track = self._must_alloc(KIND_WRITE_TRACK, slot, slot.npages, WRITE_TRACK_SIZE, 0)
+            out.append(slot._replace(arch=arch._replace(rmap=rmap, write_track=track)))
+        return out
+
+    def _must_alloc(
+        self, kind: str, slot: MemorySlot, entries: int, size: int, level: int
+    ) -> Allocation:
+        a = self.ledger.alloc(kind, slot.as_id, slot.id, entries, size, level=level)
+        if a is None:
+            raise MemoryError("ENOMEM while allocating for the first shadow root")
+        return a
+
+    def check_slot(self, slot: MemorySlot) -> list[str]:
+        arch: X86SlotArch | None = slot.arch
+        name = f"slot {slot.as_id}:{slot.id}"
+        if arch is None:
+            return [f"{name}: no x86 metadata"]
+        problems: list[str] = []
+        base, n = slot.base_gfn, slot.npages
+        if arch.rmap:
+            for level, a in zip((1, 2, 3), arch.rmap, strict=False):
+                need = lpages(base, n, level)
+                if a.entries < need:
+                    s = hpage_shift(level)
+                    first = ((base >> s) + a.entries) << s
+                    problems.append(
+                        f"{name}: rmap[{LEVEL_NAMES[level]}] has {a.entries} entries but gfns "
+                        f"{max(first, base):#x}..{base + n - 1:#x} index {a.entries}..{need - 1} "
+                        f"past its end (arrays sized for another base)"
+                    )
+                elif a.entries != need:
+                    problems.append(f"{name}: rmap[{LEVEL_NAMES[level]}] has {a.entries} entries, "
+                                    f"slot needs {need}")
+        elif self.have_rmaps:
+            problems.append(f"{name}: rmaps missing although the VM has rmaps")
+        for info in arch.lpage_info:
+            problems.extend(self._check_lpage(slot, info))
+        if self.write_tracking or arch.write_track is not None:
+            if arch.write_track is None:
+                problems.append(f"{name}: write-track array missing")
+            elif arch.write_track.entries != n:
+                problems.append(f"{name}: write-track has {arch.write_track.entries} entries, "
+                                f"slot has {n} pages")
+        return problems
+
+    def _check_lpage(self, slot: MemorySlot, info: LpageInfo) -> list[str]:
+        name = f"slot {slot.as_id}:{slot.id} lpage_info[{LEVEL_NAMES[info.level]}]"
+        base, n = slot.base_gfn, slot.npages
+        s = hpage_shift(info.level)
+        need = lpages(base, n, info.level)
+        problems = []
+        if info.entries < need:
+            first = ((base >> s) + info.entries) << s
+            problems.append(f"{name}: {info.entries} entries but gfns {max(first, base):#x}.."
+                            f"{base + n - 1:#x} index past its end")
+        elif info.entries != need:
+            problems.append(f"{name}: {info.entries} entries, slot needs {need}")
+        head, tail, whole = expected_marks(base, n, slot.userspace_addr, info.level)
+        want = _allowed_indices(need, head, tail, whole)
+        have = _allowed_indices(info.entries, info.head, info.tail, info.whole)
+        have = (have[0], min(have[1], need))
+        first = base >> s
+        for lo, hi in _difference(have, want):
+            problems.append(
+                f"{name}: stale disallow marks allow huge mappings of gfns "
+                f"{(first + lo) << s:#x}..{((first + hi) << s) - 1:#x}, which the slot does not "
+                f"fully cover or whose hva is misaligned (marks set for another base)"
+            )
+        for lo, hi in _difference(want, have):
+            problems.append(
+                f"{name}: gfns {(first + lo) << s:#x}..{((first + hi) << s) - 1:#x} could be "
+                f"mapped huge but are marked disallowed (marks set for another base)"
+            )
+        return problems
+
+    def describe(self, slot: MemorySlot) -> dict[str, Any]:
+        arch: X86SlotArch | None = slot.arch
+        if arch is None:
+            return {}
+        arrays = []
+        for a in self.allocations(arch):
+            arrays.append({"array": a.label, "entries": a.entries, "bytes": a.bytes,
+                           "vmalloc_bytes": a.vmalloc_bytes})
+        marks = {
+            LEVEL_NAMES[i.level]: {"head": i.head, "tail": i.tail, "whole": i.whole}
+            for i in arch.lpage_info
+        }
+        return {"arrays": arrays, "disallow_lpage": marks,
+                "huge": {k: [list(r) for r in v] for k, v in self.huge_ranges(slot).items()}}
+
+    def huge_ranges(self, slot: MemorySlot) -> dict[str, list[tuple[int, int]]]:
+        """Per huge size, gfn ranges the MMU may map huge according to the slot's marks."""
+        arch: X86SlotArch | None = slot.arch
+        out: dict[str, list[tuple[int, int]]] = {}
+        if arch is None:
+            return out
+        for info in arch.lpage_info:
+            s = hpage_shift(info.level)
+            lo, hi = _allowed_indices(info.entries, info.head, info.tail, info.whole)
+            first = slot.base_gfn >> s
+            out[LEVEL_NAMES[info.level]] = (
+                [((first + lo) << s, (first + hi) << s)] if hi > lo else []
+            )
+        return out
+
+
+def _difference(a: tuple[int, int], b: tuple[int, int]) -> list[tuple[int, int]]:
+    """Index ranges in ``a`` but not in ``b`` (both half-open)."""
+    out = []
+    if a[0] < min(a[1], b[0]):
+        out.append((a[0], min(a[1], b[0])))
+    if max(a[0], b[1]) < a[1]:
+        out.append((max(a[0], b[1]), a[1]))
+    if b[1] <= b[0]:
+        return [a] if a[1] > a[0] else []
+    return out
+
+
+def huge_eligible(base_gfn: int, npages: int, uaddr: int, level: int) -> tuple[int, int] | None:
+    """The gfn range a correct ``lpage_info`` lets the MMU map with pages of ``level``
+    (whole huge frames inside the slot, none if gfn and hva disagree modulo the frame)."""
+    head, tail, whole = expected_marks(base_gfn, npages, uaddr, level)
+    lo, hi = _allowed_indices(lpages(base_gfn, npages, level), head, tail, whole)
+    if hi <= lo:
+        return None
+    s = hpage_shift(level)
+    first = base_gfn >> s
+    return ((first + lo) << s, (first + hi) << s)

@@ -1,0 +1,383 @@
+"""``ModelVM``: the executable model of a KVM VM's memslots, behind the shared VM API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .. import constants as c
+from ..arch import make_arch
+from ..engine import gmem as gmem_files
+from ..engine.change import ENABLE_CAP_UNKNOWN, GMEM_CREATE, GMEM_UNSUPPORTED
+from ..engine.dirty_log import DirtyLog
+from ..engine.ledger import Allocation, Ledger
+from ..engine.memslots import GEN_UPDATE_IN_PROGRESS, Memslots, Observer
+from ..engine.result import OpResult
+from ..engine.slot import MemorySlot
+from ..errors import ClosedError, KvmError
+from ..profile import DEFAULT_PROFILE, Profile, get_profile
+from ..request import MemoryRegion
+from .base import VM, check_region_fields
+
+#: x86-64 ``PAGE_OFFSET`` without KASLR (4-level paging). ``KVM_HVA_ERR_BAD`` is defined as
+#: PAGE_OFFSET and ``kvm_is_error_hva(a)`` as ``a >= PAGE_OFFSET``: every error hva lies above
+#: all user addresses, whatever the boot-time value.
+PAGE_OFFSET = 0xFFFF888000000000
+KVM_HVA_ERR_BAD = PAGE_OFFSET
+KVM_HVA_ERR_RO_BAD = PAGE_OFFSET + c.PAGE_SIZE
+
+
+def kvm_is_error_hva(hva: int) -> bool:
+    """True for ``KVM_HVA_ERR_BAD`` and ``KVM_HVA_ERR_RO_BAD`` (``kvm_is_error_hva``)."""
+    return hva >= PAGE_OFFSET
+
+
+class ModelVM(VM):
+    """A VM whose memslots live in the model (no /dev/kvm needed).
+
+    ``profile`` is a preset name (see ``memslot.PRESETS``) or a :class:`Profile`;
+    ``variants`` switch on alternative kernel behaviours to study them (e.g.
+    ``"x86-reuse-arch-on-move"``, ``"ppc-realloc-rmap-on-move"``).
+    """
+
+    def __init__(
+        self, profile: str | Profile = DEFAULT_PROFILE, *, variants: Iterable[str] = ()
+    ) -> None:
+        self.profile = get_profile(profile)
+        self.variants = frozenset(variants)
+        self.ledger = Ledger(self.profile.page_size)
+        self.arch = make_arch(self.profile, self.ledger, self.variants)
+        self._m = Memslots(self.profile, self.arch, self.ledger)
+        self._dirty = DirtyLog(self._m)
+        self._closed = False
+        #: The record of the most recent memslot request.
+        self.last_result: OpResult | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{sum(len(s) for s in self._m.sets)} slots"
+        return f"<ModelVM {self.profile.name} {state}>"
+
+    def _live(self) -> Memslots:
+        if self._closed:
+            raise ClosedError("this ModelVM is closed")
+        return self._m
+
+    # -- requests -------------------------------------------------------------------------
+    def submit(self, region: MemoryRegion) -> OpResult:
+        """Apply a request and return its record (a refusal is ``result.errno``, not raised)."""
+        check_region_fields(region)
+        result = self._live().set_memory_region(region)
+        self.last_result = result
+        return result
+
+    def apply(self, region: MemoryRegion) -> None:
+        result = self.submit(region)
+        if result.errno:
+            raise _error(result)
+
+    def set_internal_memory_region(
+        self, slot_id: int, guest_phys_addr: int, memory_size: int, userspace_addr: int = 0,
+        as_id: int = 0,
+    ) -> None:
+        """An in-kernel memslot (x86 ``__x86_set_memory_region``: APIC access page, identity
+        page table, TSS; ids ``KVM_USER_MEM_SLOTS..KVM_MEM_SLOTS_NUM-1``)."""
+        if not self.profile.user_mem_slots <= slot_id < c.KVM_MEM_SLOTS_NUM:
+            raise ValueError(f"internal slot ids are {self.profile.user_mem_slots}.."
+                             f"{c.KVM_MEM_SLOTS_NUM - 1} on {self.profile.name}")
+        region = MemoryRegion((as_id << 16) | slot_id, 0, guest_phys_addr, memory_size,
+                              userspace_addr)
+        check_region_fields(region)
+        result = self._live().set_memory_region(region, internal=True)
+        self.last_result = result
+        if result.errno:
+            raise _error(result)
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        m = self._live()
+        what = f"KVM_CREATE_GUEST_MEMFD size={size:#x} flags={flags:#x}"
+        if not self.profile.guest_memfd:
+            raise KvmError(GMEM_UNSUPPORTED.errno, str(GMEM_UNSUPPORTED), what)
+        valid = gmem_files.GUEST_MEMFD_FLAG_MMAP | gmem_files.GUEST_MEMFD_FLAG_INIT_SHARED
+        if flags & ~valid or size <= 0 or size & (self.profile.page_size - 1):
+            raise KvmError(GMEM_CREATE.errno, str(GMEM_CREATE), what)
+        g = gmem_files.create(size, flags, m)
+        m.gmem_files[g.fd] = g
+        return g.fd
+
+    # -- capabilities ---------------------------------------------------------------------
+    def check_extension(self, cap: int) -> int:
+        self._live()
+        return extension_value(self.profile, cap)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        self._live()
+        if len(args) > 4:
+            raise ValueError("KVM_ENABLE_CAP takes at most 4 args")
+        if not self._dirty.enable_cap(cap, tuple(args), flags):
+            rule = ENABLE_CAP_UNKNOWN
+            raise KvmError(rule.errno, str(rule), f"KVM_ENABLE_CAP cap={cap}")
+
+    def create_vcpu(self) -> int:
+        """Count a vCPU (the model has none; the dirty ring can no longer be enabled)."""
+        self._live()
+        self._dirty.created_vcpus += 1
+        return self._dirty.created_vcpus - 1
+
+    def first_shadow_root(self) -> None:
+        """x86 with lazy rmaps: the first shadow root allocates rmaps and write tracking for
+        every slot (``mmu_first_shadow_root_alloc``). Idempotent; no-op elsewhere."""
+        m = self._live()
+        with m.slots_lock:
+            self.ledger.begin()
+            updated = self.arch.on_vm_event("shadow_root", m.all_slots())
+            m.replace_slots(updated)
+
+    # -- dirty logging --------------------------------------------------------------------
+    def get_dirty_log(self, slot: int) -> bytes:
+        self._live()
+        return self._dirty.get(slot)
+
+    def clear_dirty_log(
+        self, slot: int, first_page: int, num_pages: int, bitmap: bytes | None
+    ) -> None:
+        self._live()
+        self._dirty.clear(slot, first_page, num_pages, bitmap)
+
+    def mark_page_dirty(self, gfn: int, as_id: int = 0) -> bool:
+        """Model a vCPU's write to ``gfn`` (``mark_page_dirty``); True if it was logged."""
+        self._live()
+        return self._dirty.mark_page_dirty(gfn, as_id)
+
+    @property
+    def dirty_ring(self) -> list[tuple[int, int]]:
+        """Entries pushed to the dirty ring (``(slot field, page offset)``)."""
+        return list(self._dirty.ring)
+
+    # -- slots and lookups ----------------------------------------------------------------
+    @property
+    def nr_address_spaces(self) -> int:
+        return self.profile.nr_address_spaces
+
+    def _as(self, as_id: int) -> int:
+        if not 0 <= as_id < self._m.nr_as:
+            raise ValueError(f"address space {as_id} does not exist "
+                             f"({self.profile.name} has {self._m.nr_as})")
+        return as_id
+
+    def memslots(self, as_id: int = 0) -> list[MemorySlot]:
+        return self._live().ordered(self._as(as_id))
+
+    def memslot(self, slot_id: int, as_id: int = 0) -> MemorySlot | None:
+        """The slot with this id (``id_to_memslot``)."""
+        return self._live().by_id(self._as(as_id), slot_id)
+
+    def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> MemorySlot | None:
+        return self._live().find(gfn, self._as(as_id))
+
+    def gfn_to_hva(self, gfn: int, as_id: int = 0, write: bool = False) -> int:
+        """``__gfn_to_hva_many``: the host address, or ``KVM_HVA_ERR_BAD`` (no slot, or an
+        INVALID slot mid-update) or ``KVM_HVA_ERR_RO_BAD`` (write to a READONLY slot). Test
+        the result with :func:`kvm_is_error_hva`, as KVM does."""
+        slot = self.gfn_to_memslot(gfn, as_id)
+        if slot is None or slot.flags & c.KVM_MEMSLOT_INVALID:
+            return KVM_HVA_ERR_BAD
+        if write and slot.flags & c.KVM_MEM_READONLY:
+            return KVM_HVA_ERR_RO_BAD
+        return slot.userspace_addr + ((gfn - slot.base_gfn) << self.profile.page_shift)
+
+    def hva_to_memslots(self, hva: int) -> list[MemorySlot]:
+        """Slots of every address space whose host range contains ``hva`` (the MMU
+        notifier's interval-tree walk)."""
+        return self._live().hva_lookup(hva)
+
+    def generation(self, as_id: int = 0) -> int:
+        """The address space's memslot generation (bit 63 set while a swap is in flight)."""
+        return self._live().sets[self._as(as_id)].generation
+
+    @property
+    def nr_memslot_pages(self) -> int:
+        return self._live().nr_memslot_pages
+
+    # -- observers ------------------------------------------------------------------------
+    def add_observer(self, observer: Observer) -> None:
+        """Call ``observer(SwapEvent)`` at every swap (lookups inside it see the new set)."""
+        self._live().observers.append(observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        self._m.observers.remove(observer)
+
+    # -- metadata -------------------------------------------------------------------------
+    def metadata_bytes(self) -> int:
+        """Exact bytes of every live memslot allocation, slot structs included."""
+        return self.ledger.live_bytes
+
+    def vmalloc_bytes(self) -> int:
+        """What /proc/meminfo VmallocUsed accounts for the live vmalloc'd arrays."""
+        return self.ledger.vmalloc_bytes
+
+    def allocations(self) -> list[Allocation]:
+        """Live ledger entries, oldest first."""
+        return sorted(self.ledger, key=lambda a: a.serial)
+
+    def describe_metadata(self, slot: MemorySlot) -> dict[str, Any]:
+        """Per-array entries and bytes and large-page facts of one slot."""
+        out = self.arch.describe(slot)
+        arrays = list(out.get("arrays", []))
+        if slot.struct is not None:
+            arrays.insert(0, {"array": "slot", "entries": 1, "bytes": slot.struct.bytes,
+                              "vmalloc_bytes": 0})
+        if slot.dirty_bitmap is not None and slot.dirty_bitmap.alloc is not None:
+            a = slot.dirty_bitmap.alloc
+            arrays.append({"array": "dirty_bitmap", "entries": a.entries * a.entry_size * 8,
+                           "bytes": a.bytes, "vmalloc_bytes": a.vmalloc_bytes})
+        out["arrays"] = arrays
+        out["bytes"] = sum(a["bytes"] for a in arrays)
+        out["vmalloc_bytes"] = sum(a["vmalloc_bytes"] for a in arrays)
+        return out
+
+    def huge_ranges(self, slot: MemorySlot) -> dict[str, list[tuple[int, int]]]:
+        """Per huge-page size, the gfn ranges of ``slot`` KVM may map huge."""
+        return self.arch.huge_ranges(slot)
+
+    # -- faults and integrity -------------------------------------------------------------
+    def inject_enomem(self, nth: int = 1, kind: str | None = None) -> None:
+        """Make the ``nth`` allocation from now (of ``kind`` only, when given) fail once."""
+        self._live()
+        self.ledger.inject_enomem(nth, kind)
+
+    def check(self) -> list[str]:
+        """Every invariant violation found (empty when the state is one the kernel could be
+        in): order and overlap, indexes, metadata shapes, ledger vs live slots, accounting,
+        generations."""
+        m = self._m
+        problems: list[str] = []
+        owned: dict[int, tuple[str, MemorySlot]] = {}
+        total_pages = 0
+        with m.slots_lock, m.srcu:
+            for s in m.sets:
+                problems.extend(_check_set(s, m.nr_as, self.profile.page_shift))
+                for slot in s:
+                    total_pages += slot.npages
+                    problems.extend(self.arch.check_slot(slot))
+                    problems.extend(_check_bitmap(slot, m.dirty.use_dirty_bitmap))
+                    held = [("slot struct", slot.struct)]
+                    if slot.dirty_bitmap is not None:
+                        held.append(("dirty bitmap", slot.dirty_bitmap.alloc))
+                    held.extend(("arch array", a) for a in self.arch.allocations(slot.arch))
+                    for what, a in held:
+                        if a is None:
+                            continue
+                        if a.serial in owned and owned[a.serial][1].id != slot.id:
+                            problems.append(f"{what} #{a.serial} shared by slots "
+                                            f"{owned[a.serial][1].id} and {slot.id}")
+                        owned[a.serial] = (what, slot)
+                        if a.serial not in self.ledger.live:
+                            problems.append(f"slot {slot.as_id}:{slot.id} holds freed {a!r}")
+            for a in self.ledger:
+                if a.serial not in owned:
+                    problems.append(
+                        f"leak: {a.label} #{a.serial} of slot {a.as_id}:{a.slot_id} "
+                        f"({a.bytes} bytes) is allocated but no live slot owns it"
+                    )
+            if total_pages != m.nr_memslot_pages:
+                problems.append(f"nr_memslot_pages {m.nr_memslot_pages} != sum of slot "
+                                f"sizes {total_pages}")
+        return problems
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free every slot (``kvm_destroy_vm``) and the guest_memfds; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._m.free_all()
+        for g in list(self._m.gmem_files.values()):
+            gmem_files.close(g)
+        self._m.gmem_files.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def _error(result: OpResult) -> KvmError:
+    rule = result.rule
+    text = str(rule) if rule is not None else ""
+    if result.detail:
+        text += f" ({result.detail})"
+    return KvmError(result.errno, text, result.request.describe())
+
+
+def extension_value(profile: Profile, cap: int) -> int:
+    """What ``KVM_CHECK_EXTENSION`` on a VM fd answers for ``cap`` under ``profile``."""
+    p = profile
+    ring = p.dirty_ring_max_bytes
+    answers = {
+        c.KVM_CAP_USER_MEMORY: 1,
+        c.KVM_CAP_SYNC_MMU: 1,
+        c.KVM_CAP_DESTROY_MEMORY_REGION_WORKS: 1,
+        c.KVM_CAP_JOIN_MEMORY_REGIONS_WORKS: 1,
+        c.KVM_CAP_USER_MEMORY2: 1,
+        c.KVM_CAP_NR_MEMSLOTS: p.user_mem_slots,
+        c.KVM_CAP_MULTI_ADDRESS_SPACE: p.nr_address_spaces if p.nr_address_spaces > 1 else 0,
+        c.KVM_CAP_READONLY_MEM: int(p.readonly_mem),
+        c.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: p.manual_dirty_log_caps,
+        c.KVM_CAP_DIRTY_LOG_RING: ring if p.dirty_ring_tso else 0,
+        c.KVM_CAP_DIRTY_LOG_RING_ACQ_REL: ring if p.dirty_ring_acq_rel else 0,
+        c.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: int(p.dirty_ring_with_bitmap),
+        c.KVM_CAP_GUEST_MEMFD: int(p.guest_memfd),
+    }
+    return answers.get(cap, 0)
+
+
+def _check_set(s: Any, nr_as: int, page_shift: int) -> list[str]:
+    problems = []
+    prev: MemorySlot | None = None
+    seen = 0
+    for slot in s:
+        seen += 1
+        name = f"slot {slot.as_id}:{slot.id}"
+        if slot.as_id != s.as_id:
+            problems.append(f"{name} filed under address space {s.as_id}")
+        if s.by_id.get(slot.id) is not slot:
+            problems.append(f"{name} missing from the id index")
+        if slot.flags & c.KVM_MEMSLOT_INVALID:
+            problems.append(f"{name} still INVALID outside an update")
+        if slot.npages <= 0:
+            problems.append(f"{name} has {slot.npages} pages")
+        if prev is not None and prev.base_gfn + prev.npages > slot.base_gfn:
+            problems.append(f"slots {prev.id} and {slot.id} overlap or are out of order")
+        prev = slot
+    if seen != len(s.by_id) or seen != len(s.bases):
+        problems.append(f"address space {s.as_id}: indexes disagree ({seen} in gfn order, "
+                        f"{len(s.by_id)} by id, {len(s.bases)} bases)")
+    problems.extend(s.bases.check())
+    expect = sorted(
+        (slot.userspace_addr, slot.userspace_addr + (slot.npages << page_shift) - 1, slot.id)
+        for slot in s.by_id.values()
+    )
+    if sorted(s.hva.items()) != expect:
+        problems.append(f"address space {s.as_id}: hva index does not match the slots")
+    gen = s.generation
+    if gen & GEN_UPDATE_IN_PROGRESS:
+        problems.append(f"address space {s.as_id}: generation {gen:#x} left in progress")
+    if gen % nr_as != s.as_id % nr_as:
+        problems.append(f"address space {s.as_id}: generation {gen} not {s.as_id} mod {nr_as}")
+    return problems
+
+
+def _check_bitmap(slot: MemorySlot, use_bitmap: bool) -> list[str]:
+    name = f"slot {slot.as_id}:{slot.id}"
+    b = slot.dirty_bitmap
+    logging = bool(slot.flags & c.KVM_MEM_LOG_DIRTY_PAGES)
+    if b is None:
+        return [f"{name} logs dirty pages without a bitmap"] if logging and use_bitmap else []
+    problems = []
+    if not logging:
+        problems.append(f"{name} has a dirty bitmap without LOG_DIRTY_PAGES")
+    if b.npages != slot.npages:
+        problems.append(f"{name} dirty bitmap sized for {b.npages} pages, slot has "
+                        f"{slot.npages}")
+    if b.alloc is None or b.alloc.bytes != 2 * (((slot.npages + 63) & ~63) >> 3):
+        problems.append(f"{name} dirty bitmap allocation does not match its size")
+    return problems

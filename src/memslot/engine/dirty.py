@@ -1,0 +1,104 @@
+"""A slot's dirty bitmap, described sparsely so that its cost follows the pages written, not
+the slot size (``kvm_alloc_dirty_bitmap`` allocates ``2 * ALIGN(npages, 64) / 8`` bytes; the
+second half is only KVM_GET_DIRTY_LOG's scratch buffer and is accounted, not modelled)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .ledger import Allocation
+
+WORD_BITS = 64
+ALL_ONES = (1 << 64) - 1
+
+
+def dirty_bitmap_bytes(npages: int) -> int:
+    """``kvm_dirty_bitmap_bytes``: ``ALIGN(npages, BITS_PER_LONG) / 8``."""
+    return ((npages + 63) & ~63) >> 3
+
+
+class DirtyBitmap:
+    """64-bit words of a dirty log. Words absent from ``words`` hold the fill value: all zero,
+    or (after ``KVM_DIRTY_LOG_INITIALLY_SET``) bits ``[0, npages)`` set."""
+
+    __slots__ = ("alloc", "filled", "npages", "nwords", "words")
+
+    def __init__(self, npages: int, alloc: Allocation | None, initially_set: bool = False):
+        self.npages = npages
+        self.nwords = (npages + 63) >> 6
+        self.alloc = alloc
+        self.words: dict[int, int] = {}
+        self.filled = initially_set
+
+    def _fill(self, index: int) -> int:
+        if not self.filled:
+            return 0
+        if index == self.nwords - 1 and self.npages & 63:
+            return (1 << (self.npages & 63)) - 1
+        return ALL_ONES
+
+    def set_bit(self, page: int) -> None:
+        """``set_bit_le(rel_gfn, dirty_bitmap)`` from ``mark_page_dirty_in_slot``."""
+        index = page >> 6
+        word = self.words.get(index)
+        if word is None:
+            word = self._fill(index)
+        self.words[index] = word | (1 << (page & 63))
+
+    def test_bit(self, page: int) -> bool:
+        index = page >> 6
+        word = self.words.get(index)
+        if word is None:
+            word = self._fill(index)
+        return bool(word >> (page & 63) & 1)
+
+    def to_array(self) -> np.ndarray:
+        """The log as little-endian ``uint64`` words (what KVM_GET_DIRTY_LOG copies out)."""
+        if self.filled:
+            out = np.full(self.nwords, ALL_ONES, dtype="<u8")
+            if self.nwords and self.npages & 63:
+                out[-1] = (1 << (self.npages & 63)) - 1
+        else:
+            out = np.zeros(self.nwords, dtype="<u8")
+        if self.words:
+            index = np.fromiter(self.words.keys(), dtype=np.int64, count=len(self.words))
+            values = np.fromiter(self.words.values(), dtype=np.uint64, count=len(self.words))
+            out[index] = values
+        return out
+
+    def to_bytes(self) -> bytes:
+        return self.to_array().tobytes()
+
+    def harvest(self) -> bytes:
+        """Copy out and clear (KVM_GET_DIRTY_LOG without manual protect: ``xchg`` per word)."""
+        data = self.to_bytes()
+        self.words = {}
+        self.filled = False
+        return data
+
+    def clear(self, first_word: int, masks: np.ndarray) -> None:
+        """Clear ``masks[i] & word[first_word + i]`` (KVM_CLEAR_DIRTY_LOG); bits past the slot
+        stay clear because they were never set."""
+        words = self.words
+        nonzero = np.flatnonzero(masks)
+        for i in nonzero.tolist():
+            index = first_word + i
+            if index >= self.nwords:
+                break
+            word = words.get(index)
+            if word is None:
+                word = self._fill(index)
+            word &= ~int(masks[i])
+            if word or self.filled:
+                words[index] = word
+            else:
+                words.pop(index, None)
+
+    def count(self) -> int:
+        """Number of dirty pages."""
+        return int(np.unpackbits(self.to_array().view(np.uint8)).sum())
+
+    def dirty_pages(self) -> np.ndarray:
+        """Slot-relative indices of the dirty pages, ascending."""
+        bits = np.unpackbits(self.to_array().view(np.uint8), bitorder="little")
+        return np.flatnonzero(bits[: self.npages])

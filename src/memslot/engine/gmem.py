@@ -1,0 +1,76 @@
+"""guest_memfd files of the model (virt/kvm/guest_memfd.c ``kvm_gmem_create``,
+``kvm_gmem_bind``). A model guest_memfd is backed by a real, otherwise idle file descriptor
+(``/dev/null``) so that its number is unique in the process and the kernel's "is this fd
+open" distinction (EBADF vs EINVAL) can be answered from the process's real fd table."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from .sorted_ints import SortedInts
+
+GUEST_MEMFD_FLAG_MMAP = 1 << 0
+GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
+
+
+class GuestMemfd:
+    """One guest_memfd: size, flags, owner VM and the page ranges bound to slots."""
+
+    __slots__ = ("_bound", "_starts", "fd", "flags", "owner", "size")
+
+    def __init__(self, fd: int, size: int, flags: int, owner: object) -> None:
+        self.fd = fd
+        self.size = size
+        self.flags = flags
+        self.owner = owner
+        self._starts = SortedInts()
+        self._bound: dict[int, tuple[int, tuple[int, int]]] = {}  # start -> (end, slot key)
+
+    def range_bound(self, start: int, end: int) -> bool:
+        """Whether any page in ``[start, end)`` is bound (``xa_find`` on the bindings)."""
+        prev = self._starts.lt(end)
+        return prev is not None and self._bound[prev][0] > start
+
+    def bind(self, start: int, end: int, key: tuple[int, int]) -> None:
+        self._starts.add(start)
+        self._bound[start] = (end, key)
+
+    def unbind(self, start: int) -> None:
+        self._starts.remove(start)
+        del self._bound[start]
+
+    @property
+    def bindings(self) -> list[tuple[int, int, tuple[int, int]]]:
+        return [(s, *self._bound[s]) for s in self._starts]
+
+
+_registry: dict[int, GuestMemfd] = {}
+_registry_lock = threading.Lock()
+
+
+def create(size: int, flags: int, owner: object) -> GuestMemfd:
+    fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    g = GuestMemfd(fd, size, flags, owner)
+    with _registry_lock:
+        _registry[fd] = g
+    return g
+
+
+def lookup(fd: int) -> GuestMemfd | None:
+    return _registry.get(fd)
+
+
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def close(g: GuestMemfd) -> None:
+    with _registry_lock:
+        if _registry.get(g.fd) is g:
+            del _registry[g.fd]
+            os.close(g.fd)

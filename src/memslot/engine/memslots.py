@@ -1,0 +1,537 @@
+"""The generic memslot engine: virt/kvm/kvm_main.c's ``kvm_set_memory_region`` and
+``kvm_set_memslot`` with its helpers, as of Linux 6.18 (the kernel this project runs on).
+
+One :class:`Memslots` is the memslot half of a ``struct kvm``: per address space a
+:class:`~memslot.engine.slotset.SlotSet`, ``nr_memslot_pages``, the ledger and the arch
+hooks. Requests are serialised by ``slots_lock``. Each "swap" of the kernel's
+active/inactive sets is one atomic publication here: readers (lookups, other threads) hold
+``srcu`` while they read, so they see the set before or after a swap, never half of one —
+including the INVALID state a DELETE or MOVE publishes first.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+from ..constants import (
+    KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_MAX_NR_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MEM_SLOTS_NUM,
+    KVM_MEMSLOT_GMEM_ONLY,
+    KVM_MEMSLOT_INVALID,
+)
+from ..request import MemoryRegion
+from . import change as ch
+from . import gmem as gmem_files
+from .change import ChangeType, Rule
+from .dirty import DirtyBitmap, dirty_bitmap_bytes
+from .ledger import (
+    KIND_DIRTY_BITMAP,
+    KIND_INVALID_SLOT,
+    KIND_SLOT,
+    KMALLOC,
+    Allocation,
+    Ledger,
+)
+from .result import (
+    STEP_ALLOC_INVALID,
+    STEP_ALLOC_SLOT,
+    STEP_COMMIT,
+    STEP_FLUSH,
+    STEP_FREE_INVALID,
+    STEP_FREE_NEW,
+    STEP_FREE_OLD,
+    STEP_GMEM_BIND,
+    STEP_INSTALL,
+    STEP_INVALIDATE,
+    STEP_NOOP,
+    STEP_PREPARE_ARCH,
+    STEP_PREPARE_BITMAP,
+    STEP_RESTORE,
+    STEP_VALIDATE,
+    OpResult,
+)
+from .slot import MemorySlot
+from .slotset import SlotSet
+
+if TYPE_CHECKING:
+    from ..arch.base import ArchHooks
+    from ..profile import Profile
+
+GEN_UPDATE_IN_PROGRESS = 1 << 63  # KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
+ULONG_MAX = (1 << 64) - 1
+_V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
+_IMMUTABLE_FLAGS = KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD
+
+
+class SwapEvent(NamedTuple):
+    """Passed to observers at each swap. ``generation`` still has bit 63 set (the update is
+    in progress); ``phase`` is ``"invalidate"``, ``"install"`` or ``"restore"``."""
+
+    as_id: int
+    change: ChangeType
+    phase: str
+    generation: int
+    old: MemorySlot | None
+    new: MemorySlot | None
+
+
+Observer = Callable[[SwapEvent], None]
+
+
+class _Failed(Exception):
+    """Internal: a step failed with ``rule`` (the request is then unwound)."""
+
+    def __init__(self, rule: Rule, detail: str = "") -> None:
+        self.rule = rule
+        self.detail = detail
+
+
+class DirtyLogConfig:
+    """VM-wide dirty-logging state the memslot code consults (``struct kvm`` fields)."""
+
+    __slots__ = ("dirty_ring_size", "dirty_ring_with_bitmap", "manual_dirty_log_protect")
+
+    def __init__(self) -> None:
+        self.manual_dirty_log_protect = 0
+        self.dirty_ring_size = 0
+        self.dirty_ring_with_bitmap = False
+
+    @property
+    def use_dirty_bitmap(self) -> bool:
+        """``kvm_use_dirty_bitmap``: no ring, or a ring with bitmap."""
+        return not self.dirty_ring_size or self.dirty_ring_with_bitmap
+
+    @property
+    def initially_set(self) -> bool:
+        return bool(self.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
+
+
+class Memslots:
+    """The memslot state of one VM and the code that changes it."""
+
+    def __init__(self, profile: Profile, arch: ArchHooks, ledger: Ledger) -> None:
+        self.profile = profile
+        self.arch = arch
+        self.ledger = ledger
+        self.nr_as = profile.nr_address_spaces
+        self.sets = [SlotSet(i, profile.page_shift) for i in range(self.nr_as)]
+        self.nr_memslot_pages = 0
+        self.nr_memslots_dirty_logging = 0
+        self.dirty = DirtyLogConfig()
+        self.slots_lock = threading.Lock()
+        self.srcu = threading.Lock()
+        self.observers: list[Observer] = []
+        self.creator_pid = os.getpid()
+        self.struct_size = _struct_size(profile)
+        self.gmem_files: dict[int, gmem_files.GuestMemfd] = {}
+        self._writer: int | None = None
+        # Profile facts used on every request, looked up once.
+        p = profile
+        self._page_shift = p.page_shift
+        self._page_mask = p.page_size - 1
+        self._user_slots = p.user_mem_slots
+        self._uaddr_limit = p.user_addr_limit
+        self._tagged_uaddrs = p.arch == "arm64"
+        self._gmem_fix = p.gmem_toggle_fix
+        valid = KVM_MEM_LOG_DIRTY_PAGES
+        if p.guest_memfd:
+            valid |= KVM_MEM_GUEST_MEMFD
+        self._valid_flags = valid
+        self._readonly = p.readonly_mem
+
+    # ==================================================================================
+    # kvm_set_memory_region
+    # ==================================================================================
+    def set_memory_region(self, r: MemoryRegion, internal: bool = False) -> OpResult:
+        """Apply one request; never raises for a kernel-level refusal (see ``result.errno``).
+
+        ``internal`` is the in-kernel caller path (x86 ``__x86_set_memory_region``), which
+        skips the user-only id check and v1 flag filter.
+        """
+        res = OpResult(r)
+        if self._writer == threading.get_ident():
+            raise RuntimeError("a memslot request was issued from inside an observer")
+        with self.slots_lock:
+            self._writer = threading.get_ident()
+            ledger = self.ledger
+            ledger.begin()
+            res.allocated = ledger.allocated
+            res.freed = ledger.freed
+            try:
+                self._set_memory_region(r, res, internal)
+            except _Failed as failure:
+                res.errno = failure.rule.errno
+                res.rule = failure.rule
+                res.detail = failure.detail
+            finally:
+                self._writer = None
+                if res.generation_before is not None:
+                    res.generation_after = self.sets[r.as_id].generation
+        return res
+
+    def _set_memory_region(self, r: MemoryRegion, res: OpResult, internal: bool) -> None:
+        steps = res.steps
+        steps.append(STEP_VALIDATE)
+        flags = r.flags
+        slot_id = r.slot & 0xFFFF
+        as_id = r.slot >> 16
+        size = r.memory_size
+        gpa = r.guest_phys_addr
+        uaddr = r.userspace_addr
+        # kvm_vm_ioctl: only the VM's creator may issue VM ioctls.
+        if os.getpid() != self.creator_pid:
+            raise _Failed(ch.OTHER_MM)
+        if not internal:
+            # kvm_vm_ioctl: the v1 ioctl accepts only the v1 flags.
+            if r.guest_memfd is None and flags & ~_V1_FLAGS:
+                raise _Failed(ch.V1_FLAGS)
+            # kvm_vm_ioctl_set_memory_region: user ids, low 16 bits only.
+            if slot_id >= self._user_slots:
+                raise _Failed(ch.USER_SLOT_ID)
+        # check_memory_region_flags
+        valid = self._valid_flags
+        if flags & KVM_MEM_GUEST_MEMFD:
+            valid &= ~KVM_MEM_LOG_DIRTY_PAGES
+        elif self._readonly:
+            valid |= KVM_MEM_READONLY
+        if flags & ~valid:
+            raise _Failed(ch.FLAGS)
+        mask = self._page_mask
+        if size & mask:
+            raise _Failed(ch.SIZE_ALIGN)
+        if gpa & mask:
+            raise _Failed(ch.GPA_ALIGN)
+        if uaddr & mask:
+            raise _Failed(ch.UADDR_ALIGN)
+        if self._tagged_uaddrs and uaddr >> 56:
+            raise _Failed(ch.UADDR_TAGGED)
+        limit = self._uaddr_limit
+        if limit is not None and uaddr + size > limit:
+            raise _Failed(ch.ACCESS_OK)
+        if flags & KVM_MEM_GUEST_MEMFD and (
+            r.guest_memfd_offset & mask or r.guest_memfd_offset + size > ULONG_MAX
+        ):
+            raise _Failed(ch.GMEM_OFFSET)
+        if as_id >= self.nr_as or slot_id >= KVM_MEM_SLOTS_NUM:
+            raise _Failed(ch.AS_ID)
+        slots = self.sets[as_id]
+        res.generation_before = slots.generation
+        if gpa + size > ULONG_MAX:
+            raise _Failed(ch.GPA_WRAP)
+        npages = size >> self._page_shift
+        if slot_id < self._user_slots and npages > KVM_MEM_MAX_NR_PAGES:
+            raise _Failed(ch.MAX_PAGES)
+
+        old = slots.by_id.get(slot_id)
+        if not size:
+            if old is None:
+                raise _Failed(ch.DELETE_MISSING)
+            if self.nr_memslot_pages < old.npages:
+                raise _Failed(ch.DELETE_ACCOUNTING)
+            res.change = ch.DELETE
+            self._set_memslot(res, old, None, ch.DELETE)
+            return
+
+        base_gfn = gpa >> self._page_shift
+        if old is None:
+            change = ch.CREATE
+            if self.nr_memslot_pages + npages > ULONG_MAX:
+                raise _Failed(ch.PAGES_WRAP)
+        else:
+            if flags & KVM_MEM_GUEST_MEMFD:
+                raise _Failed(ch.MODIFY_GMEM)
+            immutable = _IMMUTABLE_FLAGS if self._gmem_fix else KVM_MEM_READONLY
+            if (
+                uaddr != old.userspace_addr
+                or npages != old.npages
+                or (flags ^ old.flags) & immutable
+            ):
+                raise _Failed(ch.MODIFY_IMMUTABLE)
+            if base_gfn != old.base_gfn:
+                change = ch.MOVE
+            elif flags != old.flags & 0xFFFF:
+                change = ch.FLAGS_ONLY
+            else:
+                res.change = ch.NOOP
+                steps.append(STEP_NOOP)
+                return
+        res.change = change
+        if change is ch.CREATE or change is ch.MOVE:
+            other = slots.overlapping_other(slot_id, base_gfn, base_gfn + npages)
+            if other is not None:
+                raise _Failed(ch.OVERLAP, f"slot {as_id}:{other.id} at gfn "
+                              f"{other.base_gfn:#x}+{other.npages:#x}")
+
+        steps.append(STEP_ALLOC_SLOT)
+        struct = self.ledger.alloc(KIND_SLOT, as_id, slot_id, 1, self.struct_size, KMALLOC)
+        if struct is None:
+            raise _Failed(ch.ALLOC_SLOT)
+        binding = None
+        try:
+            if flags & KVM_MEM_GUEST_MEMFD:
+                steps.append(STEP_GMEM_BIND)
+                binding = self._gmem_bind(r, as_id, slot_id, npages)
+                if binding[0].flags & gmem_files.GUEST_MEMFD_FLAG_MMAP:
+                    flags |= KVM_MEMSLOT_GMEM_ONLY
+            new = MemorySlot(slot_id, as_id, base_gfn, npages, flags, uaddr, None, None, struct,
+                             None if binding is None else (binding[0].fd, binding[1]))
+            self._set_memslot(res, old, new, change)
+        except _Failed:
+            if binding is not None:
+                binding[0].unbind(binding[1] >> self._page_shift)
+            steps.append(STEP_FREE_NEW)
+            self.ledger.free(struct)
+            raise
+
+    # ==================================================================================
+    # kvm_set_memslot
+    # ==================================================================================
+    def _set_memslot(
+        self, res: OpResult, old: MemorySlot | None, new: MemorySlot | None, change: ChangeType
+    ) -> None:
+        steps = res.steps
+        ledger = self.ledger
+        slots = self.sets[(old or new).as_id]  # type: ignore[union-attr]
+        invalid = None
+        if change is ch.DELETE or change is ch.MOVE:
+            assert old is not None
+            steps.append(STEP_ALLOC_INVALID)
+            invalid_struct = ledger.alloc(KIND_INVALID_SLOT, old.as_id, old.id, 1,
+                                          self.struct_size, KMALLOC)
+            if invalid_struct is None:
+                raise _Failed(ch.ALLOC_INVALID)
+            # kvm_invalidate_memslot: publish a copy flagged INVALID, so vCPUs stop using
+            # the old range while it is flushed and the new slot is prepared.
+            invalid = old._replace(flags=old.flags | KVM_MEMSLOT_INVALID, struct=invalid_struct)
+            steps.append(STEP_INVALIDATE)
+            self._swap(slots, change, "invalidate", old, invalid)
+            steps.append(STEP_FLUSH)
+
+        try:
+            new = self._prepare(res, old, new, change)
+        except _Failed:
+            if invalid is not None:
+                # Put the old slot back (a second swap) and drop the working copy.
+                steps.append(STEP_RESTORE)
+                self._swap(slots, change, "restore", invalid, old)
+                steps.append(STEP_FREE_INVALID)
+                ledger.free(invalid.struct)  # type: ignore[arg-type]
+            raise
+
+        steps.append(STEP_INSTALL)
+        if change is ch.CREATE:
+            self._swap(slots, change, "install", None, new)
+        elif change is ch.DELETE:
+            self._swap(slots, change, "install", invalid, None)
+        elif change is ch.MOVE:
+            self._swap(slots, change, "install", invalid, new)
+        else:
+            self._swap(slots, change, "install", old, new)
+        if invalid is not None:
+            steps.append(STEP_FREE_INVALID)
+            ledger.free(invalid.struct)  # type: ignore[arg-type]
+        steps.append(STEP_COMMIT)
+        self._commit(res, old, new, change)
+
+    def _prepare(
+        self, res: OpResult, old: MemorySlot | None, new: MemorySlot | None, change: ChangeType
+    ) -> MemorySlot | None:
+        """``kvm_prepare_memory_region``: the dirty bitmap, then the arch hook. Returns the
+        new slot completed with its bitmap and arch data."""
+        from ..arch.base import PrepareError
+
+        steps = res.steps
+        bitmap = None
+        fresh_bitmap = False
+        if change is not ch.DELETE:
+            assert new is not None
+            steps.append(STEP_PREPARE_BITMAP)
+            if not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                bitmap = None
+            elif old is not None and old.dirty_bitmap is not None:
+                bitmap = old.dirty_bitmap  # reused, contents preserved
+            elif self.dirty.use_dirty_bitmap:
+                bitmap = self._alloc_dirty_bitmap(new)
+                fresh_bitmap = True
+        steps.append(STEP_PREPARE_ARCH)
+        ref = new if new is not None else old
+        assert ref is not None
+        try:
+            arch = self.arch.prepare(change, old, ref.as_id, ref.id, ref.base_gfn, ref.npages,
+                                     ref.flags, ref.userspace_addr)
+        except PrepareError as exc:
+            if fresh_bitmap and bitmap is not None and bitmap.alloc is not None:
+                self.ledger.free(bitmap.alloc)
+            raise _Failed(exc.rule, exc.detail) from None
+        if new is None:
+            return None
+        return new._replace(arch=arch, dirty_bitmap=bitmap)
+
+    def _alloc_dirty_bitmap(self, new: MemorySlot) -> DirtyBitmap:
+        # kvm_alloc_dirty_bitmap: __vcalloc(2, ALIGN(npages, 64) / 8).
+        a = self.ledger.alloc(KIND_DIRTY_BITMAP, new.as_id, new.id, 2,
+                              dirty_bitmap_bytes(new.npages))
+        if a is None:
+            raise _Failed(ch.ALLOC_DIRTY_BITMAP)
+        return DirtyBitmap(new.npages, a, self.dirty.initially_set)
+
+    def _commit(
+        self, res: OpResult, old: MemorySlot | None, new: MemorySlot | None, change: ChangeType
+    ) -> None:
+        """``kvm_commit_memory_region``."""
+        if change is ch.DELETE:
+            assert old is not None
+            self.nr_memslot_pages -= old.npages
+        elif change is ch.CREATE:
+            assert new is not None
+            self.nr_memslot_pages += new.npages
+        old_flags = old.flags if old is not None else 0
+        new_flags = new.flags if new is not None else 0
+        if (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
+            self.nr_memslots_dirty_logging += 1 if new_flags & KVM_MEM_LOG_DIRTY_PAGES else -1
+        self.arch.commit(change, old, new)
+        if change is ch.CREATE:
+            return
+        assert old is not None
+        res.steps.append(STEP_FREE_OLD)
+        ledger = self.ledger
+        if change is ch.DELETE:
+            self._free_memslot(old)
+            return
+        # MOVE / FLAGS_ONLY: the old struct goes; its arch data may live on in new.
+        assert new is not None
+        if old.dirty_bitmap is not None and new.dirty_bitmap is None:
+            self._free_bitmap(old.dirty_bitmap)
+        ledger.free(old.struct)  # type: ignore[arg-type]
+
+    def _free_memslot(self, slot: MemorySlot) -> None:
+        """``kvm_free_memslot``: unbind gmem, free the bitmap, the arch data, the struct."""
+        if slot.gmem is not None:
+            g = gmem_files.lookup(slot.gmem[0])
+            if g is not None:
+                g.unbind(slot.gmem[1] >> self._page_shift)
+        if slot.dirty_bitmap is not None:
+            self._free_bitmap(slot.dirty_bitmap)
+        self.arch.free(slot)
+        if slot.struct is not None:
+            self.ledger.free(slot.struct)
+
+    def _free_bitmap(self, bitmap: DirtyBitmap) -> None:
+        if bitmap.alloc is not None:
+            self.ledger.free(bitmap.alloc)
+
+    # ==================================================================================
+    # publication (kvm_swap_active_memslots)
+    # ==================================================================================
+    def _swap(
+        self,
+        slots: SlotSet,
+        change: ChangeType,
+        phase: str,
+        old: MemorySlot | None,
+        new: MemorySlot | None,
+    ) -> None:
+        """Publish one change atomically and advance the generation by N_AS. Observers run
+        between publication and the final generation store, as vCPUs would."""
+        with self.srcu:
+            if old is None:
+                slots.insert(new)  # type: ignore[arg-type]
+            elif new is None:
+                slots.remove(old)
+            else:
+                slots.replace(old, new)
+            gen = slots.generation | GEN_UPDATE_IN_PROGRESS
+            slots.generation = gen
+        if self.observers:
+            event = SwapEvent(slots.as_id, change, phase, gen, old, new)
+            for observer in list(self.observers):
+                observer(event)
+        slots.generation = (gen & ~GEN_UPDATE_IN_PROGRESS) + self.nr_as
+
+    # ==================================================================================
+    # guest_memfd binding (kvm_gmem_bind)
+    # ==================================================================================
+    def _gmem_bind(
+        self, r: MemoryRegion, as_id: int, slot_id: int, npages: int
+    ) -> tuple[gmem_files.GuestMemfd, int]:
+        fd = r.guest_memfd
+        assert fd is not None
+        g = gmem_files.lookup(fd)
+        if g is None:
+            if gmem_files.fd_is_open(fd):
+                raise _Failed(ch.GMEM_BIND, f"fd {fd} is not a guest_memfd")
+            raise _Failed(ch.GMEM_BADF, f"fd {fd}")
+        if g.owner is not self:
+            raise _Failed(ch.GMEM_BIND, "guest_memfd of another VM")
+        offset = r.guest_memfd_offset
+        if offset >= 1 << 63 or offset & self._page_mask or offset + r.memory_size > g.size:
+            raise _Failed(ch.GMEM_BIND, f"offset {offset:#x} + size outside the file")
+        start = offset >> self._page_shift
+        if g.range_bound(start, start + npages):
+            raise _Failed(ch.GMEM_BIND, "range already bound to another slot")
+        g.bind(start, start + npages, (as_id, slot_id))
+        return g, offset
+
+    # ==================================================================================
+    # lookups (readers)
+    # ==================================================================================
+    def find(self, gfn: int, as_id: int = 0) -> MemorySlot | None:
+        with self.srcu:
+            return self.sets[as_id].find(gfn)
+
+    def ordered(self, as_id: int = 0) -> list[MemorySlot]:
+        with self.srcu:
+            return list(self.sets[as_id])
+
+    def by_id(self, as_id: int, slot_id: int) -> MemorySlot | None:
+        with self.srcu:
+            return self.sets[as_id].by_id.get(slot_id)
+
+    def hva_lookup(self, hva: int) -> list[MemorySlot]:
+        with self.srcu:
+            out: list[MemorySlot] = []
+            for s in self.sets:
+                out.extend(s.hva_lookup(hva))
+            return out
+
+    def all_slots(self) -> list[MemorySlot]:
+        with self.srcu:
+            return [slot for s in self.sets for slot in s]
+
+    def replace_slots(self, updated: list[MemorySlot]) -> None:
+        """Install arch-updated views of existing slots (same struct, in place in the kernel)."""
+        with self.srcu:
+            for new in updated:
+                s = self.sets[new.as_id]
+                s.replace(s.by_id[new.id], new)
+
+    # ==================================================================================
+    # teardown (kvm_destroy_vm -> kvm_free_memslots)
+    # ==================================================================================
+    def free_all(self) -> None:
+        with self.slots_lock, self.srcu:
+            self.ledger.begin()
+            for s in self.sets:
+                for slot in list(s):
+                    s.remove(slot)
+                    self._free_memslot(slot)
+
+
+def _struct_size(profile: Profile) -> int:
+    """``sizeof(struct kvm_memory_slot)`` on a 64-bit kernel: three pairs of tree nodes
+    (hlist 16, interval-tree 48, rb 24 bytes each), base_gfn, npages, dirty_bitmap,
+    userspace_addr (8 each), flags (4), id and as_id (2 each), the arch struct, and the gmem
+    ``{file, pgoff}`` pair with CONFIG_KVM_GUEST_MEMFD."""
+    generic = 2 * 16 + 2 * 48 + 2 * 24 + 4 * 8 + 4 + 2 + 2
+    arch = {"x86": 48, "ppc-hv": 8, "ppc-pr": 8}.get(profile.arch, 0)
+    return generic + arch + (16 if profile.guest_memfd else 0)
+
+
+__all__ = ["GEN_UPDATE_IN_PROGRESS", "Allocation", "Memslots", "Observer", "SwapEvent"]

@@ -1,0 +1,114 @@
+"""What one request did: the result record every request yields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import errno_name
+from ..request import MemoryRegion
+from .change import ChangeType, Rule
+from .ledger import Allocation
+
+# Steps of the update protocol (kvm_set_memory_region -> kvm_set_memslot), as recorded.
+STEP_VALIDATE = "validate"
+STEP_ALLOC_SLOT = "kzalloc new slot"
+STEP_GMEM_BIND = "bind guest_memfd range"
+STEP_ALLOC_INVALID = "kzalloc INVALID working slot"
+STEP_INVALIDATE = "swap: old slot replaced by its INVALID copy"
+STEP_FLUSH = "flush shadow mappings of the old slot"
+STEP_PREPARE_BITMAP = "prepare: dirty bitmap"
+STEP_PREPARE_ARCH = "prepare: arch"
+STEP_RESTORE = "swap: old slot restored (prepare failed)"
+STEP_INSTALL = "swap: install"
+STEP_FREE_INVALID = "kfree INVALID working slot"
+STEP_COMMIT = "commit: accounting and arch"
+STEP_FREE_OLD = "free old slot"
+STEP_FREE_NEW = "kfree new slot (failed)"
+STEP_NOOP = "identical to the existing slot: nothing to do"
+
+
+@dataclass(slots=True, eq=False)
+class OpResult:
+    """One request's outcome. ``errno`` 0 is success; otherwise ``rule`` failed.
+
+    ``steps`` lists the protocol steps taken, ``allocated``/``freed`` the ledger entries this
+    request created and released, ``generation_before``/``_after`` the address space's
+    generation (``None`` if the request named an invalid address space).
+    """
+
+    request: MemoryRegion
+    change: ChangeType | None = None
+    errno: int = 0
+    rule: Rule | None = None
+    detail: str = ""
+    generation_before: int | None = None
+    generation_after: int | None = None
+    steps: list[str] = field(default_factory=list)
+    allocated: list[Allocation] = field(default_factory=list)
+    freed: list[Allocation] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.errno == 0
+
+    @property
+    def bytes_allocated(self) -> int:
+        return sum(a.bytes for a in self.allocated)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(a.bytes for a in self.freed)
+
+    @property
+    def net_bytes(self) -> int:
+        """Change of the live ledger total caused by this request."""
+        return self.bytes_allocated - self.bytes_freed
+
+    @property
+    def vmalloc_delta(self) -> int:
+        return sum(a.vmalloc_bytes for a in self.allocated) - sum(
+            a.vmalloc_bytes for a in self.freed
+        )
+
+    @property
+    def errno_name(self) -> str:
+        return errno_name(self.errno)
+
+    def summary(self) -> str:
+        """One line: change type or errno, and the metadata moved."""
+        what = str(self.change) if self.change else "-"
+        if self.errno:
+            text = f"{self.errno_name:<7} {what:<10} {self.rule}"
+            if self.detail:
+                text += f" ({self.detail})"
+        else:
+            text = f"{'ok':<7} {what:<10}"
+        if self.allocated or self.freed:
+            text += f"  +{self.bytes_allocated}B -{self.bytes_freed}B"
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        r = self.request
+        return {
+            "request": {
+                "slot": r.slot, "as_id": r.as_id, "id": r.id, "flags": r.flags,
+                "guest_phys_addr": r.guest_phys_addr, "memory_size": r.memory_size,
+                "userspace_addr": r.userspace_addr,
+                **({"guest_memfd": r.guest_memfd, "guest_memfd_offset": r.guest_memfd_offset}
+                   if r.guest_memfd is not None else {}),
+            },
+            "change": str(self.change) if self.change else None,
+            "errno": self.errno,
+            "errno_name": self.errno_name,
+            "rule": None if self.rule is None else {
+                "code": self.rule.code, "function": self.rule.function, "text": self.rule.text},
+            "detail": self.detail or None,
+            "generation_before": self.generation_before,
+            "generation_after": self.generation_after,
+            "steps": list(self.steps),
+            "allocated": [a.as_dict() for a in self.allocated],
+            "freed": [a.as_dict() for a in self.freed],
+            "bytes_allocated": self.bytes_allocated,
+            "bytes_freed": self.bytes_freed,
+        }

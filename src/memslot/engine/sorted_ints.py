@@ -1,0 +1,120 @@
+"""A sorted set of ints kept as a list of short sorted blocks (the layout sortedcontainers
+uses): insert and remove cost ``O(log n)`` bisects plus a memmove of one block of at most
+``2 * LOAD`` entries, and predecessor/successor queries are two C-level bisects."""
+
+from __future__ import annotations
+
+import itertools
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Iterator
+
+LOAD = 256
+
+
+class SortedInts:
+    """Distinct ints in ascending order."""
+
+    __slots__ = ("_len", "_lists", "_maxes")
+
+    def __init__(self) -> None:
+        self._lists: list[list[int]] = []
+        self._maxes: list[int] = []
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[int]:
+        for block in list(self._lists):
+            yield from list(block)
+
+    def add(self, value: int) -> None:
+        maxes = self._maxes
+        lists = self._lists
+        if not maxes:
+            lists.append([value])
+            maxes.append(value)
+            self._len = 1
+            return
+        pos = bisect_left(maxes, value)
+        if pos == len(maxes):
+            pos -= 1
+            block = lists[pos]
+            block.append(value)
+            maxes[pos] = value
+        else:
+            block = lists[pos]
+            insort(block, value)
+        self._len += 1
+        if len(block) > 2 * LOAD:
+            half = block[LOAD:]
+            del block[LOAD:]
+            maxes[pos] = block[-1]
+            lists.insert(pos + 1, half)
+            maxes.insert(pos + 1, half[-1])
+
+    def remove(self, value: int) -> None:
+        maxes = self._maxes
+        pos = bisect_left(maxes, value)
+        if pos == len(maxes):
+            raise KeyError(value)
+        block = self._lists[pos]
+        i = bisect_left(block, value)
+        if block[i] != value:
+            raise KeyError(value)
+        del block[i]
+        self._len -= 1
+        if block:
+            maxes[pos] = block[-1]
+        else:
+            del self._lists[pos]
+            del maxes[pos]
+
+    def le(self, value: int) -> int | None:
+        """Largest element ``<= value``."""
+        maxes = self._maxes
+        pos = bisect_left(maxes, value)
+        if pos == len(maxes):
+            return maxes[-1] if maxes else None
+        block = self._lists[pos]
+        i = bisect_right(block, value)
+        if i:
+            return block[i - 1]
+        return maxes[pos - 1] if pos else None
+
+    def lt(self, value: int) -> int | None:
+        """Largest element ``< value``."""
+        return self.le(value - 1)
+
+    def ge(self, value: int) -> int | None:
+        """Smallest element ``>= value``."""
+        maxes = self._maxes
+        pos = bisect_left(maxes, value)
+        if pos == len(maxes):
+            return None
+        block = self._lists[pos]
+        return block[bisect_left(block, value)]
+
+    def iter_from(self, value: int) -> Iterator[int]:
+        """Elements ``>= value`` in ascending order."""
+        maxes = self._maxes
+        lists = self._lists
+        pos = bisect_left(maxes, value)
+        if pos == len(maxes):
+            return
+        block = lists[pos]
+        yield from block[bisect_left(block, value):]
+        for block in lists[pos + 1:]:
+            yield from block
+
+    def check(self) -> list[str]:
+        """Structural problems (empty when consistent)."""
+        problems = []
+        flat = [v for block in self._lists for v in block]
+        if any(a >= b for a, b in itertools.pairwise(flat)):
+            problems.append("sorted index out of order or with duplicates")
+        if len(flat) != self._len:
+            problems.append(f"sorted index length {self._len} != {len(flat)} entries")
+        if [b[-1] for b in self._lists if b] != self._maxes or any(not b for b in self._lists):
+            problems.append("sorted index block maxima inconsistent")
+        return problems

@@ -166,22 +166,34 @@ def parse_object(obj: Any, line: int = 0) -> TraceOp:
     return MarkDirty(_int(obj, "gfn"), _int(obj, "as_id", 0, 0xFFFF), expect, line, note)
 
 
-def parse_lines(lines: Iterable[str], path: str = "<input>") -> Iterator[TraceOp]:
-    """Parse JSON lines lazily; raises :class:`TraceFormatError` naming the line."""
+def parse_lines(
+    lines: Iterable[str],
+    path: str = "<input>",
+    errors: list[TraceFormatError] | None = None,
+) -> Iterator[TraceOp]:
+    """Parse JSON lines lazily; raises :class:`TraceFormatError` naming the line, or, when
+    ``errors`` is a list, records the error there and goes on with the next line."""
     for number, text in enumerate(lines, 1):
         stripped = text.strip()
         if not stripped:
             continue
         try:
-            obj = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise TraceFormatError(path, number, f"malformed JSON: {exc.msg}") from None
-        except RecursionError:
-            raise TraceFormatError(path, number, "malformed JSON: nested too deeply") from None
-        try:
-            yield parse_object(obj, number)
-        except _LineError as exc:
-            raise TraceFormatError(path, number, str(exc)) from None
+            try:
+                obj = json.loads(stripped)
+            except json.JSONDecodeError as exc:
+                raise TraceFormatError(path, number, f"malformed JSON: {exc.msg}") from None
+            except RecursionError:
+                raise TraceFormatError(path, number, "malformed JSON: nested too deeply") from None
+            try:
+                op = parse_object(obj, number)
+            except _LineError as exc:
+                raise TraceFormatError(path, number, str(exc)) from None
+        except TraceFormatError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
+            continue
+        yield op
 
 
 def _hex(value: int) -> str:

@@ -1,0 +1,213 @@
+"""``memslot replay FILE``: replay a trace and compare each result with the recorded one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from ..backends.base import VM
+from ..backends.model import ModelVM
+from ..engine.slot import MemorySlot
+from ..replay import Replayer, ReplayStep, describe_op
+from ..trace.reader import FORMATS, iter_trace
+from ..trace.records import SetRegion, TraceFormatError, TraceOp
+from .backends import add_profile_options, make_vm, resolve_profile
+from .common import EXIT_MISMATCH, EXIT_OK, Command, die, emit_json, human_bytes, table
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="trace: memslot JSON lines or a QEMU "
+                   "kvm_set_user_memory log ('-' for stdin)")
+    add_profile_options(p)
+    p.add_argument("--format", choices=FORMATS, default="auto", help="input format")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--check", action="store_true",
+                   help="run the model's integrity check after every request")
+    p.add_argument("--keep-going", action="store_true",
+                   help="skip malformed lines (reported) instead of refusing the whole file")
+    p.add_argument("-q", "--quiet", action="store_true", help="only the final table and totals")
+
+
+def load_ops(path: str, fmt: str, keep_going: bool) -> tuple[list[TraceOp], list[str]]:
+    """Read and validate the whole trace before anything is applied."""
+    errors: list[TraceFormatError] = []
+    try:
+        ops = list(iter_trace(path, fmt, errors if keep_going else None))
+    except TraceFormatError as exc:
+        die(str(exc))
+    return ops, [str(e) for e in errors]
+
+
+def _slot_rows(vm: VM) -> list[MemorySlot]:
+    return [s for as_id in range(vm.nr_address_spaces) for s in vm.memslots(as_id)]
+
+
+def slot_table_rows(vm: VM) -> tuple[list[list[str]], list[str]]:
+    headers = ["as", "id", "gpa", "size", "userspace_addr", "flags"]
+    model = isinstance(vm, ModelVM)
+    if model:
+        headers += ["metadata", "vmalloc"]
+    rows = []
+    for s in _slot_rows(vm):
+        from ..constants import flag_names
+
+        row = [str(s.as_id), str(s.id), f"{s.guest_phys_addr:#x}", human_bytes(s.memory_size),
+               f"{s.userspace_addr:#x}", flag_names(s.flags)]
+        if model:
+            assert isinstance(vm, ModelVM)
+            d = vm.describe_metadata(s)
+            row += [human_bytes(d["bytes"]), human_bytes(d["vmalloc_bytes"])]
+        rows.append(row)
+    return rows, headers
+
+
+def _progress(done: int, total: int, start: float) -> None:
+    rate = done / max(time.monotonic() - start, 1e-6)
+    sys.stderr.write(f"\r  replaying {done}/{total} ({rate:,.0f} ops/s)")
+    sys.stderr.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    profile = resolve_profile(args.profile)
+    ops, bad_lines = load_ops(args.file, args.format, args.keep_going)
+    vm = make_vm(args.backend, profile, args.variant)
+    steps: list[ReplayStep] = []
+    show_progress = not args.json and sys.stderr.isatty() and len(ops) > 2000
+    try:
+        replayer = Replayer(vm, check=args.check)
+        start = time.monotonic()
+        for i, op in enumerate(ops):
+            step = replayer.step(op)
+            steps.append(step)
+            if not args.json and not args.quiet:
+                print(format_step(step))
+            if show_progress and i % 1000 == 0:
+                _progress(i, len(ops), start)
+        if show_progress:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+        variant_problems = vm.check() if isinstance(vm, ModelVM) else []
+        mismatches = [s for s in steps if s.mismatch]
+        if args.json:
+            emit_json(_report(vm, profile.name, args, steps, mismatches, bad_lines,
+                              variant_problems))
+        else:
+            print_summary(vm, steps, mismatches, bad_lines, variant_problems)
+    finally:
+        vm.close()
+    return EXIT_MISMATCH if mismatches else EXIT_OK
+
+
+def format_step(step: ReplayStep) -> str:
+    op = step.op
+    where = f"L{op.line}" if op.line else f"#{step.index}"
+    if step.skipped:
+        outcome = f"{'skipped':<10} {'':<8}"
+    elif step.result is not None:
+        r = step.result
+        change = str(r.change) if r.change else "-"
+        outcome = f"{change:<10} {'ok' if not r.errno else r.errno_name:<8}"
+    else:
+        outcome = f"{op.op:<10} {'ok' if not step.errno else _name(step.errno):<8}"
+    text = f"{where:>6}  {outcome} {describe_op(op)}"
+    r = step.result
+    if r is not None and (r.allocated or r.freed):
+        text += f"  [+{human_bytes(r.bytes_allocated)} -{human_bytes(r.bytes_freed)}]"
+    if r is not None and r.errno and r.rule is not None:
+        text += f"  <- {r.rule.function}: {r.rule.text}"
+    elif step.errno and step.message and r is None:
+        text += f"  <- {step.message}"
+    if op.note:
+        text += f"  # {op.note}"
+    for problem in step.problems:
+        text += f"\n        MISMATCH: {problem}"
+    return text
+
+
+def _name(err: int) -> str:
+    from ..errors import errno_name
+
+    return errno_name(err)
+
+
+def print_summary(
+    vm: VM,
+    steps: list[ReplayStep],
+    mismatches: list[ReplayStep],
+    bad_lines: list[str],
+    variant_problems: list[str],
+) -> None:
+    rows, headers = slot_table_rows(vm)
+    print()
+    print(f"final slots ({len(rows)}):")
+    table(rows, headers)
+    ok = sum(1 for s in steps if s.errno == 0)
+    failed = sum(1 for s in steps if s.errno)
+    skipped = sum(1 for s in steps if s.skipped)
+    print()
+    print(f"{len(steps)} operations: {ok} succeeded, {failed} refused, {skipped} skipped, "
+          f"{len(mismatches)} mismatched expectations")
+    if isinstance(vm, ModelVM):
+        print(f"metadata: {human_bytes(vm.metadata_bytes())} live "
+              f"({vm.metadata_bytes()} bytes), VmallocUsed {human_bytes(vm.vmalloc_bytes())}, "
+              f"nr_memslot_pages {vm.nr_memslot_pages}, "
+              + ", ".join(f"generation[{i}] {vm.generation(i)}"
+                          for i in range(vm.nr_address_spaces)))
+    for line in bad_lines:
+        print(f"skipped malformed line: {line}")
+    if variant_problems:
+        print(f"check() found {len(variant_problems)} problem(s):")
+        for problem in variant_problems:
+            print(f"  - {problem}")
+    for step in mismatches:
+        print(f"MISMATCH at {'line ' + str(step.op.line) if step.op.line else step.index}: "
+              + "; ".join(step.problems))
+
+
+def _report(
+    vm: VM,
+    profile: str,
+    args: argparse.Namespace,
+    steps: list[ReplayStep],
+    mismatches: list[ReplayStep],
+    bad_lines: list[str],
+    variant_problems: list[str],
+) -> dict[str, Any]:
+    slots = []
+    for s in _slot_rows(vm):
+        entry: dict[str, Any] = {
+            "as_id": s.as_id, "id": s.id, "base_gfn": s.base_gfn, "npages": s.npages,
+            "guest_phys_addr": s.guest_phys_addr, "memory_size": s.memory_size,
+            "userspace_addr": s.userspace_addr, "flags": s.flags,
+        }
+        if isinstance(vm, ModelVM):
+            entry["metadata"] = vm.describe_metadata(s)
+        slots.append(entry)
+    out: dict[str, Any] = {
+        "file": args.file,
+        "profile": profile,
+        "backend": args.backend,
+        "variants": args.variant,
+        "steps": [s.as_dict() for s in steps],
+        "slots": slots,
+        "mismatches": len(mismatches),
+        "malformed_lines": bad_lines,
+        "check": variant_problems,
+    }
+    if isinstance(vm, ModelVM):
+        out["totals"] = {
+            "metadata_bytes": vm.metadata_bytes(),
+            "vmalloc_bytes": vm.vmalloc_bytes(),
+            "nr_memslot_pages": vm.nr_memslot_pages,
+            "generations": [vm.generation(i) for i in range(vm.nr_address_spaces)],
+        }
+    return out
+
+
+COMMAND = Command("replay", "replay a memslot trace (JSON lines or QEMU trace) and compare "
+                  "each result with the recorded one", configure, run)
+
+
+def is_set(op: TraceOp) -> bool:
+    return isinstance(op, SetRegion)

@@ -184,6 +184,12 @@ class HostMemory:
             self._map.close()
             self._map = None
 
+    def __enter__(self) -> HostMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         state = "closed" if self._map is None else f"{self.address:#x}+{self.size:#x}"
         return f"HostMemory({state})"
@@ -492,6 +498,9 @@ class KvmVM(VM):
 
     # -- the slot record --------------------------------------------------------------------
     def _ordered(self, as_id: int) -> tuple[list[int], list[MemorySlot]]:
+        self._check_open()
+        if not 0 <= as_id < self._nr_as:
+            raise ValueError(f"address space {as_id} does not exist (this VM has {self._nr_as})")
         with self._lock:
             cached = self._order.get(as_id)
             if cached is None:
@@ -506,12 +515,10 @@ class KvmVM(VM):
     def memslots(self, as_id: int = 0) -> list[MemorySlot]:
         """Slots of ``as_id`` in gfn order, from this VM's record of successful requests
         (``arch`` is ``None``: the kernel's metadata is not visible)."""
-        self._check_open()
         return list(self._ordered(as_id)[1])
 
     def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> MemorySlot | None:
         """The recorded slot containing ``gfn`` (slots never overlap, so one bisection)."""
-        self._check_open()
         bases, slots = self._ordered(as_id)
         index = bisect.bisect_right(bases, gfn) - 1
         if index >= 0 and slots[index].contains_gfn(gfn):
@@ -608,13 +615,19 @@ class KvmVM(VM):
         if self._closed:
             return
         self._closed = True
+        failures: list[Exception] = []
         for vcpu in list(self._vcpus):
-            vcpu.close()
+            try:
+                vcpu.close()
+            except MemslotError as exc:  # still running elsewhere: its finalizer closes it
+                failures.append(exc)
         self._finalizer()
         self._slots.clear()
         self._order.clear()
         self._gmem_fds.clear()
         self._mappings.clear()
+        if failures:
+            raise failures[0]
 
     def __repr__(self) -> str:
         if self._closed:

@@ -369,6 +369,7 @@ def test_readonly_may_toggle_dirty_logging(vm: KvmVM, ua: int) -> None:
 def test_no_internal_slots_after_tss_and_vcpu(vm: KvmVM, ua: int) -> None:
     from memslot.backends.vcpu import Vcpu
 
+    vm.ioctl(uapi.KVM_CREATE_IRQCHIP)
     vm.set_tss_addr(0xFFFBD000)
     Vcpu(vm)
     vm.set_user_memory_region(0, 0, 0xFFFBD000, 3 * PAGE, ua)

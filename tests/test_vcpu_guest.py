@@ -583,6 +583,8 @@ def test_move_in_use_region_threaded(guest: Guest) -> None:
     assert not failure
     values = [v for _, kind, v in seen if kind == "value"]
     assert all(v < 0x100 or v >= 0x1000 for v in values), seen  # never a "bad" value
+    mmio = sum(1 for _, kind, _ in seen if kind == "mmio")
+    print(f"{THREADED_MOVES} round trips, {mmio} MMIO reads while the slot was invalid")
     goods = [v for v in values if 0x1000 <= v < 0x1000 + THREADED_MOVES]
     assert sorted(set(goods)) == [0x1000 + k for k in range(THREADED_MOVES)]
     assert goods == sorted(goods), seen  # a value, once replaced, never comes back

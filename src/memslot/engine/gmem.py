@@ -62,6 +62,10 @@ def lookup(fd: int) -> GuestMemfd | None:
 
 
 def fd_is_open(fd: int) -> bool:
+    """Whether ``fd`` is open in this process (``fdget`` takes the u32 as an unsigned int; a
+    number past any fd table, e.g. 0xffffffff, is simply not open: EBADF, not a crash)."""
+    if not 0 <= fd <= 0x7FFFFFFF:
+        return False
     try:
         os.fstat(fd)
     except OSError:

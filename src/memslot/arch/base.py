@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..engine.change import ChangeType, Rule
-from ..engine.ledger import Allocation, Ledger
+from ..engine.ledger import Allocation, AllocGroup, Ledger
 from ..engine.slot import MemorySlot
 from ..profile import Profile
 
@@ -56,8 +56,12 @@ class ArchHooks:
         """``kvm_arch_free_memslot``: release ``slot``'s arch arrays."""
 
     # -- model extras -----------------------------------------------------------------------
+    def groups(self, arch: Any) -> tuple[AllocGroup, ...]:
+        """The ledger groups an arch-data object holds."""
+        return ()
+
     def allocations(self, arch: Any) -> Iterable[Allocation]:
-        """The ledger entries an arch-data object holds."""
+        """The individual allocations an arch-data object holds."""
         return ()
 
     def check_slot(self, slot: MemorySlot) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
-from ..engine.ledger import KIND_PPC_RMAP, Allocation
+from ..engine.ledger import KIND_PPC_RMAP, Allocation, AllocGroup
 from ..engine.slot import MemorySlot
 from .base import ArchHooks, PrepareError
 
@@ -48,7 +48,8 @@ class PpcHvArch(ArchHooks):
             size = npages * RMAP_ENTRY_SIZE
             if size >> self.profile.page_shift > self.profile.totalram_pages:
                 raise PrepareError(RMAP_TOTALRAM)
-            a = self.ledger.alloc(KIND_PPC_RMAP, as_id, slot_id, npages, RMAP_ENTRY_SIZE)
+            a = self.ledger.alloc(as_id, slot_id,
+                                  self.ledger.spec(KIND_PPC_RMAP, npages, RMAP_ENTRY_SIZE))
             if a is None:
                 raise PrepareError(ALLOC_RMAP)
             return a
@@ -61,22 +62,25 @@ class PpcHvArch(ArchHooks):
         if slot.arch is not None:
             self.ledger.free(slot.arch)
 
-    def allocations(self, arch: Any) -> Iterable[Allocation]:
+    def groups(self, arch: Any) -> tuple[AllocGroup, ...]:
         return () if arch is None else (arch,)
+
+    def allocations(self, arch: Any) -> Iterable[Allocation]:
+        return () if arch is None else tuple(arch.items)
 
     def check_slot(self, slot: MemorySlot) -> list[str]:
         name = f"slot {slot.as_id}:{slot.id}"
-        a: Allocation | None = slot.arch
-        if a is None:
+        if slot.arch is None:
             return [f"{name}: no rmap"]
+        a: Allocation = slot.arch.items[0]
         if a.entries != slot.npages:
             return [f"{name}: rmap has {a.entries} entries for {slot.npages} pages"]
         return []
 
     def describe(self, slot: MemorySlot) -> dict[str, Any]:
-        a: Allocation | None = slot.arch
-        if a is None:
+        if slot.arch is None:
             return {}
+        a: Allocation = slot.arch.items[0]
         return {"arrays": [{"array": "rmap", "entries": a.entries, "bytes": a.bytes,
                             "vmalloc_bytes": a.vmalloc_bytes}]}
 

@@ -18,6 +18,7 @@ page tracking when moving memslot", 2020) and commit frees the old ones.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 from ..engine import change as ch
@@ -27,6 +28,10 @@ from ..engine.ledger import (
     KIND_RMAP,
     KIND_WRITE_TRACK,
     Allocation,
+    AllocFailed,
+    AllocGroup,
+    Spec,
+    spec,
 )
 from ..engine.slot import MemorySlot
 from .base import ArchHooks, PrepareError
@@ -83,11 +88,55 @@ class LpageInfo(NamedTuple):
 
 
 class X86SlotArch(NamedTuple):
-    """``struct kvm_arch_memory_slot`` as a description."""
+    """``struct kvm_arch_memory_slot`` as a description: the slot shape the arrays were made
+    for (their sizes and initial marks follow from it) and the ledger groups holding them."""
 
-    rmap: tuple[Allocation, ...]  # per level 1..3, empty while rmaps are lazy
-    lpage_info: tuple[LpageInfo, ...]  # levels 2 and 3
-    write_track: Allocation | None
+    base_gfn: int
+    npages: int
+    userspace_addr: int
+    groups: tuple[AllocGroup, ...]
+
+    def _items(self) -> list[Allocation]:
+        return [a for g in self.groups for a in g.items]
+
+    @property
+    def rmap(self) -> tuple[Allocation, ...]:
+        """Per level 1..3; empty while rmaps are lazy (TDP MMU without a shadow root)."""
+        return tuple(sorted((a for a in self._items() if a.kind == KIND_RMAP),
+                            key=lambda a: a.level))
+
+    @property
+    def lpage_info(self) -> tuple[LpageInfo, ...]:
+        """Levels 2 and 3, with the marks set for the shape the arrays were made for."""
+        return tuple(
+            LpageInfo(a, a.level, *expected_marks(self.base_gfn, self.npages,
+                                                  self.userspace_addr, a.level))
+            for a in self._items() if a.kind == KIND_LPAGE_INFO
+        )
+
+    @property
+    def write_track(self) -> Allocation | None:
+        for a in self._items():
+            if a.kind == KIND_WRITE_TRACK:
+                return a
+        return None
+
+
+@lru_cache(maxsize=65536)
+def metadata_specs(
+    base_gfn_low: int, npages: int, rmaps: bool, track: bool, page_size: int
+) -> tuple[Spec, ...]:
+    """The allocations ``kvm_alloc_memslot_metadata`` makes, in order. Only the base's
+    offset within a 1 GiB frame matters, so callers pass ``base_gfn % 2^18``."""
+    out: list[Spec] = []
+    if rmaps:
+        out.extend(spec(KIND_RMAP, lpages(base_gfn_low, npages, level), RMAP_HEAD_SIZE,
+                        level=level, page_size=page_size) for level in (1, 2, 3))
+    out.extend(spec(KIND_LPAGE_INFO, lpages(base_gfn_low, npages, level), LPAGE_INFO_SIZE,
+                    level=level, page_size=page_size) for level in HUGE_LEVELS)
+    if track:
+        out.append(spec(KIND_WRITE_TRACK, npages, WRITE_TRACK_SIZE, page_size=page_size))
+    return tuple(out)
 
 
 def expected_marks(base_gfn: int, npages: int, uaddr: int, level: int) -> tuple[bool, bool, bool]:
@@ -166,36 +215,15 @@ class X86Arch(ArchHooks):
     ) -> X86SlotArch:
         """``kvm_alloc_memslot_metadata``: rmaps (levels 1..3), lpage_info (2, 3), write
         track, in that order; on failure everything allocated so far is freed."""
-        ledger = self.ledger
-        done: list[Allocation] = []
-        rmap: list[Allocation] = []
-        infos: list[LpageInfo] = []
-        track = None
+        specs = metadata_specs(base_gfn & 0x3FFFF, npages, self.have_rmaps, self.write_tracking,
+                               self.profile.page_size)
         try:
-            if self.have_rmaps:
-                for level in (1, 2, 3):
-                    a = ledger.alloc(KIND_RMAP, as_id, slot_id, lpages(base_gfn, npages, level),
-                                     RMAP_HEAD_SIZE, level=level)
-                    if a is None:
-                        raise PrepareError(ALLOC_METADATA, f"rmap[{LEVEL_NAMES[level]}]")
-                    done.append(a)
-                    rmap.append(a)
-            for level in HUGE_LEVELS:
-                a = ledger.alloc(KIND_LPAGE_INFO, as_id, slot_id, lpages(base_gfn, npages, level),
-                                 LPAGE_INFO_SIZE, level=level)
-                if a is None:
-                    raise PrepareError(ALLOC_METADATA, f"lpage_info[{LEVEL_NAMES[level]}]")
-                done.append(a)
-                infos.append(LpageInfo(a, level, *expected_marks(base_gfn, npages, uaddr, level)))
-            if self.write_tracking:
-                track = ledger.alloc(KIND_WRITE_TRACK, as_id, slot_id, npages, WRITE_TRACK_SIZE)
-                if track is None:
-                    raise PrepareError(ALLOC_METADATA, "gfn_write_track")
-        except PrepareError:
-            for a in done:
-                ledger.free(a)
-            raise
-        return X86SlotArch(tuple(rmap), tuple(infos), track)
+            group = self.ledger.alloc_group(as_id, slot_id, specs)
+        except AllocFailed as failed:
+            s = failed.spec
+            name = f"{s.kind}[{LEVEL_NAMES[s.level]}]" if s.level else s.kind
+            raise PrepareError(ALLOC_METADATA, name) from None
+        return X86SlotArch(base_gfn, npages, uaddr, (group,))
 
     def commit(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> None:
         # kvm_arch_commit_memory_region: a MOVE frees the old arrays (kvm_arch_free_memslot).
@@ -207,10 +235,13 @@ class X86Arch(ArchHooks):
         arch: X86SlotArch | None = slot.arch
         if arch is None:
             return
-        for a in self.allocations(arch):
-            self.ledger.free(a)
+        for g in arch.groups:
+            self.ledger.free(g)
 
     # -- model extras -------------------------------------------------------------------------
+    def groups(self, arch: Any) -> tuple[AllocGroup, ...]:
+        return () if arch is None else tuple(arch.groups)
+
     def allocations(self, arch: Any) -> Iterable[Allocation]:
         if arch is None:
             return ()
@@ -227,28 +258,24 @@ class X86Arch(ArchHooks):
             return []
         self.shadow_root_allocated = True
         out = []
+        page_size = self.profile.page_size
         for slot in slots:
             arch: X86SlotArch = slot.arch
-            rmap = arch.rmap
-            if not rmap:
-                rmap = tuple(
-                    self._must_alloc(KIND_RMAP, slot, lpages(slot.base_gfn, slot.npages, level),
-                                     RMAP_HEAD_SIZE, level)
-                    for level in (1, 2, 3)
-                )
-            track = arch.write_track
-            if track is None:
-                track = self._must_alloc(KIND_WRITE_TRACK, slot, slot.npages, WRITE_TRACK_SIZE, 0)
-            out.append(slot._replace(arch=arch._replace(rmap=rmap, write_track=track)))
+            base, n = arch.base_gfn, arch.npages
+            specs: list[Spec] = []
+            if not arch.rmap:
+                specs.extend(spec(KIND_RMAP, lpages(base, n, level), RMAP_HEAD_SIZE,
+                                  level=level, page_size=page_size) for level in (1, 2, 3))
+            if arch.write_track is None:
+                specs.append(spec(KIND_WRITE_TRACK, n, WRITE_TRACK_SIZE, page_size=page_size))
+            if not specs:
+                continue
+            try:
+                group = self.ledger.alloc_group(slot.as_id, slot.id, tuple(specs))
+            except AllocFailed:
+                raise MemoryError("ENOMEM while allocating for the first shadow root") from None
+            out.append(slot._replace(arch=arch._replace(groups=(*arch.groups, group))))
         return out
-
-    def _must_alloc(
-        self, kind: str, slot: MemorySlot, entries: int, size: int, level: int
-    ) -> Allocation:
-        a = self.ledger.alloc(kind, slot.as_id, slot.id, entries, size, level=level)
-        if a is None:
-            raise MemoryError("ENOMEM while allocating for the first shadow root")
-        return a
 
     def check_slot(self, slot: MemorySlot) -> list[str]:
         arch: X86SlotArch | None = slot.arch

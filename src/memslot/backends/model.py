@@ -8,9 +8,9 @@ from typing import Any
 from .. import constants as c
 from ..arch import make_arch
 from ..engine import gmem as gmem_files
-from ..engine.change import ENABLE_CAP_UNKNOWN, GMEM_CREATE, GMEM_UNSUPPORTED
+from ..engine.change import ENABLE_CAP_UNKNOWN, GMEM_CREATE, GMEM_UNSUPPORTED, OTHER_MM
 from ..engine.dirty_log import DirtyLog
-from ..engine.ledger import Allocation, Ledger
+from ..engine.ledger import Allocation, AllocGroup, Ledger
 from ..engine.memslots import GEN_UPDATE_IN_PROGRESS, Memslots, Observer
 from ..engine.result import OpResult
 from ..engine.slot import MemorySlot
@@ -62,6 +62,16 @@ class ModelVM(VM):
             raise ClosedError("this ModelVM is closed")
         return self._m
 
+    def _ioctl(self) -> Memslots:
+        """The engine, for a call that is a VM ioctl in the kernel: refused with EIO from a
+        forked child (``kvm_vm_ioctl``: ``kvm->mm != current->mm``)."""
+        if self._closed:
+            raise ClosedError("this ModelVM is closed")
+        if self._m.foreign_caller:
+            raise KvmError(OTHER_MM.errno, str(OTHER_MM),
+                           f"VM created by pid {self._m.creator_pid}, called from a fork")
+        return self._m
+
     # -- requests -------------------------------------------------------------------------
     def submit(self, region: MemoryRegion) -> OpResult:
         """Apply a request and return its record (a refusal is ``result.errno``, not raised)."""
@@ -72,6 +82,18 @@ class ModelVM(VM):
 
     def apply(self, region: MemoryRegion) -> None:
         result = self.submit(region)
+        if result.errno:
+            raise _error(result)
+
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> None:
+        # The hot path of the shared API, without the generic wrapper layers.
+        region = MemoryRegion(slot, flags, guest_phys_addr, memory_size, userspace_addr)
+        check_region_fields(region)
+        if self._closed:
+            raise ClosedError("this ModelVM is closed")
+        result = self.last_result = self._m.set_memory_region(region)
         if result.errno:
             raise _error(result)
 
@@ -93,7 +115,7 @@ class ModelVM(VM):
             raise _error(result)
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
-        m = self._live()
+        m = self._ioctl()
         what = f"KVM_CREATE_GUEST_MEMFD size={size:#x} flags={flags:#x}"
         if not self.profile.guest_memfd:
             raise KvmError(GMEM_UNSUPPORTED.errno, str(GMEM_UNSUPPORTED), what)
@@ -106,11 +128,11 @@ class ModelVM(VM):
 
     # -- capabilities ---------------------------------------------------------------------
     def check_extension(self, cap: int) -> int:
-        self._live()
+        self._ioctl()
         return extension_value(self.profile, cap)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        self._live()
+        self._ioctl()
         if len(args) > 4:
             raise ValueError("KVM_ENABLE_CAP takes at most 4 args")
         if not self._dirty.enable_cap(cap, tuple(args), flags):
@@ -119,7 +141,7 @@ class ModelVM(VM):
 
     def create_vcpu(self) -> int:
         """Count a vCPU (the model has none; the dirty ring can no longer be enabled)."""
-        self._live()
+        self._ioctl()
         self._dirty.created_vcpus += 1
         return self._dirty.created_vcpus - 1
 
@@ -134,13 +156,13 @@ class ModelVM(VM):
 
     # -- dirty logging --------------------------------------------------------------------
     def get_dirty_log(self, slot: int) -> bytes:
-        self._live()
+        self._ioctl()
         return self._dirty.get(slot)
 
     def clear_dirty_log(
         self, slot: int, first_page: int, num_pages: int, bitmap: bytes | None
     ) -> None:
-        self._live()
+        self._ioctl()
         self._dirty.clear(slot, first_page, num_pages, bitmap)
 
     def mark_page_dirty(self, gfn: int, as_id: int = 0) -> bool:
@@ -227,7 +249,7 @@ class ModelVM(VM):
             arrays.insert(0, {"array": "slot", "entries": 1, "bytes": slot.struct.bytes,
                               "vmalloc_bytes": 0})
         if slot.dirty_bitmap is not None and slot.dirty_bitmap.alloc is not None:
-            a = slot.dirty_bitmap.alloc
+            a = slot.dirty_bitmap.alloc.items[0]
             arrays.append({"array": "dirty_bitmap", "entries": a.entries * a.entry_size * 8,
                            "bytes": a.bytes, "vmalloc_bytes": a.vmalloc_bytes})
         out["arrays"] = arrays
@@ -260,25 +282,27 @@ class ModelVM(VM):
                     total_pages += slot.npages
                     problems.extend(self.arch.check_slot(slot))
                     problems.extend(_check_bitmap(slot, m.dirty.use_dirty_bitmap))
-                    held = [("slot struct", slot.struct)]
+                    held: list[tuple[str, AllocGroup | None]] = [("slot struct", slot.struct)]
                     if slot.dirty_bitmap is not None:
                         held.append(("dirty bitmap", slot.dirty_bitmap.alloc))
-                    held.extend(("arch array", a) for a in self.arch.allocations(slot.arch))
-                    for what, a in held:
-                        if a is None:
+                    held.extend(("arch arrays", g) for g in self.arch.groups(slot.arch))
+                    for what, g in held:
+                        if g is None:
                             continue
-                        if a.serial in owned and owned[a.serial][1].id != slot.id:
-                            problems.append(f"{what} #{a.serial} shared by slots "
-                                            f"{owned[a.serial][1].id} and {slot.id}")
-                        owned[a.serial] = (what, slot)
-                        if a.serial not in self.ledger.live:
-                            problems.append(f"slot {slot.as_id}:{slot.id} holds freed {a!r}")
-            for a in self.ledger:
-                if a.serial not in owned:
-                    problems.append(
-                        f"leak: {a.label} #{a.serial} of slot {a.as_id}:{a.slot_id} "
-                        f"({a.bytes} bytes) is allocated but no live slot owns it"
-                    )
+                        prior = owned.get(g.serial)
+                        if prior is not None and prior[1].id != slot.id:
+                            problems.append(f"{what} #{g.serial} shared by slots "
+                                            f"{prior[1].id} and {slot.id}")
+                        owned[g.serial] = (what, slot)
+                        if not self.ledger.is_live(g):
+                            problems.append(f"slot {slot.as_id}:{slot.id} holds freed {g!r}")
+            for g in self.ledger.groups:
+                if g.serial not in owned:
+                    for a in g.items:
+                        problems.append(
+                            f"leak: {a.label} #{a.serial} of slot {a.as_id}:{a.slot_id} "
+                            f"({a.bytes} bytes) is allocated but no live slot owns it"
+                        )
             if total_pages != m.nr_memslot_pages:
                 problems.append(f"nr_memslot_pages {m.nr_memslot_pages} != sum of slot "
                                 f"sizes {total_pages}")

@@ -105,18 +105,18 @@ def format_step(step: ReplayStep) -> str:
     if step.skipped:
         outcome = f"{'skipped':<10} {'':<8}"
     elif step.result is not None:
-        r = step.result
-        change = str(r.change) if r.change else "-"
-        outcome = f"{change:<10} {'ok' if not r.errno else r.errno_name:<8}"
+        change = str(step.result.change) if step.result.change else "-"
+        outcome = f"{change:<10} {'ok' if not step.errno else step.result.errno_name:<8}"
     else:
         outcome = f"{op.op:<10} {'ok' if not step.errno else _name(step.errno):<8}"
     text = f"{where:>6}  {outcome} {describe_op(op)}"
     r = step.result
-    if r is not None and (r.allocated or r.freed):
-        text += f"  [+{human_bytes(r.bytes_allocated)} -{human_bytes(r.bytes_freed)}]"
-    if r is not None and r.errno and r.rule is not None:
-        text += f"  <- {r.rule.function}: {r.rule.text}"
-    elif step.errno and step.message and r is None:
+    if r is not None:
+        if r.bytes_allocated or r.bytes_freed:
+            text += f"  [+{human_bytes(r.bytes_allocated)} -{human_bytes(r.bytes_freed)}]"
+        if r.errno and r.rule is not None:
+            text += f"  <- {r.rule.function}: {r.rule.text}"
+    elif step.errno and step.message:
         text += f"  <- {step.message}"
     if op.note:
         text += f"  # {op.note}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ledger import Allocation
+from .ledger import AllocGroup
 
 WORD_BITS = 64
 ALL_ONES = (1 << 64) - 1
@@ -23,7 +23,7 @@ class DirtyBitmap:
 
     __slots__ = ("alloc", "filled", "npages", "nwords", "words")
 
-    def __init__(self, npages: int, alloc: Allocation | None, initially_set: bool = False):
+    def __init__(self, npages: int, alloc: AllocGroup | None, initially_set: bool = False):
         self.npages = npages
         self.nwords = (npages + 63) >> 6
         self.alloc = alloc

@@ -5,13 +5,18 @@ Sizes follow the kernel's allocators: ``kzalloc`` for slot structs (not in Vmall
 ``__vcalloc`` (vmalloc) for dirty bitmaps and per-arch arrays. A vmalloc area of ``n`` pages
 also needs its ``area->pages`` pointer array (``8 * n`` bytes); when that exceeds a page it is
 itself vmalloc'd (mm/vmalloc.c ``__vmalloc_area_node``) and counts in /proc/meminfo VmallocUsed.
+
+Allocations that the kernel makes back to back for one purpose (x86's rmap, lpage_info and
+write-track arrays of a slot) are booked as one :class:`AllocGroup`: one ledger entry, one
+journal entry, with the individual :class:`Allocation` records (serial numbers consecutive)
+materialised only when someone looks. Fault injection still counts allocations one by one.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
-from typing import Final
+from functools import lru_cache
+from typing import Final, NamedTuple
 
 KMALLOC: Final = "kmalloc"
 VMALLOC: Final = "vmalloc"
@@ -56,46 +61,42 @@ def kmalloc_bucket(nbytes: int) -> int:
     return 1 << (nbytes - 1).bit_length()
 
 
-class Allocation:
-    """One kernel allocation. Identity matters (two equal-sized arrays are distinct)."""
+class Spec(NamedTuple):
+    """What one allocation asks for, with its derived sizes."""
 
-    __slots__ = (
-        "allocator",
-        "as_id",
-        "bytes",
-        "entries",
-        "entry_size",
-        "kind",
-        "level",
-        "serial",
-        "slot_id",
-        "vmalloc_bytes",
-    )
+    kind: str
+    level: int
+    entries: int
+    entry_size: int
+    allocator: str
+    bytes: int
+    vmalloc_bytes: int
 
-    def __init__(
-        self,
-        serial: int,
-        kind: str,
-        as_id: int,
-        slot_id: int,
-        entries: int,
-        entry_size: int,
-        allocator: str,
-        level: int,
-        page_size: int,
-    ) -> None:
-        self.serial = serial
-        self.kind = kind
-        self.as_id = as_id
-        self.slot_id = slot_id
-        self.entries = entries
-        self.entry_size = entry_size
-        self.bytes = entries * entry_size
-        self.allocator = allocator
-        self.level = level
-        self.vmalloc_bytes = (
-            vmalloc_footprint(self.bytes, page_size) if allocator == VMALLOC else 0
-        )
+
+@lru_cache(maxsize=65536)
+def spec(
+    kind: str, entries: int, entry_size: int, allocator: str = VMALLOC, level: int = 0,
+    page_size: int = 4096,
+) -> Spec:
+    """A (cached) allocation request: the kernel's sizes for ``entries`` x ``entry_size``."""
+    nbytes = entries * entry_size
+    vm = vmalloc_footprint(nbytes, page_size) if allocator == VMALLOC else 0
+    return Spec(kind, level, entries, entry_size, allocator, nbytes, vm)
+
+
+class Allocation(NamedTuple):
+    """One kernel allocation; ``serial`` makes it unique."""
+
+    serial: int
+    kind: str
+    as_id: int
+    slot_id: int
+    entries: int
+    entry_size: int
+    allocator: str
+    level: int
+    bytes: int
+    vmalloc_bytes: int
 
     @property
     def label(self) -> str:
@@ -128,16 +129,70 @@ class Allocation:
         )
 
 
+class AllocGroup:
+    """Allocations made back to back for one owner: one ledger entry."""
+
+    __slots__ = ("_items", "as_id", "bytes", "serial", "slot_id", "specs", "vmalloc_bytes")
+
+    def __init__(
+        self, serial: int, as_id: int, slot_id: int, specs: tuple[Spec, ...], nbytes: int,
+        vmalloc_bytes: int,
+    ) -> None:
+        self.serial = serial
+        self.as_id = as_id
+        self.slot_id = slot_id
+        self.specs = specs
+        self.bytes = nbytes
+        self.vmalloc_bytes = vmalloc_bytes
+        self._items: tuple[Allocation, ...] | None = None
+
+    @property
+    def items(self) -> tuple[Allocation, ...]:
+        """The individual allocations (serials ``serial .. serial + len - 1``)."""
+        items = self._items
+        if items is None:
+            a, i = self.as_id, self.slot_id
+            items = self._items = tuple(
+                Allocation(self.serial + n, s.kind, a, i, s.entries, s.entry_size, s.allocator,
+                           s.level, s.bytes, s.vmalloc_bytes)
+                for n, s in enumerate(self.specs)
+            )
+        return items
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def first(self, kind: str, level: int = 0) -> Allocation | None:
+        for a in self.items:
+            if a.kind == kind and a.level == level:
+                return a
+        return None
+
+    def __repr__(self) -> str:
+        return f"<AllocGroup #{self.serial} {[a.label for a in self.items]} {self.bytes}B>"
+
+
+class AllocFailed(Exception):
+    """An injected ENOMEM hit the ``index``-th allocation of a group (``spec`` failed)."""
+
+    def __init__(self, index: int, spec: Spec) -> None:
+        self.index = index
+        self.spec = spec
+
+
+_GROUP_CACHE: dict[tuple[Spec, ...], tuple[int, int]] = {}
+
+
 class Ledger:
     """Live allocations, running totals and the armed ENOMEM fault."""
 
     __slots__ = (
         "_fault_countdown",
         "_fault_kind",
-        "_serials",
+        "_groups",
+        "_serial",
         "allocated",
         "freed",
-        "live",
         "live_bytes",
         "page_size",
         "vmalloc_bytes",
@@ -145,15 +200,15 @@ class Ledger:
 
     def __init__(self, page_size: int = 4096) -> None:
         self.page_size = page_size
-        self.live: dict[int, Allocation] = {}
+        self._groups: dict[int, AllocGroup] = {}
         self.live_bytes = 0
         self.vmalloc_bytes = 0
-        self._serials = itertools.count(1)
+        self._serial = 0
         self._fault_countdown = 0
         self._fault_kind: str | None = None
-        # Journals of the request in progress (reset by the engine per request).
-        self.allocated: list[Allocation] = []
-        self.freed: list[Allocation] = []
+        # Journals of the request in progress (reset by the engine per request): groups.
+        self.allocated: list[AllocGroup] = []
+        self.freed: list[AllocGroup] = []
 
     def inject_enomem(self, nth: int = 1, kind: str | None = None) -> None:
         """Make the ``nth`` allocation from now (of ``kind`` only, if given) fail, once."""
@@ -168,46 +223,82 @@ class Ledger:
     def fault_armed(self) -> bool:
         return self._fault_countdown > 0
 
-    def alloc(
-        self,
-        kind: str,
-        as_id: int,
-        slot_id: int,
-        entries: int,
-        entry_size: int,
-        allocator: str = VMALLOC,
-        level: int = 0,
-    ) -> Allocation | None:
-        """Allocate, or return ``None`` if the injected fault fires (the kernel's NULL)."""
-        if self._fault_countdown and (self._fault_kind is None or self._fault_kind == kind):
-            self._fault_countdown -= 1
-            if not self._fault_countdown:
-                self._fault_kind = None
-                return None
-        a = Allocation(
-            next(self._serials), kind, as_id, slot_id, entries, entry_size, allocator, level,
-            self.page_size,
-        )
-        self.live[a.serial] = a
-        self.live_bytes += a.bytes
-        self.vmalloc_bytes += a.vmalloc_bytes
-        self.allocated.append(a)
-        return a
+    def spec(self, kind: str, entries: int, entry_size: int, allocator: str = VMALLOC,
+             level: int = 0) -> Spec:
+        return spec(kind, entries, entry_size, allocator, level, self.page_size)
 
-    def free(self, a: Allocation) -> None:
-        """Release ``a`` (a double free is a model bug and raises)."""
-        del self.live[a.serial]
-        self.live_bytes -= a.bytes
-        self.vmalloc_bytes -= a.vmalloc_bytes
-        self.freed.append(a)
+    def alloc_group(self, as_id: int, slot_id: int, specs: tuple[Spec, ...]) -> AllocGroup:
+        """Allocate ``specs`` in order as one group. If an injected fault hits one of them,
+        the ones before it are allocated and freed again (journalled) and
+        :class:`AllocFailed` is raised, as the kernel's unwind would leave it."""
+        if self._fault_countdown:
+            self._check_fault(as_id, slot_id, specs)
+        totals = _GROUP_CACHE.get(specs)
+        if totals is None:
+            totals = _GROUP_CACHE[specs] = (
+                sum(s.bytes for s in specs), sum(s.vmalloc_bytes for s in specs))
+        serial = self._serial + 1
+        self._serial += len(specs)
+        g = AllocGroup(serial, as_id, slot_id, specs, totals[0], totals[1])
+        self._groups[serial] = g
+        self.live_bytes += totals[0]
+        self.vmalloc_bytes += totals[1]
+        self.allocated.append(g)
+        return g
+
+    def alloc(self, as_id: int, slot_id: int, one: Spec) -> AllocGroup | None:
+        """Allocate one thing; ``None`` if the injected fault fires (the kernel's NULL)."""
+        try:
+            return self.alloc_group(as_id, slot_id, (one,))
+        except AllocFailed:
+            return None
+
+    def _check_fault(self, as_id: int, slot_id: int, specs: tuple[Spec, ...]) -> None:
+        kind = self._fault_kind
+        for index, s in enumerate(specs):
+            if kind is not None and s.kind != kind:
+                continue
+            self._fault_countdown -= 1
+            if self._fault_countdown:
+                continue
+            self._fault_kind = None
+            if index:
+                # The allocations before the failing one happened and are unwound.
+                partial = self.alloc_group(as_id, slot_id, specs[:index])
+                self.free(partial)
+            raise AllocFailed(index, s)
+
+    def free(self, g: AllocGroup) -> None:
+        """Release a group (a double free is a model bug and raises ``KeyError``)."""
+        del self._groups[g.serial]
+        self.live_bytes -= g.bytes
+        self.vmalloc_bytes -= g.vmalloc_bytes
+        self.freed.append(g)
 
     def begin(self) -> None:
         """Start the journals of a new request."""
         self.allocated = []
         self.freed = []
 
+    def is_live(self, g: AllocGroup) -> bool:
+        return self._groups.get(g.serial) is g
+
+    @property
+    def groups(self) -> list[AllocGroup]:
+        return list(self._groups.values())
+
+    @property
+    def live(self) -> dict[int, Allocation]:
+        """Every live allocation by serial."""
+        return {a.serial: a for g in list(self._groups.values()) for a in g.items}
+
     def __iter__(self) -> Iterator[Allocation]:
         return iter(list(self.live.values()))
 
     def __len__(self) -> int:
-        return len(self.live)
+        return sum(len(g) for g in list(self._groups.values()))
+
+
+def flatten(groups: list[AllocGroup]) -> list[Allocation]:
+    """The individual allocations of a journal."""
+    return [a for g in groups for a in g.items]

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
+from ..arch.base import PrepareError
 from ..constants import (
     KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_MEM_GUEST_MEMFD,
@@ -36,7 +37,6 @@ from .ledger import (
     KIND_INVALID_SLOT,
     KIND_SLOT,
     KMALLOC,
-    Allocation,
     Ledger,
 )
 from .result import (
@@ -85,6 +85,17 @@ class SwapEvent(NamedTuple):
 Observer = Callable[[SwapEvent], None]
 
 
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Failed(Exception):
     """Internal: a step failed with ``rule`` (the request is then unwound)."""
 
@@ -129,7 +140,10 @@ class Memslots:
         self.srcu = threading.Lock()
         self.observers: list[Observer] = []
         self.creator_pid = os.getpid()
+        self._creator_fork_generation = _fork_generation
         self.struct_size = _struct_size(profile)
+        self._struct_spec = ledger.spec(KIND_SLOT, 1, self.struct_size, KMALLOC)
+        self._invalid_spec = ledger.spec(KIND_INVALID_SLOT, 1, self.struct_size, KMALLOC)
         self.gmem_files: dict[int, gmem_files.GuestMemfd] = {}
         self._writer: int | None = None
         # Profile facts used on every request, looked up once.
@@ -145,6 +159,16 @@ class Memslots:
             valid |= KVM_MEM_GUEST_MEMFD
         self._valid_flags = valid
         self._readonly = p.readonly_mem
+        self._fast_bad_flags = ~(_V1_FLAGS if p.readonly_mem else KVM_MEM_LOG_DIRTY_PAGES)
+        self._fast_uaddr_limit = (
+            min(p.user_addr_limit, 1 << 56) if p.user_addr_limit is not None else ULONG_MAX
+        )
+        self._max_size = KVM_MEM_MAX_NR_PAGES << p.page_shift
+
+    @property
+    def foreign_caller(self) -> bool:
+        """True in a process forked after this VM was created (``kvm->mm != current->mm``)."""
+        return _fork_generation != self._creator_fork_generation
 
     # ==================================================================================
     # kvm_set_memory_region
@@ -162,8 +186,8 @@ class Memslots:
             self._writer = threading.get_ident()
             ledger = self.ledger
             ledger.begin()
-            res.allocated = ledger.allocated
-            res.freed = ledger.freed
+            res._allocated = ledger.allocated
+            res._freed = ledger.freed
             try:
                 self._set_memory_region(r, res, internal)
             except _Failed as failure:
@@ -176,25 +200,25 @@ class Memslots:
                     res.generation_after = self.sets[r.as_id].generation
         return res
 
-    def _set_memory_region(self, r: MemoryRegion, res: OpResult, internal: bool) -> None:
-        steps = res.steps
-        steps.append(STEP_VALIDATE)
+    def _validate(self, r: MemoryRegion, internal: bool) -> Rule | None:
+        """The request checks of ``kvm_vm_ioctl`` -> ``kvm_set_memory_region`` that need no
+        slot state, in the kernel's order; the first that fails decides the errno."""
         flags = r.flags
         slot_id = r.slot & 0xFFFF
         as_id = r.slot >> 16
         size = r.memory_size
         gpa = r.guest_phys_addr
         uaddr = r.userspace_addr
-        # kvm_vm_ioctl: only the VM's creator may issue VM ioctls.
-        if os.getpid() != self.creator_pid:
-            raise _Failed(ch.OTHER_MM)
+        # kvm_vm_ioctl: only the VM's creator mm may issue VM ioctls.
+        if _fork_generation != self._creator_fork_generation:
+            return ch.OTHER_MM
         if not internal:
             # kvm_vm_ioctl: the v1 ioctl accepts only the v1 flags.
             if r.guest_memfd is None and flags & ~_V1_FLAGS:
-                raise _Failed(ch.V1_FLAGS)
-            # kvm_vm_ioctl_set_memory_region: user ids, low 16 bits only.
+                return ch.V1_FLAGS
+            # kvm_vm_ioctl_set_memory_region: user ids, on the low 16 bits only.
             if slot_id >= self._user_slots:
-                raise _Failed(ch.USER_SLOT_ID)
+                return ch.USER_SLOT_ID
         # check_memory_region_flags
         valid = self._valid_flags
         if flags & KVM_MEM_GUEST_MEMFD:
@@ -202,32 +226,59 @@ class Memslots:
         elif self._readonly:
             valid |= KVM_MEM_READONLY
         if flags & ~valid:
-            raise _Failed(ch.FLAGS)
+            return ch.FLAGS
         mask = self._page_mask
         if size & mask:
-            raise _Failed(ch.SIZE_ALIGN)
+            return ch.SIZE_ALIGN
         if gpa & mask:
-            raise _Failed(ch.GPA_ALIGN)
+            return ch.GPA_ALIGN
         if uaddr & mask:
-            raise _Failed(ch.UADDR_ALIGN)
+            return ch.UADDR_ALIGN
         if self._tagged_uaddrs and uaddr >> 56:
-            raise _Failed(ch.UADDR_TAGGED)
+            return ch.UADDR_TAGGED
         limit = self._uaddr_limit
         if limit is not None and uaddr + size > limit:
-            raise _Failed(ch.ACCESS_OK)
+            return ch.ACCESS_OK
         if flags & KVM_MEM_GUEST_MEMFD and (
             r.guest_memfd_offset & mask or r.guest_memfd_offset + size > ULONG_MAX
         ):
-            raise _Failed(ch.GMEM_OFFSET)
+            return ch.GMEM_OFFSET
         if as_id >= self.nr_as or slot_id >= KVM_MEM_SLOTS_NUM:
-            raise _Failed(ch.AS_ID)
+            return ch.AS_ID
+        if gpa + size > ULONG_MAX:
+            return ch.GPA_WRAP
+        if slot_id < self._user_slots and size >> self._page_shift > KVM_MEM_MAX_NR_PAGES:
+            return ch.MAX_PAGES
+        return None
+
+    def _set_memory_region(self, r: MemoryRegion, res: OpResult, internal: bool) -> None:
+        steps = res.steps
+        steps.append(STEP_VALIDATE)
+        slot, flags, gpa, size, uaddr, _, gmem_fd = r
+        slot_id = slot & 0xFFFF
+        as_id = slot >> 16
+        # Fast path: one expression that holds exactly when every check of _validate passes
+        # for a plain v1 user request; anything else takes the ordered checks.
+        if not (
+            gmem_fd is None
+            and not internal
+            and _fork_generation == self._creator_fork_generation
+            and not flags & self._fast_bad_flags
+            and slot_id < self._user_slots
+            and not (size | gpa | uaddr) & self._page_mask
+            and uaddr + size <= self._fast_uaddr_limit
+            and as_id < self.nr_as
+            and gpa + size <= ULONG_MAX
+            and size <= self._max_size
+        ):
+            rule = self._validate(r, internal)
+            if rule is not None:
+                if as_id < self.nr_as:
+                    res.generation_before = self.sets[as_id].generation
+                raise _Failed(rule)
         slots = self.sets[as_id]
         res.generation_before = slots.generation
-        if gpa + size > ULONG_MAX:
-            raise _Failed(ch.GPA_WRAP)
         npages = size >> self._page_shift
-        if slot_id < self._user_slots and npages > KVM_MEM_MAX_NR_PAGES:
-            raise _Failed(ch.MAX_PAGES)
 
         old = slots.by_id.get(slot_id)
         if not size:
@@ -270,7 +321,7 @@ class Memslots:
                               f"{other.base_gfn:#x}+{other.npages:#x}")
 
         steps.append(STEP_ALLOC_SLOT)
-        struct = self.ledger.alloc(KIND_SLOT, as_id, slot_id, 1, self.struct_size, KMALLOC)
+        struct = self.ledger.alloc(as_id, slot_id, self._struct_spec)
         if struct is None:
             raise _Failed(ch.ALLOC_SLOT)
         binding = None
@@ -303,13 +354,14 @@ class Memslots:
         if change is ch.DELETE or change is ch.MOVE:
             assert old is not None
             steps.append(STEP_ALLOC_INVALID)
-            invalid_struct = ledger.alloc(KIND_INVALID_SLOT, old.as_id, old.id, 1,
-                                          self.struct_size, KMALLOC)
+            invalid_struct = ledger.alloc(old.as_id, old.id, self._invalid_spec)
             if invalid_struct is None:
                 raise _Failed(ch.ALLOC_INVALID)
             # kvm_invalidate_memslot: publish a copy flagged INVALID, so vCPUs stop using
             # the old range while it is flushed and the new slot is prepared.
-            invalid = old._replace(flags=old.flags | KVM_MEMSLOT_INVALID, struct=invalid_struct)
+            invalid = MemorySlot(old.id, old.as_id, old.base_gfn, old.npages,
+                                 old.flags | KVM_MEMSLOT_INVALID, old.userspace_addr, old.arch,
+                                 old.dirty_bitmap, invalid_struct, old.gmem)
             steps.append(STEP_INVALIDATE)
             self._swap(slots, change, "invalidate", old, invalid)
             steps.append(STEP_FLUSH)
@@ -345,8 +397,6 @@ class Memslots:
     ) -> MemorySlot | None:
         """``kvm_prepare_memory_region``: the dirty bitmap, then the arch hook. Returns the
         new slot completed with its bitmap and arch data."""
-        from ..arch.base import PrepareError
-
         steps = res.steps
         bitmap = None
         fresh_bitmap = False
@@ -372,12 +422,13 @@ class Memslots:
             raise _Failed(exc.rule, exc.detail) from None
         if new is None:
             return None
-        return new._replace(arch=arch, dirty_bitmap=bitmap)
+        return MemorySlot(new.id, new.as_id, new.base_gfn, new.npages, new.flags,
+                          new.userspace_addr, arch, bitmap, new.struct, new.gmem)
 
     def _alloc_dirty_bitmap(self, new: MemorySlot) -> DirtyBitmap:
         # kvm_alloc_dirty_bitmap: __vcalloc(2, ALIGN(npages, 64) / 8).
-        a = self.ledger.alloc(KIND_DIRTY_BITMAP, new.as_id, new.id, 2,
-                              dirty_bitmap_bytes(new.npages))
+        a = self.ledger.alloc(new.as_id, new.id, self.ledger.spec(
+            KIND_DIRTY_BITMAP, 2, dirty_bitmap_bytes(new.npages)))
         if a is None:
             raise _Failed(ch.ALLOC_DIRTY_BITMAP)
         return DirtyBitmap(new.npages, a, self.dirty.initially_set)
@@ -534,4 +585,4 @@ def _struct_size(profile: Profile) -> int:
     return generic + arch + (16 if profile.guest_memfd else 0)
 
 
-__all__ = ["GEN_UPDATE_IN_PROGRESS", "Allocation", "Memslots", "Observer", "SwapEvent"]
+__all__ = ["GEN_UPDATE_IN_PROGRESS", "Memslots", "Observer", "SwapEvent"]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import errno_name
 from ..request import MemoryRegion
 from .change import ChangeType, Rule
-from .ledger import Allocation
+from .ledger import Allocation, AllocGroup, flatten
 
 # Steps of the update protocol (kvm_set_memory_region -> kvm_set_memslot), as recorded.
 STEP_VALIDATE = "validate"
@@ -28,7 +27,6 @@ STEP_FREE_NEW = "kfree new slot (failed)"
 STEP_NOOP = "identical to the existing slot: nothing to do"
 
 
-@dataclass(slots=True, eq=False)
 class OpResult:
     """One request's outcome. ``errno`` 0 is success; otherwise ``rule`` failed.
 
@@ -37,16 +35,33 @@ class OpResult:
     generation (``None`` if the request named an invalid address space).
     """
 
-    request: MemoryRegion
-    change: ChangeType | None = None
-    errno: int = 0
-    rule: Rule | None = None
-    detail: str = ""
-    generation_before: int | None = None
-    generation_after: int | None = None
-    steps: list[str] = field(default_factory=list)
-    allocated: list[Allocation] = field(default_factory=list)
-    freed: list[Allocation] = field(default_factory=list)
+    __slots__ = ("_allocated", "_freed", "change", "detail", "errno", "generation_after",
+                 "generation_before", "request", "rule", "steps")
+
+    def __init__(self, request: MemoryRegion) -> None:
+        self.request = request
+        self.change: ChangeType | None = None
+        self.errno = 0
+        self.rule: Rule | None = None
+        self.detail = ""
+        self.generation_before: int | None = None
+        self.generation_after: int | None = None
+        self.steps: list[str] = []
+        self._allocated: list[AllocGroup] = []
+        self._freed: list[AllocGroup] = []
+
+    @property
+    def allocated(self) -> list[Allocation]:
+        """Allocations made by this request, in order (including ones its unwind freed)."""
+        return flatten(self._allocated)
+
+    @property
+    def freed(self) -> list[Allocation]:
+        """Allocations released by this request, in order."""
+        return flatten(self._freed)
+
+    def __repr__(self) -> str:
+        return f"<OpResult {self.summary()}>"
 
     @property
     def ok(self) -> bool:
@@ -54,11 +69,11 @@ class OpResult:
 
     @property
     def bytes_allocated(self) -> int:
-        return sum(a.bytes for a in self.allocated)
+        return sum(g.bytes for g in self._allocated)
 
     @property
     def bytes_freed(self) -> int:
-        return sum(a.bytes for a in self.freed)
+        return sum(g.bytes for g in self._freed)
 
     @property
     def net_bytes(self) -> int:
@@ -67,8 +82,8 @@ class OpResult:
 
     @property
     def vmalloc_delta(self) -> int:
-        return sum(a.vmalloc_bytes for a in self.allocated) - sum(
-            a.vmalloc_bytes for a in self.freed
+        return sum(g.vmalloc_bytes for g in self._allocated) - sum(
+            g.vmalloc_bytes for g in self._freed
         )
 
     @property
@@ -84,7 +99,7 @@ class OpResult:
                 text += f" ({self.detail})"
         else:
             text = f"{'ok':<7} {what:<10}"
-        if self.allocated or self.freed:
+        if self._allocated or self._freed:
             text += f"  +{self.bytes_allocated}B -{self.bytes_freed}B"
         return text
 

@@ -14,7 +14,7 @@ from ..constants import (
 
 if TYPE_CHECKING:
     from .dirty import DirtyBitmap
-    from .ledger import Allocation
+    from .ledger import AllocGroup
 
 
 class MemorySlot(NamedTuple):
@@ -36,7 +36,7 @@ class MemorySlot(NamedTuple):
     userspace_addr: int
     arch: Any = None
     dirty_bitmap: DirtyBitmap | None = None
-    struct: Allocation | None = None
+    struct: AllocGroup | None = None
     gmem: tuple[int, int] | None = None
 
     @property

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 from . import constants as _constants
 from .backends.base import VM
+from .backends.dual import Divergence, DualVM
+from .backends.kvm import KvmVM, kvm_available
 from .backends.model import (
     KVM_HVA_ERR_BAD,
     KVM_HVA_ERR_RO_BAD,
     ModelVM,
     kvm_is_error_hva,
 )
+from .backends.vcpu import Vcpu
 from .constants import *  # noqa: F403  (kernel names are the public names)
+from .detect import detect_profile
 from .engine.change import ChangeType, Rule
 from .engine.ledger import Allocation
 from .engine.memslots import SwapEvent
@@ -38,6 +42,12 @@ __all__ = [
     "Allocation",
     "ChangeType",
     "ClosedError",
+    "Divergence",
+    "DualVM",
+    "KvmVM",
+    "Vcpu",
+    "detect_profile",
+    "kvm_available",
     "GuestAddressError",
     "KvmError",
     "KvmUnavailable",

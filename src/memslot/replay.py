@@ -125,10 +125,15 @@ class Replayer:
 
     @staticmethod
     def _call(index: int, op: TraceOp, fn: Any) -> ReplayStep:
+        from .backends.dual import Divergence
+
         try:
             value = fn()
         except KvmError as exc:
             return ReplayStep(index, op, exc.errno or 0, message=str(exc))
+        except Divergence as exc:
+            err = exc.kernel_errno if exc.kernel_errno is not None else 0
+            return ReplayStep(index, op, err, problems=[f"divergence: {exc}"], message=str(exc))
         data = value if isinstance(value, bytes) else None
         return ReplayStep(index, op, 0, data=data)
 

@@ -374,6 +374,9 @@ def test_detect_format() -> None:
     assert detect_format([]) == "jsonl"
     assert detect_format(["qemu-system-x86_64: warning: x\n", v1()]) == "qemu"
     assert detect_format(["12@1.0:" + v1()]) == "qemu"
+    clear = "kvm_clear_dirty_log slot#0 start 0x0 size 0x1\n"
+    assert detect_format(["# comment\n", clear]) == "qemu"
+    assert detect_format(["hello\n", "world\n"]) == "jsonl"  # neither: JSON errors, line 1
 
 
 def test_read_trace_jsonl_and_qemu_agree(tmp_path: Path) -> None:

@@ -272,12 +272,14 @@ def parse_qemu_trace(
 
 
 def detect_format(first_lines: Iterable[str]) -> Literal["jsonl", "qemu"]:
-    """``"jsonl"`` if the first non-blank line is a JSON object, else ``"qemu"`` (a QEMU log
-    may open with any text); an empty input is ``"jsonl"``."""
+    """``"qemu"`` if the lines hold a QEMU memslot event and do not open with a JSON object,
+    else ``"jsonl"``: a file of neither kind then fails on its first line, as it should."""
     for line in first_lines:
         text = line.strip()
-        if text:
-            return "jsonl" if text.startswith("{") else "qemu"
+        if text.startswith("{"):
+            return "jsonl"
+        if text and _find_event(line) is not None:
+            return "qemu"
     return "jsonl"
 
 

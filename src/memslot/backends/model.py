@@ -332,6 +332,16 @@ def _error(result: OpResult) -> KvmError:
     return KvmError(result.errno, text, result.request.describe())
 
 
+#: The capabilities the model answers (every other one is 0, as for an unknown cap).
+MEMSLOT_CAPABILITIES = (
+    c.KVM_CAP_USER_MEMORY, c.KVM_CAP_SYNC_MMU, c.KVM_CAP_DESTROY_MEMORY_REGION_WORKS,
+    c.KVM_CAP_JOIN_MEMORY_REGIONS_WORKS, c.KVM_CAP_USER_MEMORY2, c.KVM_CAP_NR_MEMSLOTS,
+    c.KVM_CAP_MULTI_ADDRESS_SPACE, c.KVM_CAP_READONLY_MEM, c.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    c.KVM_CAP_DIRTY_LOG_RING, c.KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    c.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, c.KVM_CAP_GUEST_MEMFD,
+)
+
+
 def extension_value(profile: Profile, cap: int) -> int:
     """What ``KVM_CHECK_EXTENSION`` on a VM fd answers for ``cap`` under ``profile``."""
     p = profile

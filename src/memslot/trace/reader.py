@@ -13,6 +13,9 @@ from .jsonl import parse_lines
 from .records import TraceFormatError, TraceOp
 
 FORMATS = ("auto", "jsonl", "qemu")
+#: Longest line read whole; a longer one is an error (memory stays bounded per line).
+MAX_LINE = 1 << 20
+_TOO_LONG = "\0<line too long>"
 
 
 def _open_text(path: str) -> TextIO:
@@ -30,12 +33,23 @@ def _open_text(path: str) -> TextIO:
         raise TraceFormatError(path, 0, exc.strerror or str(exc)) from None
 
 
+def sniff_line(line: str) -> str | None:
+    """The format a line decides on, if any: a JSON object means ours, a QEMU memslot trace
+    event means QEMU's; other lines (blank, QEMU's other output) decide nothing."""
+    text = line.strip()
+    if text.startswith("{"):
+        return "jsonl"
+    if "kvm_set_user_memory" in text or "kvm_clear_dirty_log" in text:
+        return "qemu"
+    return None
+
+
 def sniff_format(lines: list[str]) -> str:
-    """``"jsonl"`` if the first non-blank line is a JSON object, else ``"qemu"``."""
+    """The first deciding line's format; ``"jsonl"`` when none decides."""
     for line in lines:
-        text = line.strip()
-        if text:
-            return "jsonl" if text.startswith("{") else "qemu"
+        fmt = sniff_line(line)
+        if fmt is not None:
+            return fmt
     return "jsonl"
 
 
@@ -46,7 +60,9 @@ def _checked_lines(
     line numbers stay right)."""
     for number, line in enumerate(lines, 1):
         problem = None
-        if "\0" in line:
+        if line is _TOO_LONG:
+            problem = f"line longer than {MAX_LINE} characters"
+        elif "\0" in line:
             problem = "binary data (NUL byte)"
         elif any(0xDC80 <= ord(ch) <= 0xDCFF for ch in line):
             problem = "not UTF-8 text"
@@ -69,11 +85,19 @@ def iter_trace(
         raise ValueError(f"unknown trace format {fmt!r}")
     stream = _open_text(path)
     try:
-        try:
-            head = [stream.readline() for _ in range(8)]
-        except UnicodeDecodeError:
-            raise TraceFormatError(path, 1, "not UTF-8 text") from None
+        head: list[str] = []
         if fmt == "auto":
+            # Read until a line decides (QEMU may print other things first).
+            while len(head) < 100_000:
+                line = stream.readline(MAX_LINE + 1)
+                if len(line) > MAX_LINE and not line.endswith("\n"):
+                    raise TraceFormatError(path, len(head) + 1,
+                                           f"line longer than {MAX_LINE} characters")
+                if not line:
+                    break
+                head.append(line)
+                if sniff_line(line) is not None:
+                    break
             fmt = sniff_format(head)
         rest = _checked_lines(_Chain(head, stream), path, errors)
         if fmt == "jsonl":
@@ -96,7 +120,24 @@ class _Chain:
 
     def __iter__(self) -> Iterator[str]:
         yield from self.head
-        yield from self.stream
+        yield from bounded_lines(self.stream)
+
+
+def bounded_lines(stream: TextIO) -> Iterator[str]:
+    """Lines of ``stream``, never holding more than MAX_LINE characters of one; a longer line
+    is consumed and replaced by a marker that :func:`_checked_lines` reports."""
+    while True:
+        line = stream.readline(MAX_LINE + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE and not line.endswith("\n"):
+            while True:
+                rest = stream.readline(MAX_LINE)
+                if not rest or rest.endswith("\n"):
+                    break
+            yield _TOO_LONG
+            continue
+        yield line
 
 
 def read_trace(path: str, fmt: str = "auto") -> list[TraceOp]:

@@ -26,8 +26,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-import memslot  # noqa: E402
-from memslot.constants import KVM_MEM_LOG_DIRTY_PAGES  # noqa: E402
+import memslot
+from memslot.constants import KVM_MEM_LOG_DIRTY_PAGES
 
 SLOT_STRIDE = 4 << 20  # each slot owns a 4 MiB window of gpa: 2 MiB slot + 2 MiB gap
 SLOT_SIZE = 2 << 20

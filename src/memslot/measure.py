@@ -1,0 +1,123 @@
+"""Measure the kernel's memslot metadata cost (/proc/meminfo VmallocUsed around each request on
+/dev/kvm) next to the model's prediction for the same request."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .backends.kvm import KvmVM
+from .backends.model import ModelVM
+from .constants import KVM_MEM_LOG_DIRTY_PAGES
+from .profile import Profile
+
+UA = 0x100000000000  # 16 TiB; KVM never touches the memory of a slot it only registers
+DEFAULT_SIZES = (1, 512, 513, 4096, 32768, 1 << 18, 1 << 19, 1 << 20)
+
+
+def vmalloc_used() -> int:
+    """/proc/meminfo VmallocUsed in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("VmallocUsed:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmallocUsed in /proc/meminfo")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    shape: str
+    step: str
+    kernel_bytes: int
+    model_bytes: int
+    samples: tuple[int, ...]
+
+    @property
+    def match(self) -> bool:
+        return self.kernel_bytes == self.model_bytes
+
+    def as_dict(self) -> dict[str, object]:
+        return {"shape": self.shape, "step": self.step, "kernel_bytes": self.kernel_bytes,
+                "model_bytes": self.model_bytes, "match": self.match,
+                "samples": list(self.samples)}
+
+
+Step = tuple[str, int, int, int]  # (label, flags, gpa, size); size 0 = DELETE
+
+
+def shape_steps(npages: int, base_gfn: int, dirty: bool, page: int) -> list[Step]:
+    """CREATE, dirty logging on and off (FLAGS_ONLY), a MOVE to an unaligned base, DELETE."""
+    size = npages * page
+    flags = KVM_MEM_LOG_DIRTY_PAGES if dirty else 0
+    gpa = base_gfn * page
+    moved = ((1 << 28) + 1) * page
+    steps: list[Step] = [("CREATE", flags, gpa, size)]
+    if not dirty:
+        steps.append(("FLAGS_ONLY dirty on", KVM_MEM_LOG_DIRTY_PAGES, gpa, size))
+        steps.append(("FLAGS_ONLY dirty off", 0, gpa, size))
+    steps.append(("MOVE to gfn 2^28+1", flags, moved, size))
+    steps.append(("DELETE", flags, moved, 0))
+    return steps
+
+
+def _run_once(steps: list[Step]) -> list[int]:
+    """One pass on a fresh VM: the VmallocUsed delta of each step."""
+    deltas = []
+    with KvmVM() as vm:
+        for _, flags, gpa, size in steps:
+            before = vmalloc_used()
+            vm.set_user_memory_region(0, flags, gpa, size, UA)
+            deltas.append(vmalloc_used() - before)
+    return deltas
+
+
+def _model(profile: Profile, steps: list[Step]) -> list[int]:
+    out = []
+    with ModelVM(profile) as vm:
+        for _, flags, gpa, size in steps:
+            result = vm.submit(_region(flags, gpa, size))
+            if result.errno:
+                raise RuntimeError(f"model refused a measurement step: {result.summary()}")
+            out.append(result.vmalloc_delta)
+    return out
+
+
+def _region(flags: int, gpa: int, size: int) -> object:
+    from .request import MemoryRegion
+
+    return MemoryRegion(0, flags, gpa, size, UA)
+
+
+def measure(
+    profile: Profile,
+    sizes: tuple[int, ...] = DEFAULT_SIZES,
+    repeats: int = 5,
+    progress: Callable[[str], None] | None = None,
+) -> list[Measurement]:
+    """For each slot shape (size, base aligned or not, dirty logging on or off) and step, the
+    kernel's VmallocUsed delta (the most frequent value over ``repeats`` passes, so other
+    activity on the host does not decide it) beside the model's prediction."""
+    page = profile.page_size
+    out: list[Measurement] = []
+    for npages in sizes:
+        for base_gfn in (0, 1):
+            for dirty in (False, True):
+                shape = f"{npages} pages at gfn {base_gfn}{' +dirty' if dirty else ''}"
+                if progress is not None:
+                    progress(shape)
+                steps = shape_steps(npages, base_gfn, dirty, page)
+                runs = [_run_once(steps) for _ in range(repeats)]
+                predicted = _model(profile, steps)
+                for i, (label, *_rest) in enumerate(steps):
+                    samples = tuple(run[i] for run in runs)
+                    out.append(Measurement(shape, label, _stable(samples), predicted[i], samples))
+    return out
+
+
+def _stable(samples: tuple[int, ...]) -> int:
+    """The mode of the samples (ties: the median)."""
+    counts = {v: samples.count(v) for v in samples}
+    best = max(counts.values())
+    modes = sorted(v for v, n in counts.items() if n == best)
+    return modes[0] if len(modes) == 1 else int(statistics.median(samples))

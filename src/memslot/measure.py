@@ -11,6 +11,7 @@ from .backends.kvm import KvmVM
 from .backends.model import ModelVM
 from .constants import KVM_MEM_LOG_DIRTY_PAGES
 from .profile import Profile
+from .request import MemoryRegion
 
 UA = 0x100000000000  # 16 TiB; KVM never touches the memory of a slot it only registers
 DEFAULT_SIZES = (1, 512, 513, 4096, 32768, 1 << 18, 1 << 19, 1 << 20)
@@ -83,9 +84,7 @@ def _model(profile: Profile, steps: list[Step]) -> list[int]:
     return out
 
 
-def _region(flags: int, gpa: int, size: int) -> object:
-    from .request import MemoryRegion
-
+def _region(flags: int, gpa: int, size: int) -> MemoryRegion:
     return MemoryRegion(0, flags, gpa, size, UA)
 
 

@@ -381,10 +381,10 @@ class _Reader:
             if zlib.crc32(payload) != crc:
                 raise self.fail(f"{CHUNK_NAMES[kind]} chunk at offset {offset}: checksum "
                                 "mismatch (corrupted)")
+            if kind == CHUNK_END and self.pos != self.size:
+                raise self.fail(f"{self.size - self.pos} bytes after the END chunk")
             yield kind, offset, payload
             if kind == CHUNK_END:
-                if self.pos != self.size:
-                    raise self.fail(f"{self.size - self.pos} bytes after the END chunk")
                 return
 
 

@@ -101,7 +101,8 @@ class Generator:
         if r.random() < 0.85:
             return UA_BASE + r.randrange(0, 1 << 16) * self.page
         return r.choice([0, self.ua_limit - self.page, self.ua_limit, self.ua_limit + self.page,
-                         UA_BASE + 8, 0xFFFF888000000000, (1 << 64) - self.page, 1 << 56])
+                         UA_BASE + 8, 0xFFFF888000000000, (1 << 64) - self.page,
+                         1 << 56]) % (1 << 64)
 
     def _size(self, npages: int) -> int:
         r = self.rnd
@@ -125,7 +126,7 @@ class Generator:
         elif x < 0.70:
             sid = r.choice([s.id | (s.as_id << 16) for s in slots] or [0])
             gpa = r.choice([0, 0x800, 1 << 63])
-            ua = r.choice([0, UA_BASE + 8, self.ua_limit + self.page, self.ua_limit])
+            ua = r.choice([0, UA_BASE + 8, self.ua_limit + self.page, self.ua_limit]) % (1 << 64)
             flags = r.choice([0, 0, 1, 2, 4, 8])
             op = SetRegion(MemoryRegion(r.choice([sid, self._id()]), flags, gpa, 0, ua))
         elif x < 0.82:
@@ -160,7 +161,8 @@ class Generator:
             ua = r.choice([ua + self.page, ua + 8, ua])
         elif kind < 0.88:
             flags |= r.choice([4, 8, 1 << 16])
-        return MemoryRegion(raw, flags % (1 << 32), gpa % (1 << 64), max(size, 0), ua)
+        u64 = 1 << 64
+        return MemoryRegion(raw, flags % (1 << 32), gpa % u64, max(size, 0) % u64, ua % u64)
 
     def _clear(self, slots: list[MemorySlot]) -> TraceOp:
         r = self.rnd

@@ -37,24 +37,16 @@ from .ledger import (
     KIND_INVALID_SLOT,
     KIND_SLOT,
     KMALLOC,
+    AllocGroup,
     Ledger,
 )
 from .result import (
-    STEP_ALLOC_INVALID,
-    STEP_ALLOC_SLOT,
-    STEP_COMMIT,
-    STEP_FLUSH,
-    STEP_FREE_INVALID,
-    STEP_FREE_NEW,
-    STEP_FREE_OLD,
-    STEP_GMEM_BIND,
-    STEP_INSTALL,
-    STEP_INVALIDATE,
-    STEP_NOOP,
-    STEP_PREPARE_ARCH,
-    STEP_PREPARE_BITMAP,
-    STEP_RESTORE,
-    STEP_VALIDATE,
+    STAGE_ALLOC_INVALID,
+    STAGE_ALLOC_SLOT,
+    STAGE_ARCH,
+    STAGE_BITMAP,
+    STAGE_GMEM,
+    STAGE_VALIDATE,
     OpResult,
 )
 from .slot import MemorySlot
@@ -97,11 +89,13 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Failed(Exception):
-    """Internal: a step failed with ``rule`` (the request is then unwound)."""
+    """Internal: a step failed with ``rule`` (the request is then unwound); ``stage`` says
+    where, for the step list of the result."""
 
-    def __init__(self, rule: Rule, detail: str = "") -> None:
+    def __init__(self, rule: Rule, detail: str = "", stage: str = STAGE_VALIDATE) -> None:
         self.rule = rule
         self.detail = detail
+        self.stage = stage
 
 
 class DirtyLogConfig:
@@ -145,7 +139,7 @@ class Memslots:
         self._struct_spec = ledger.spec(KIND_SLOT, 1, self.struct_size, KMALLOC)
         self._invalid_spec = ledger.spec(KIND_INVALID_SLOT, 1, self.struct_size, KMALLOC)
         self.gmem_files: dict[int, gmem_files.GuestMemfd] = {}
-        self._writer: int | None = None
+        self._observer_thread: int | None = None
         # Profile facts used on every request, looked up once.
         p = profile
         self._page_shift = p.page_shift
@@ -153,7 +147,7 @@ class Memslots:
         self._user_slots = p.user_mem_slots
         self._uaddr_limit = p.user_addr_limit
         self._tagged_uaddrs = p.arch == "arm64"
-        self._gmem_fix = p.gmem_toggle_fix
+        self._immutable_flags = _IMMUTABLE_FLAGS if p.gmem_toggle_fix else KVM_MEM_READONLY
         valid = KVM_MEM_LOG_DIRTY_PAGES
         if p.guest_memfd:
             valid |= KVM_MEM_GUEST_MEMFD
@@ -180,24 +174,21 @@ class Memslots:
         skips the user-only id check and v1 flag filter.
         """
         res = OpResult(r)
-        if self._writer == threading.get_ident():
+        if self._observer_thread == threading.get_ident():
             raise RuntimeError("a memslot request was issued from inside an observer")
         with self.slots_lock:
-            self._writer = threading.get_ident()
             ledger = self.ledger
-            ledger.begin()
-            res._allocated = ledger.allocated
-            res._freed = ledger.freed
+            ledger.allocated = res._allocated
+            ledger.freed = res._freed
             try:
                 self._set_memory_region(r, res, internal)
             except _Failed as failure:
                 res.errno = failure.rule.errno
                 res.rule = failure.rule
                 res.detail = failure.detail
-            finally:
-                self._writer = None
-                if res.generation_before is not None:
-                    res.generation_after = self.sets[r.as_id].generation
+                res.stage = failure.stage
+            if res.generation_before is not None:
+                res.generation_after = self.sets[r.slot >> 16].generation
         return res
 
     def _validate(self, r: MemoryRegion, internal: bool) -> Rule | None:
@@ -252,8 +243,6 @@ class Memslots:
         return None
 
     def _set_memory_region(self, r: MemoryRegion, res: OpResult, internal: bool) -> None:
-        steps = res.steps
-        steps.append(STEP_VALIDATE)
         slot, flags, gpa, size, uaddr, _, gmem_fd = r
         slot_id = slot & 0xFFFF
         as_id = slot >> 16
@@ -287,7 +276,7 @@ class Memslots:
             if self.nr_memslot_pages < old.npages:
                 raise _Failed(ch.DELETE_ACCOUNTING)
             res.change = ch.DELETE
-            self._set_memslot(res, old, None, ch.DELETE)
+            self._set_memslot(old, ch.DELETE, as_id, slot_id, 0, 0, 0, 0, None, None)
             return
 
         base_gfn = gpa >> self._page_shift
@@ -298,11 +287,10 @@ class Memslots:
         else:
             if flags & KVM_MEM_GUEST_MEMFD:
                 raise _Failed(ch.MODIFY_GMEM)
-            immutable = _IMMUTABLE_FLAGS if self._gmem_fix else KVM_MEM_READONLY
             if (
                 uaddr != old.userspace_addr
                 or npages != old.npages
-                or (flags ^ old.flags) & immutable
+                or (flags ^ old.flags) & self._immutable_flags
             ):
                 raise _Failed(ch.MODIFY_IMMUTABLE)
             if base_gfn != old.base_gfn:
@@ -311,33 +299,29 @@ class Memslots:
                 change = ch.FLAGS_ONLY
             else:
                 res.change = ch.NOOP
-                steps.append(STEP_NOOP)
                 return
         res.change = change
-        if change is ch.CREATE or change is ch.MOVE:
+        if change is not ch.FLAGS_ONLY:
             other = slots.overlapping_other(slot_id, base_gfn, base_gfn + npages)
             if other is not None:
                 raise _Failed(ch.OVERLAP, f"slot {as_id}:{other.id} at gfn "
                               f"{other.base_gfn:#x}+{other.npages:#x}")
 
-        steps.append(STEP_ALLOC_SLOT)
+        # kzalloc(new): the struct that will persist in the memslot sets.
         struct = self.ledger.alloc(as_id, slot_id, self._struct_spec)
         if struct is None:
-            raise _Failed(ch.ALLOC_SLOT)
+            raise _Failed(ch.ALLOC_SLOT, stage=STAGE_ALLOC_SLOT)
         binding = None
         try:
             if flags & KVM_MEM_GUEST_MEMFD:
-                steps.append(STEP_GMEM_BIND)
                 binding = self._gmem_bind(r, as_id, slot_id, npages)
                 if binding[0].flags & gmem_files.GUEST_MEMFD_FLAG_MMAP:
                     flags |= KVM_MEMSLOT_GMEM_ONLY
-            new = MemorySlot(slot_id, as_id, base_gfn, npages, flags, uaddr, None, None, struct,
-                             None if binding is None else (binding[0].fd, binding[1]))
-            self._set_memslot(res, old, new, change)
+            self._set_memslot(old, change, as_id, slot_id, base_gfn, npages, flags, uaddr,
+                              struct, None if binding is None else (binding[0].fd, binding[1]))
         except _Failed:
             if binding is not None:
                 binding[0].unbind(binding[1] >> self._page_shift)
-            steps.append(STEP_FREE_NEW)
             self.ledger.free(struct)
             raise
 
@@ -345,105 +329,99 @@ class Memslots:
     # kvm_set_memslot
     # ==================================================================================
     def _set_memslot(
-        self, res: OpResult, old: MemorySlot | None, new: MemorySlot | None, change: ChangeType
+        self,
+        old: MemorySlot | None,
+        change: ChangeType,
+        as_id: int,
+        slot_id: int,
+        base_gfn: int,
+        npages: int,
+        flags: int,
+        uaddr: int,
+        struct: AllocGroup | None,
+        gmem: tuple[int, int] | None,
     ) -> None:
-        steps = res.steps
+        """``kvm_set_memslot``: invalidate (DELETE/MOVE), prepare, install, commit. The new
+        slot's fields arrive unassembled; the view is built once prepare has filled it."""
         ledger = self.ledger
-        slots = self.sets[(old or new).as_id]  # type: ignore[union-attr]
+        slots = self.sets[as_id]
         invalid = None
         if change is ch.DELETE or change is ch.MOVE:
             assert old is not None
-            steps.append(STEP_ALLOC_INVALID)
-            invalid_struct = ledger.alloc(old.as_id, old.id, self._invalid_spec)
+            invalid_struct = ledger.alloc(as_id, slot_id, self._invalid_spec)
             if invalid_struct is None:
-                raise _Failed(ch.ALLOC_INVALID)
+                raise _Failed(ch.ALLOC_INVALID, stage=STAGE_ALLOC_INVALID)
             # kvm_invalidate_memslot: publish a copy flagged INVALID, so vCPUs stop using
             # the old range while it is flushed and the new slot is prepared.
-            invalid = MemorySlot(old.id, old.as_id, old.base_gfn, old.npages,
+            invalid = MemorySlot(slot_id, as_id, old.base_gfn, old.npages,
                                  old.flags | KVM_MEMSLOT_INVALID, old.userspace_addr, old.arch,
                                  old.dirty_bitmap, invalid_struct, old.gmem)
-            steps.append(STEP_INVALIDATE)
             self._swap(slots, change, "invalidate", old, invalid)
-            steps.append(STEP_FLUSH)
 
+        # kvm_prepare_memory_region: the dirty bitmap, then the arch hook.
+        bitmap = None
+        fresh_bitmap = False
         try:
-            new = self._prepare(res, old, new, change)
+            if change is not ch.DELETE:
+                if not flags & KVM_MEM_LOG_DIRTY_PAGES:
+                    pass
+                elif old is not None and old.dirty_bitmap is not None:
+                    bitmap = old.dirty_bitmap  # reused, contents preserved
+                elif self.dirty.use_dirty_bitmap:
+                    # kvm_alloc_dirty_bitmap: __vcalloc(2, ALIGN(npages, 64) / 8).
+                    a = ledger.alloc(as_id, slot_id, ledger.spec(
+                        KIND_DIRTY_BITMAP, 2, dirty_bitmap_bytes(npages)))
+                    if a is None:
+                        raise _Failed(ch.ALLOC_DIRTY_BITMAP, stage=STAGE_BITMAP)
+                    bitmap = DirtyBitmap(npages, a, self.dirty.initially_set)
+                    fresh_bitmap = True
+            ref = old if change is ch.DELETE else None
+            try:
+                if ref is not None:
+                    arch = self.arch.prepare(change, old, as_id, slot_id, ref.base_gfn,
+                                             ref.npages, ref.flags, ref.userspace_addr)
+                else:
+                    arch = self.arch.prepare(change, old, as_id, slot_id, base_gfn, npages,
+                                             flags, uaddr)
+            except PrepareError as exc:
+                if fresh_bitmap and bitmap is not None and bitmap.alloc is not None:
+                    ledger.free(bitmap.alloc)
+                raise _Failed(exc.rule, exc.detail, STAGE_ARCH) from None
         except _Failed:
             if invalid is not None:
                 # Put the old slot back (a second swap) and drop the working copy.
-                steps.append(STEP_RESTORE)
                 self._swap(slots, change, "restore", invalid, old)
-                steps.append(STEP_FREE_INVALID)
                 ledger.free(invalid.struct)  # type: ignore[arg-type]
             raise
 
-        steps.append(STEP_INSTALL)
+        new = None
         if change is ch.CREATE:
+            new = MemorySlot(slot_id, as_id, base_gfn, npages, flags, uaddr, arch, bitmap,
+                             struct, gmem)
             self._swap(slots, change, "install", None, new)
         elif change is ch.DELETE:
             self._swap(slots, change, "install", invalid, None)
-        elif change is ch.MOVE:
-            self._swap(slots, change, "install", invalid, new)
         else:
-            self._swap(slots, change, "install", old, new)
+            new = MemorySlot(slot_id, as_id, base_gfn, npages, flags, uaddr, arch, bitmap,
+                             struct, gmem)
+            self._swap(slots, change, "install", invalid if invalid is not None else old, new)
         if invalid is not None:
-            steps.append(STEP_FREE_INVALID)
             ledger.free(invalid.struct)  # type: ignore[arg-type]
-        steps.append(STEP_COMMIT)
-        self._commit(res, old, new, change)
+        self._commit(old, new, change)
 
-    def _prepare(
-        self, res: OpResult, old: MemorySlot | None, new: MemorySlot | None, change: ChangeType
-    ) -> MemorySlot | None:
-        """``kvm_prepare_memory_region``: the dirty bitmap, then the arch hook. Returns the
-        new slot completed with its bitmap and arch data."""
-        steps = res.steps
-        bitmap = None
-        fresh_bitmap = False
-        if change is not ch.DELETE:
-            assert new is not None
-            steps.append(STEP_PREPARE_BITMAP)
-            if not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
-                bitmap = None
-            elif old is not None and old.dirty_bitmap is not None:
-                bitmap = old.dirty_bitmap  # reused, contents preserved
-            elif self.dirty.use_dirty_bitmap:
-                bitmap = self._alloc_dirty_bitmap(new)
-                fresh_bitmap = True
-        steps.append(STEP_PREPARE_ARCH)
-        ref = new if new is not None else old
-        assert ref is not None
-        try:
-            arch = self.arch.prepare(change, old, ref.as_id, ref.id, ref.base_gfn, ref.npages,
-                                     ref.flags, ref.userspace_addr)
-        except PrepareError as exc:
-            if fresh_bitmap and bitmap is not None and bitmap.alloc is not None:
-                self.ledger.free(bitmap.alloc)
-            raise _Failed(exc.rule, exc.detail) from None
-        if new is None:
-            return None
-        return MemorySlot(new.id, new.as_id, new.base_gfn, new.npages, new.flags,
-                          new.userspace_addr, arch, bitmap, new.struct, new.gmem)
-
-    def _alloc_dirty_bitmap(self, new: MemorySlot) -> DirtyBitmap:
-        # kvm_alloc_dirty_bitmap: __vcalloc(2, ALIGN(npages, 64) / 8).
-        a = self.ledger.alloc(new.as_id, new.id, self.ledger.spec(
-            KIND_DIRTY_BITMAP, 2, dirty_bitmap_bytes(new.npages)))
-        if a is None:
-            raise _Failed(ch.ALLOC_DIRTY_BITMAP)
-        return DirtyBitmap(new.npages, a, self.dirty.initially_set)
-
-    def _commit(
-        self, res: OpResult, old: MemorySlot | None, new: MemorySlot | None, change: ChangeType
-    ) -> None:
+    def _commit(self, old: MemorySlot | None, new: MemorySlot | None, change: ChangeType) -> None:
         """``kvm_commit_memory_region``."""
+        old_flags = 0
         if change is ch.DELETE:
             assert old is not None
             self.nr_memslot_pages -= old.npages
+            old_flags = old.flags
         elif change is ch.CREATE:
             assert new is not None
             self.nr_memslot_pages += new.npages
-        old_flags = old.flags if old is not None else 0
+        else:
+            assert old is not None
+            old_flags = old.flags
         new_flags = new.flags if new is not None else 0
         if (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
             self.nr_memslots_dirty_logging += 1 if new_flags & KVM_MEM_LOG_DIRTY_PAGES else -1
@@ -451,8 +429,6 @@ class Memslots:
         if change is ch.CREATE:
             return
         assert old is not None
-        res.steps.append(STEP_FREE_OLD)
-        ledger = self.ledger
         if change is ch.DELETE:
             self._free_memslot(old)
             return
@@ -460,7 +436,7 @@ class Memslots:
         assert new is not None
         if old.dirty_bitmap is not None and new.dirty_bitmap is None:
             self._free_bitmap(old.dirty_bitmap)
-        ledger.free(old.struct)  # type: ignore[arg-type]
+        self.ledger.free(old.struct)  # type: ignore[arg-type]
 
     def _free_memslot(self, slot: MemorySlot) -> None:
         """``kvm_free_memslot``: unbind gmem, free the bitmap, the arch data, the struct."""
@@ -502,8 +478,12 @@ class Memslots:
             slots.generation = gen
         if self.observers:
             event = SwapEvent(slots.as_id, change, phase, gen, old, new)
-            for observer in list(self.observers):
-                observer(event)
+            self._observer_thread = threading.get_ident()
+            try:
+                for observer in list(self.observers):
+                    observer(event)
+            finally:
+                self._observer_thread = None
         slots.generation = (gen & ~GEN_UPDATE_IN_PROGRESS) + self.nr_as
 
     # ==================================================================================
@@ -517,16 +497,17 @@ class Memslots:
         g = gmem_files.lookup(fd)
         if g is None:
             if gmem_files.fd_is_open(fd):
-                raise _Failed(ch.GMEM_BIND, f"fd {fd} is not a guest_memfd")
-            raise _Failed(ch.GMEM_BADF, f"fd {fd}")
+                raise _Failed(ch.GMEM_BIND, f"fd {fd} is not a guest_memfd", STAGE_GMEM)
+            raise _Failed(ch.GMEM_BADF, f"fd {fd}", STAGE_GMEM)
         if g.owner is not self:
-            raise _Failed(ch.GMEM_BIND, "guest_memfd of another VM")
+            raise _Failed(ch.GMEM_BIND, "guest_memfd of another VM", STAGE_GMEM)
         offset = r.guest_memfd_offset
         if offset >= 1 << 63 or offset & self._page_mask or offset + r.memory_size > g.size:
-            raise _Failed(ch.GMEM_BIND, f"offset {offset:#x} + size outside the file")
+            raise _Failed(ch.GMEM_BIND, f"offset {offset:#x} + size outside the file",
+                          STAGE_GMEM)
         start = offset >> self._page_shift
         if g.range_bound(start, start + npages):
-            raise _Failed(ch.GMEM_BIND, "range already bound to another slot")
+            raise _Failed(ch.GMEM_BIND, "range already bound to another slot", STAGE_GMEM)
         g.bind(start, start + npages, (as_id, slot_id))
         return g, offset
 

@@ -26,6 +26,60 @@ STEP_FREE_OLD = "free old slot"
 STEP_FREE_NEW = "kfree new slot (failed)"
 STEP_NOOP = "identical to the existing slot: nothing to do"
 
+# Where a failed request stopped (OpResult.stage).
+STAGE_VALIDATE = "validate"
+STAGE_ALLOC_SLOT = "alloc-slot"
+STAGE_GMEM = "gmem-bind"
+STAGE_ALLOC_INVALID = "alloc-invalid"
+STAGE_BITMAP = "prepare-bitmap"
+STAGE_ARCH = "prepare-arch"
+
+
+def protocol_steps(change: ChangeType | None, stage: str | None, gmem: bool) -> list[str]:
+    """The steps ``kvm_set_memory_region`` takes for a request classified ``change`` that
+    failed at ``stage`` (``None``: it succeeded); ``gmem`` if it binds a guest_memfd.
+
+    The steps follow from these three facts, so results record only them and the list is
+    built when someone reads it.
+    """
+    steps = [STEP_VALIDATE]
+    if change is None or stage == STAGE_VALIDATE:
+        return steps
+    if change is ChangeType.NOOP:
+        steps.append(STEP_NOOP)
+        return steps
+    invalidates = change is ChangeType.DELETE or change is ChangeType.MOVE
+    has_new = change is not ChangeType.DELETE
+    if has_new:
+        steps.append(STEP_ALLOC_SLOT)
+        if stage == STAGE_ALLOC_SLOT:
+            return steps
+        if gmem:
+            steps.append(STEP_GMEM_BIND)
+            if stage == STAGE_GMEM:
+                return [*steps, STEP_FREE_NEW]
+    tail = [STEP_FREE_NEW] if has_new else []
+    if invalidates:
+        steps.append(STEP_ALLOC_INVALID)
+        if stage == STAGE_ALLOC_INVALID:
+            return steps + tail
+        steps += [STEP_INVALIDATE, STEP_FLUSH]
+    if has_new:
+        steps.append(STEP_PREPARE_BITMAP)
+    if stage != STAGE_BITMAP:
+        steps.append(STEP_PREPARE_ARCH)
+    if stage is not None:
+        if invalidates:
+            steps += [STEP_RESTORE, STEP_FREE_INVALID]
+        return steps + tail
+    steps.append(STEP_INSTALL)
+    if invalidates:
+        steps.append(STEP_FREE_INVALID)
+    steps.append(STEP_COMMIT)
+    if change is not ChangeType.CREATE:
+        steps.append(STEP_FREE_OLD)
+    return steps
+
 
 class OpResult:
     """One request's outcome. ``errno`` 0 is success; otherwise ``rule`` failed.
@@ -36,7 +90,7 @@ class OpResult:
     """
 
     __slots__ = ("_allocated", "_freed", "change", "detail", "errno", "generation_after",
-                 "generation_before", "request", "rule", "steps")
+                 "generation_before", "request", "rule", "stage")
 
     def __init__(self, request: MemoryRegion) -> None:
         self.request = request
@@ -46,9 +100,17 @@ class OpResult:
         self.detail = ""
         self.generation_before: int | None = None
         self.generation_after: int | None = None
-        self.steps: list[str] = []
+        self.stage: str | None = None
         self._allocated: list[AllocGroup] = []
         self._freed: list[AllocGroup] = []
+
+    @property
+    def steps(self) -> list[str]:
+        """The protocol steps this request went through, in order."""
+        from ..constants import KVM_MEM_GUEST_MEMFD
+
+        gmem = bool(self.request.flags & KVM_MEM_GUEST_MEMFD)
+        return protocol_steps(self.change, self.stage if self.errno else None, gmem)
 
     @property
     def allocated(self) -> list[Allocation]:
@@ -121,7 +183,8 @@ class OpResult:
             "detail": self.detail or None,
             "generation_before": self.generation_before,
             "generation_after": self.generation_after,
-            "steps": list(self.steps),
+            "stage": self.stage,
+            "steps": self.steps,
             "allocated": [a.as_dict() for a in self.allocated],
             "freed": [a.as_dict() for a in self.freed],
             "bytes_allocated": self.bytes_allocated,

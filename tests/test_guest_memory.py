@@ -463,3 +463,31 @@ def test_host_mapping_direct() -> None:
         _ = m.buffer
     gc.collect()
     assert m.unmapped
+
+
+@settings(max_examples=40, deadline=None)
+@given(clusters=st.lists(st.tuples(st.integers(0, 1 << 32), st.integers(1, 24),
+                                   st.integers(1, 3)), min_size=1, max_size=4),
+       seed=st.integers(0, 1000))
+def test_translate_many_block_table_and_fallback(clusters: list[tuple[int, int, int]],
+                                                 seed: int) -> None:
+    """Sparse layouts (blocks of many GiB holding several region starts, which exercise the
+    advance steps, or more than the table allows, which falls back to a binary search) agree
+    with the scalar translate."""
+    with memslot.ModelVM() as vm, GuestMemory(vm) as gm:
+        for base_page, count, npages in clusters:
+            for i in range(count):
+                gpa = (base_page + i * (npages + 1)) * PAGE
+                if gm._index.overlapping(gpa, npages * PAGE) is None:
+                    gm.add_region(gpa, npages * PAGE)
+        rng = np.random.default_rng(seed)
+        starts = np.array([r.gpa for r in gm.regions()], dtype=np.uint64)
+        probes = np.concatenate([
+            starts + rng.integers(0, 5 * PAGE, starts.size).astype(np.uint64),
+            starts - np.uint64(1), rng.integers(0, 1 << 46, 64, dtype=np.uint64),
+            np.array([0, (1 << 64) - 1], dtype=np.uint64),
+        ])
+        hvas = gm.translate_many(probes.reshape(2, -1) if probes.size % 2 == 0 else probes)
+        for gpa, hva in zip(probes.tolist(), hvas.reshape(-1).tolist(), strict=True):
+            region = gm.find_region(gpa)
+            assert hva == (KVM_HVA_ERR_BAD if region is None else gm.translate(gpa))

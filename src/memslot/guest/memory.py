@@ -53,28 +53,88 @@ CT = TypeVar("CT", bound="ctypes._CData")
 _U64 = np.uint64
 
 
-class _Index:
-    """An immutable view of the layout: region starts in gpa order (and numpy arrays of the
-    same, built on first vectorized use)."""
+_U64_MAX = np.uint64((1 << 64) - 1)
+#: translate_many: block table of at most this many entries; at most this many region starts
+#: per block (else a binary search); gpas processed per pass (temporaries stay in cache).
+_TABLE_MAX = 1 << 18
+_MAX_ADVANCE = 8
+_CHUNK = 1 << 15
 
-    __slots__ = ("_arrays", "regions", "starts")
+
+class _Lookup:
+    """Vectorized gpa -> region lookup for one layout. Arrays are indexed by region + 1 (entry 0
+    is an empty dummy region, "below every region"). A block table gives, per ``2**shift``
+    bytes from the first region's start, the regions starting at or before the block; a few
+    vectorized "advance if the next region starts at or before gpa" steps finish the job, so
+    the cost per gpa is a handful of cached gathers instead of a binary search."""
 
     def __init__(self, regions: list[GuestRegion]) -> None:
-        self.regions = regions
-        self.starts = [r._gpa for r in regions]
-        self._arrays: tuple[npt.NDArray[np.uint64], ...] | None = None
+        n = len(regions)
+        size = n + 2 + _MAX_ADVANCE  # empty sentinels past the end: gpa 2**64-1 may step there
+        self.starts = np.full(size, _U64_MAX, dtype=_U64)
+        self.starts[0] = 0
+        self.starts[1 : n + 1] = [r._gpa for r in regions]
+        self.sizes = np.zeros(size, dtype=_U64)
+        self.sizes[1 : n + 1] = [r.size for r in regions]
+        self.hvas = np.zeros(size, dtype=_U64)
+        self.hvas[1 : n + 1] = [r.hva for r in regions]
+        self.readonly = np.zeros(size, dtype=bool)
+        self.readonly[1 : n + 1] = [r.readonly for r in regions]
+        self.table: npt.NDArray[np.intp] | None = None
+        self.base = int(self.starts[1]) if n else 0
+        self.shift = PAGE_SHIFT
+        self.steps = 0
+        if n:
+            span = int(self.starts[n]) - self.base
+            while (span >> self.shift) + 1 > _TABLE_MAX:
+                self.shift += 1
+            nblocks = (span >> self.shift) + 1
+            blocks = (np.arange(nblocks, dtype=_U64) << _U64(self.shift)) + _U64(self.base)
+            table = np.searchsorted(self.starts[1 : n + 1], blocks, side="right").astype(np.intp)
+            steps = int(np.diff(np.append(table, n)).max())
+            if steps <= _MAX_ADVANCE:
+                self.table, self.steps = table, steps
 
-    def arrays(self) -> tuple[npt.NDArray[np.uint64], ...]:
-        """``(starts, sizes, hvas, readonly)`` as uint64 arrays."""
-        if self._arrays is None:
-            rs = self.regions
-            self._arrays = (
-                np.array(self.starts, dtype=_U64),
-                np.array([r.size for r in rs], dtype=_U64),
-                np.array([r.hva for r in rs], dtype=_U64),
-                np.array([r.readonly for r in rs], dtype=_U64),
-            )
-        return self._arrays
+    def index(self, g: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
+        """Per gpa, 1 + the index of the last region starting at or before it (0: none)."""
+        if self.table is None:
+            n = self.starts.size - 2 - _MAX_ADVANCE
+            found: npt.NDArray[np.intp] = np.searchsorted(self.starts[1 : n + 1], g, side="right")
+            return found
+        block = g - _U64(self.base)  # below base wraps to a huge block: clipped, then bad
+        block >>= _U64(self.shift)
+        np.minimum(block, _U64(self.table.size - 1), out=block)
+        idx = self.table[block.astype(np.intp)]
+        for _ in range(self.steps):
+            idx += self.starts[idx + 1] <= g
+        return idx
+
+    def translate(self, g: npt.NDArray[np.uint64], write: bool) -> npt.NDArray[np.uint64]:
+        idx = self.index(g)
+        off = g - self.starts[idx]
+        bad = off >= self.sizes[idx]  # the dummy has size 0; gpas below wrap to huge offsets
+        out = self.hvas[idx] + off
+        if write:
+            out[self.readonly[idx] & ~bad] = KVM_HVA_ERR_RO_BAD
+        out[bad] = KVM_HVA_ERR_BAD
+        return out
+
+
+class _Index:
+    """An immutable view of the layout: region starts in gpa order (and the vectorized lookup
+    of the same, built on first use)."""
+
+    __slots__ = ("_lookup", "regions", "starts")
+
+    def __init__(self, regions: list[GuestRegion], starts: list[int] | None = None) -> None:
+        self.regions = regions
+        self.starts = [r._gpa for r in regions] if starts is None else starts
+        self._lookup: _Lookup | None = None
+
+    def lookup(self) -> _Lookup:
+        if self._lookup is None:
+            self._lookup = _Lookup(self.regions)
+        return self._lookup
 
     def find(self, gpa: int) -> GuestRegion | None:
         i = bisect.bisect_right(self.starts, gpa) - 1
@@ -229,14 +289,16 @@ class GuestMemory:
         self._foreign = {s.id for s in self._vm.memslots(0)} - ours
 
     # -- layout ---------------------------------------------------------------------------
-    def _publish(self, regions: list[GuestRegion]) -> None:
-        self._index = _Index(regions)
+    def _publish(self, regions: list[GuestRegion], starts: list[int] | None = None) -> None:
+        self._index = _Index(regions, starts)
 
     def _insert(self, region: GuestRegion) -> None:
-        regions = list(self._index.regions)
-        i = bisect.bisect_right(self._index.starts, region._gpa)
+        index = self._index
+        i = bisect.bisect_right(index.starts, region._gpa)
+        regions, starts = list(index.regions), list(index.starts)
         regions.insert(i, region)
-        self._publish(regions)
+        starts.insert(i, region._gpa)
+        self._publish(regions, starts)
 
     def _own(self, region: GuestRegion | int) -> GuestRegion:
         if isinstance(region, GuestRegion):
@@ -629,25 +691,16 @@ class GuestMemory:
         g = np.asarray(gpas)
         if g.dtype.kind not in "iu":
             raise TypeError(f"gpas must be an integer array, not {g.dtype}")
-        negative = g < 0 if g.dtype.kind == "i" else None
-        gu = g.astype(_U64, copy=False)
-        starts, sizes, hvas, readonly = self._index.arrays()
-        if starts.size == 0:
-            return np.full(gu.shape, KVM_HVA_ERR_BAD, dtype=_U64)
-        idx = np.searchsorted(starts, gu, side="right")
-        idx -= 1
-        bad = idx < 0
-        np.maximum(idx, 0, out=idx)
-        off = gu - starts[idx]
-        bad |= off >= sizes[idx]
-        if negative is not None:
-            bad |= negative
-        out = hvas[idx]
-        out += off
-        if write:
-            out[(readonly[idx] != 0) & ~bad] = KVM_HVA_ERR_RO_BAD
-        out[bad] = KVM_HVA_ERR_BAD
-        return out
+        flat = g.reshape(-1)
+        gu = flat.astype(_U64, copy=False)
+        lookup = self._index.lookup()
+        out = np.empty(gu.shape, dtype=_U64)
+        for start in range(0, gu.size, _CHUNK):
+            part = slice(start, start + _CHUNK)
+            out[part] = lookup.translate(gu[part], write)
+        if flat.dtype.kind == "i":
+            out[flat < 0] = KVM_HVA_ERR_BAD
+        return out.reshape(g.shape)
 
     # -- dirty tracking -------------------------------------------------------------------
     def _kernel_log(self, region: GuestRegion) -> npt.NDArray[np.uint64] | None:

@@ -31,6 +31,7 @@ from ..engine.ledger import (
     AllocFailed,
     AllocGroup,
     Spec,
+    SpecGroup,
     spec,
 )
 from ..engine.slot import MemorySlot
@@ -125,7 +126,7 @@ class X86SlotArch(NamedTuple):
 @lru_cache(maxsize=65536)
 def metadata_specs(
     base_gfn_low: int, npages: int, rmaps: bool, track: bool, page_size: int
-) -> tuple[Spec, ...]:
+) -> SpecGroup:
     """The allocations ``kvm_alloc_memslot_metadata`` makes, in order. Only the base's
     offset within a 1 GiB frame matters, so callers pass ``base_gfn % 2^18``."""
     out: list[Spec] = []
@@ -136,7 +137,7 @@ def metadata_specs(
                     level=level, page_size=page_size) for level in HUGE_LEVELS)
     if track:
         out.append(spec(KIND_WRITE_TRACK, npages, WRITE_TRACK_SIZE, page_size=page_size))
-    return tuple(out)
+    return SpecGroup.of(tuple(out))
 
 
 def expected_marks(base_gfn: int, npages: int, uaddr: int, level: int) -> tuple[bool, bool, bool]:
@@ -169,6 +170,9 @@ class X86Arch(ArchHooks):
         self.shadow_root_allocated = False
         self.reuse_on_move = VARIANT_REUSE_ARCH_ON_MOVE in self.variants
         self._page_shift = p.page_shift
+        self._max_gfn = p.max_gfn
+        self._move_refused = p.external_page_tracker
+        self._shape_key = (self.have_rmaps, self.write_tracking, p.page_size)
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -195,19 +199,19 @@ class X86Arch(ArchHooks):
         flags: int,
         userspace_addr: int,
     ) -> Any:
-        if change is ch.MOVE and self.profile.external_page_tracker:
+        if change is ch.FLAGS_ONLY:
+            assert old is not None
+            return old.arch  # memcpy(&new->arch, &old->arch): the arrays are shared
+        if change is ch.MOVE and self._move_refused:
             raise PrepareError(PAGE_TRACK_MOVE)
         if change is ch.CREATE or change is ch.MOVE:
-            if base_gfn + npages - 1 > self.profile.max_gfn:
+            if base_gfn + npages - 1 > self._max_gfn:
                 raise PrepareError(MAX_GFN, f"last gfn {base_gfn + npages - 1:#x} > "
-                                            f"{self.profile.max_gfn:#x}")
+                                            f"{self._max_gfn:#x}")
             if change is ch.MOVE and self.reuse_on_move:
                 assert old is not None
                 return old.arch  # kernels before the 2020 fix kept the old arrays
             return self._alloc_metadata(as_id, slot_id, base_gfn, npages, userspace_addr)
-        if change is ch.FLAGS_ONLY:
-            assert old is not None
-            return old.arch  # memcpy(&new->arch, &old->arch): the arrays are shared
         return None
 
     def _alloc_metadata(
@@ -215,8 +219,7 @@ class X86Arch(ArchHooks):
     ) -> X86SlotArch:
         """``kvm_alloc_memslot_metadata``: rmaps (levels 1..3), lpage_info (2, 3), write
         track, in that order; on failure everything allocated so far is freed."""
-        specs = metadata_specs(base_gfn & 0x3FFFF, npages, self.have_rmaps, self.write_tracking,
-                               self.profile.page_size)
+        specs = metadata_specs(base_gfn & 0x3FFFF, npages, *self._shape_key)
         try:
             group = self.ledger.alloc_group(as_id, slot_id, specs)
         except AllocFailed as failed:
@@ -257,6 +260,7 @@ class X86Arch(ArchHooks):
         if event != "shadow_root" or self.shadow_root_allocated:
             return []
         self.shadow_root_allocated = True
+        self._shape_key = (self.have_rmaps, self.write_tracking, self.profile.page_size)
         out = []
         page_size = self.profile.page_size
         for slot in slots:
@@ -271,7 +275,8 @@ class X86Arch(ArchHooks):
             if not specs:
                 continue
             try:
-                group = self.ledger.alloc_group(slot.as_id, slot.id, tuple(specs))
+                group = self.ledger.alloc_group(
+                    slot.as_id, slot.id, SpecGroup.of(tuple(specs)))
             except AllocFailed:
                 raise MemoryError("ENOMEM while allocating for the first shadow root") from None
             out.append(slot._replace(arch=arch._replace(groups=(*arch.groups, group))))

@@ -19,12 +19,11 @@ def check_region_fields(region: MemoryRegion) -> None:
     """Reject values the ioctl struct cannot carry (``ValueError``): the kernel never sees them."""
     slot, flags, gpa, size, uaddr, offset, fd = region
     if (
-        type(slot) is int and type(flags) is int and type(gpa) is int and type(size) is int
-        and type(uaddr) is int and type(offset) is int
+        int is type(slot) is type(flags) is type(gpa) is type(size) is type(uaddr)
         and 0 <= slot <= U32 and 0 <= flags <= U32 and 0 <= gpa <= U64 and 0 <= size <= U64
-        and 0 <= uaddr <= U64 and 0 <= offset <= U64 and (fd is None or 0 <= fd <= U32)
+        and 0 <= uaddr <= U64 and offset == 0 and fd is None
     ):
-        return
+        return  # the common v1 request
     for name, limit in (
         ("slot", U32),
         ("flags", U32),

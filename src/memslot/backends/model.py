@@ -19,6 +19,8 @@ from ..profile import DEFAULT_PROFILE, Profile, get_profile
 from ..request import MemoryRegion
 from .base import VM, check_region_fields
 
+_new = tuple.__new__  # NamedTuple construction without its Python-level __new__
+
 #: x86-64 ``PAGE_OFFSET`` without KASLR (4-level paging). ``KVM_HVA_ERR_BAD`` is defined as
 #: PAGE_OFFSET and ``kvm_is_error_hva(a)`` as ``a >= PAGE_OFFSET``: every error hva lies above
 #: all user addresses, whatever the boot-time value.
@@ -89,7 +91,8 @@ class ModelVM(VM):
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
     ) -> None:
         # The hot path of the shared API, without the generic wrapper layers.
-        region = MemoryRegion(slot, flags, guest_phys_addr, memory_size, userspace_addr)
+        region = _new(MemoryRegion, (slot, flags, guest_phys_addr, memory_size, userspace_addr,
+                                     0, None))
         check_region_fields(region)
         if self._closed:
             raise ClosedError("this ModelVM is closed")

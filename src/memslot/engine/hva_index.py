@@ -14,24 +14,18 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 
-
-class _Node:
-    __slots__ = ("by_last", "by_start")
-
-    def __init__(self) -> None:
-        self.by_start: list[tuple[int, int]] = []  # (start, key) ascending
-        self.by_last: list[tuple[int, int]] = []  # (-last, key) ascending = last descending
+_Node = tuple[list[tuple[int, int]], list[tuple[int, int]]]  # (start, key) asc; (-last, key)
 
 
 class HvaIndex:
     """Intervals ``[start, last]`` (inclusive, like ``interval_tree_node``) keyed by an int."""
 
-    __slots__ = ("_level_counts", "_levels", "_nodes", "_size")
+    __slots__ = ("_level_nodes", "_levels", "_nodes", "_size")
 
     def __init__(self) -> None:
-        self._nodes: dict[tuple[int, int], _Node] = {}
-        self._level_counts = [0] * 66
-        self._levels = 0  # bit k set iff some interval lives at level k
+        self._nodes: dict[int, _Node] = {}
+        self._level_nodes = [0] * 66  # nodes per level
+        self._levels = 0  # bit k set iff some node lives at level k
         self._size = 0
 
     def __len__(self) -> int:
@@ -39,32 +33,36 @@ class HvaIndex:
 
     def insert(self, start: int, last: int, key: int) -> None:
         k = (start ^ last).bit_length()
-        nk = (k, start >> k)
+        nk = ((start >> k) << 7) | k
         node = self._nodes.get(nk)
         if node is None:
-            node = self._nodes[nk] = _Node()
-        insort(node.by_start, (start, key))
-        insort(node.by_last, (-last, key))
-        self._level_counts[k] += 1
-        self._levels |= 1 << k
+            self._nodes[nk] = ([(start, key)], [(-last, key)])
+            self._level_nodes[k] += 1
+            self._levels |= 1 << k
+        else:
+            insort(node[0], (start, key))
+            insort(node[1], (-last, key))
         self._size += 1
 
     def remove(self, start: int, last: int, key: int) -> None:
         k = (start ^ last).bit_length()
-        nk = (k, start >> k)
-        node = self._nodes[nk]
+        nk = ((start >> k) << 7) | k
+        node = self._nodes.get(nk)
         entry = (start, key)
-        i = bisect_left(node.by_start, entry)
-        if i == len(node.by_start) or node.by_start[i] != entry:
+        by_start = node[0] if node is not None else []
+        i = bisect_left(by_start, entry)
+        if i == len(by_start) or by_start[i] != entry:
             raise KeyError((start, last, key))
-        del node.by_start[i]
-        entry = (-last, key)
-        del node.by_last[bisect_left(node.by_last, entry)]
-        if not node.by_start:
+        assert node is not None
+        if len(by_start) == 1:
             del self._nodes[nk]
-        self._level_counts[k] -= 1
-        if not self._level_counts[k]:
-            self._levels &= ~(1 << k)
+            self._level_nodes[k] -= 1
+            if not self._level_nodes[k]:
+                self._levels &= ~(1 << k)
+        else:
+            del by_start[i]
+            by_last = node[1]
+            del by_last[bisect_left(by_last, (-last, key))]
         self._size -= 1
 
     def stab(self, point: int) -> list[int]:
@@ -76,26 +74,26 @@ class HvaIndex:
             low = levels & -levels
             k = low.bit_length() - 1
             levels ^= low
-            node = nodes.get((k, point >> k))
+            node = nodes.get(((point >> k) << 7) | k)
             if node is None:
                 continue
             if k == 0:
-                out.extend(key for _, key in node.by_start)
+                out.extend(key for _, key in node[0])
             elif point < ((point >> k) << k) + (1 << (k - 1)):
                 # Left of the midpoint: every interval ends past it, so start <= point decides.
-                entries = node.by_start
+                entries = node[0]
                 end = bisect_right(entries, (point, 1 << 64))
                 out.extend(key for _, key in entries[:end])
             else:
-                entries = node.by_last
-                end = bisect_right(entries, (-point, 1 << 64))
-                out.extend(key for _, key in entries[:end])
+                ends = node[1]
+                end = bisect_right(ends, (-point, 1 << 64))
+                out.extend(key for _, key in ends[:end])
         return out
 
     def items(self) -> list[tuple[int, int, int]]:
         """Every ``(start, last, key)`` (for integrity checks; O(n))."""
         out: list[tuple[int, int, int]] = []
-        for node in self._nodes.values():
-            lasts = {key: -neg for neg, key in node.by_last}
-            out.extend((start, lasts[key], key) for start, key in node.by_start)
+        for by_start, by_last in self._nodes.values():
+            lasts = {key: -neg for neg, key in by_last}
+            out.extend((start, lasts[key], key) for start, key in by_start)
         return out

@@ -40,6 +40,7 @@ KINDS: Final = (
 )
 
 _LEVEL_NAMES: Final = {1: "4K", 2: "2M", 3: "1G"}
+_new = tuple.__new__  # NamedTuple construction without the Python-level __new__
 
 
 def vmalloc_footprint(nbytes: int, page_size: int = 4096) -> int:
@@ -129,38 +130,26 @@ class Allocation(NamedTuple):
         )
 
 
-class AllocGroup:
-    """Allocations made back to back for one owner: one ledger entry."""
+class AllocGroup(NamedTuple):
+    """Allocations made back to back for one owner: one ledger entry (``serial`` is the
+    first allocation's serial number; they are consecutive)."""
 
-    __slots__ = ("_items", "as_id", "bytes", "serial", "slot_id", "specs", "vmalloc_bytes")
-
-    def __init__(
-        self, serial: int, as_id: int, slot_id: int, specs: tuple[Spec, ...], nbytes: int,
-        vmalloc_bytes: int,
-    ) -> None:
-        self.serial = serial
-        self.as_id = as_id
-        self.slot_id = slot_id
-        self.specs = specs
-        self.bytes = nbytes
-        self.vmalloc_bytes = vmalloc_bytes
-        self._items: tuple[Allocation, ...] | None = None
+    serial: int
+    as_id: int
+    slot_id: int
+    specs: tuple[Spec, ...]
+    bytes: int
+    vmalloc_bytes: int
 
     @property
     def items(self) -> tuple[Allocation, ...]:
         """The individual allocations (serials ``serial .. serial + len - 1``)."""
-        items = self._items
-        if items is None:
-            a, i = self.as_id, self.slot_id
-            items = self._items = tuple(
-                Allocation(self.serial + n, s.kind, a, i, s.entries, s.entry_size, s.allocator,
-                           s.level, s.bytes, s.vmalloc_bytes)
-                for n, s in enumerate(self.specs)
-            )
-        return items
-
-    def __len__(self) -> int:
-        return len(self.specs)
+        a, i, first = self.as_id, self.slot_id, self.serial
+        return tuple(
+            Allocation(first + n, s.kind, a, i, s.entries, s.entry_size, s.allocator, s.level,
+                       s.bytes, s.vmalloc_bytes)
+            for n, s in enumerate(self.specs)
+        )
 
     def first(self, kind: str, level: int = 0) -> Allocation | None:
         for a in self.items:
@@ -172,15 +161,24 @@ class AllocGroup:
         return f"<AllocGroup #{self.serial} {[a.label for a in self.items]} {self.bytes}B>"
 
 
+class SpecGroup(NamedTuple):
+    """Specs allocated together, with their totals computed once."""
+
+    specs: tuple[Spec, ...]
+    bytes: int
+    vmalloc_bytes: int
+
+    @classmethod
+    def of(cls, specs: tuple[Spec, ...]) -> SpecGroup:
+        return cls(specs, sum(s.bytes for s in specs), sum(s.vmalloc_bytes for s in specs))
+
+
 class AllocFailed(Exception):
     """An injected ENOMEM hit the ``index``-th allocation of a group (``spec`` failed)."""
 
     def __init__(self, index: int, spec: Spec) -> None:
         self.index = index
         self.spec = spec
-
-
-_GROUP_CACHE: dict[tuple[Spec, ...], tuple[int, int]] = {}
 
 
 class Ledger:
@@ -227,31 +225,36 @@ class Ledger:
              level: int = 0) -> Spec:
         return spec(kind, entries, entry_size, allocator, level, self.page_size)
 
-    def alloc_group(self, as_id: int, slot_id: int, specs: tuple[Spec, ...]) -> AllocGroup:
-        """Allocate ``specs`` in order as one group. If an injected fault hits one of them,
-        the ones before it are allocated and freed again (journalled) and
+    def alloc_group(self, as_id: int, slot_id: int, group: SpecGroup) -> AllocGroup:
+        """Allocate ``group.specs`` in order as one ledger entry. If an injected fault hits
+        one of them, the ones before it are allocated and freed again (journalled) and
         :class:`AllocFailed` is raised, as the kernel's unwind would leave it."""
+        specs = group.specs
         if self._fault_countdown:
             self._check_fault(as_id, slot_id, specs)
-        totals = _GROUP_CACHE.get(specs)
-        if totals is None:
-            totals = _GROUP_CACHE[specs] = (
-                sum(s.bytes for s in specs), sum(s.vmalloc_bytes for s in specs))
         serial = self._serial + 1
         self._serial += len(specs)
-        g = AllocGroup(serial, as_id, slot_id, specs, totals[0], totals[1])
+        g = _new(AllocGroup, (serial, as_id, slot_id, specs, group.bytes, group.vmalloc_bytes))
         self._groups[serial] = g
-        self.live_bytes += totals[0]
-        self.vmalloc_bytes += totals[1]
+        self.live_bytes += group.bytes
+        self.vmalloc_bytes += group.vmalloc_bytes
         self.allocated.append(g)
         return g
 
     def alloc(self, as_id: int, slot_id: int, one: Spec) -> AllocGroup | None:
         """Allocate one thing; ``None`` if the injected fault fires (the kernel's NULL)."""
-        try:
-            return self.alloc_group(as_id, slot_id, (one,))
-        except AllocFailed:
-            return None
+        if self._fault_countdown:
+            try:
+                self._check_fault(as_id, slot_id, (one,))
+            except AllocFailed:
+                return None
+        self._serial = serial = self._serial + 1
+        g = _new(AllocGroup, (serial, as_id, slot_id, (one,), one.bytes, one.vmalloc_bytes))
+        self._groups[serial] = g
+        self.live_bytes += one.bytes
+        self.vmalloc_bytes += one.vmalloc_bytes
+        self.allocated.append(g)
+        return g
 
     def _check_fault(self, as_id: int, slot_id: int, specs: tuple[Spec, ...]) -> None:
         kind = self._fault_kind
@@ -264,7 +267,7 @@ class Ledger:
             self._fault_kind = None
             if index:
                 # The allocations before the failing one happened and are unwound.
-                partial = self.alloc_group(as_id, slot_id, specs[:index])
+                partial = self.alloc_group(as_id, slot_id, SpecGroup.of(specs[:index]))
                 self.free(partial)
             raise AllocFailed(index, s)
 
@@ -281,7 +284,7 @@ class Ledger:
         self.freed = []
 
     def is_live(self, g: AllocGroup) -> bool:
-        return self._groups.get(g.serial) is g
+        return self._groups.get(g.serial) == g
 
     @property
     def groups(self) -> list[AllocGroup]:
@@ -296,7 +299,7 @@ class Ledger:
         return iter(list(self.live.values()))
 
     def __len__(self) -> int:
-        return sum(len(g) for g in list(self._groups.values()))
+        return sum(len(g.specs) for g in list(self._groups.values()))
 
 
 def flatten(groups: list[AllocGroup]) -> list[Allocation]:

@@ -60,6 +60,8 @@ GEN_UPDATE_IN_PROGRESS = 1 << 63  # KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
 ULONG_MAX = (1 << 64) - 1
 _V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 _IMMUTABLE_FLAGS = KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD
+# Building a NamedTuple through tuple.__new__ skips its Python-level __new__ (4x faster).
+_new_slot = tuple.__new__
 
 
 class SwapEvent(NamedTuple):
@@ -174,7 +176,7 @@ class Memslots:
         skips the user-only id check and v1 flag filter.
         """
         res = OpResult(r)
-        if self._observer_thread == threading.get_ident():
+        if self._observer_thread is not None and self._observer_thread == threading.get_ident():
             raise RuntimeError("a memslot request was issued from inside an observer")
         with self.slots_lock:
             ledger = self.ledger
@@ -353,9 +355,9 @@ class Memslots:
                 raise _Failed(ch.ALLOC_INVALID, stage=STAGE_ALLOC_INVALID)
             # kvm_invalidate_memslot: publish a copy flagged INVALID, so vCPUs stop using
             # the old range while it is flushed and the new slot is prepared.
-            invalid = MemorySlot(slot_id, as_id, old.base_gfn, old.npages,
+            invalid = _new_slot(MemorySlot, (slot_id, as_id, old.base_gfn, old.npages,
                                  old.flags | KVM_MEMSLOT_INVALID, old.userspace_addr, old.arch,
-                                 old.dirty_bitmap, invalid_struct, old.gmem)
+                                 old.dirty_bitmap, invalid_struct, old.gmem))
             self._swap(slots, change, "invalidate", old, invalid)
 
         # kvm_prepare_memory_region: the dirty bitmap, then the arch hook.
@@ -396,14 +398,14 @@ class Memslots:
 
         new = None
         if change is ch.CREATE:
-            new = MemorySlot(slot_id, as_id, base_gfn, npages, flags, uaddr, arch, bitmap,
-                             struct, gmem)
+            new = _new_slot(MemorySlot, (slot_id, as_id, base_gfn, npages, flags, uaddr, arch,
+                                         bitmap, struct, gmem))
             self._swap(slots, change, "install", None, new)
         elif change is ch.DELETE:
             self._swap(slots, change, "install", invalid, None)
         else:
-            new = MemorySlot(slot_id, as_id, base_gfn, npages, flags, uaddr, arch, bitmap,
-                             struct, gmem)
+            new = _new_slot(MemorySlot, (slot_id, as_id, base_gfn, npages, flags, uaddr, arch,
+                                         bitmap, struct, gmem))
             self._swap(slots, change, "install", invalid if invalid is not None else old, new)
         if invalid is not None:
             ledger.free(invalid.struct)  # type: ignore[arg-type]

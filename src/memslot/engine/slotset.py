@@ -66,9 +66,8 @@ class SlotSet:
             self.by_base[new.base_gfn] = new
         else:
             del self.by_base[old.base_gfn]
-            self.bases.remove(old.base_gfn)
             self.by_base[new.base_gfn] = new
-            self.bases.add(new.base_gfn)
+            self.bases.replace(old.base_gfn, new.base_gfn)
         if old.userspace_addr != new.userspace_addr or old.npages != new.npages:
             if old.npages:
                 self.hva.remove(*self._hva_range(old), old.id)

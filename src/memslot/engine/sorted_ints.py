@@ -70,6 +70,28 @@ class SortedInts:
             del self._lists[pos]
             del maxes[pos]
 
+    def replace(self, old: int, new: int) -> None:
+        """Remove ``old`` and add ``new``; in place when ``new`` keeps ``old``'s position
+        (a MOVE by less than the distance to the neighbours, the common case)."""
+        maxes = self._maxes
+        lists = self._lists
+        pos = bisect_left(maxes, old)
+        if pos < len(maxes):
+            block = lists[pos]
+            i = bisect_left(block, old)
+            if i < len(block) and block[i] == old:
+                lo = block[i - 1] if i else (maxes[pos - 1] if pos else None)
+                last = i == len(block) - 1
+                hi = block[i + 1] if not last else (lists[pos + 1][0] if pos + 1 < len(lists)
+                                                    else None)
+                if (lo is None or lo < new) and (hi is None or new < hi):
+                    block[i] = new
+                    if last:
+                        maxes[pos] = new
+                    return
+        self.remove(old)
+        self.add(new)
+
     def le(self, value: int) -> int | None:
         """Largest element ``<= value``."""
         maxes = self._maxes

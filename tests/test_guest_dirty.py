@@ -233,3 +233,17 @@ def test_bitmap_helpers_match_brute_force(npages: int, data: st.DataObject) -> N
     w = np.zeros_like(words)
     set_range(w, first, count)
     assert bitmap_pages(w).tolist() == list(range(first, first + count))
+
+
+@pytest.mark.parametrize("density", [0.0, 0.0005, 0.05, 0.6])
+def test_bitmap_pages_large_and_fallback(density: float) -> None:
+    from memslot.guest import dirty
+
+    rng = np.random.default_rng(3)
+    nbits = (1 << 17) * 64 + 64 * 5  # more than one chunk of words, and a partial one
+    bits = rng.random(nbits) < density
+    words = np.packbits(bits, bitorder="little").view("<u8").astype(np.uint64)
+    expect = np.flatnonzero(bits)
+    assert np.array_equal(bitmap_pages(words), expect)
+    assert np.array_equal(dirty._set_bits_unpack(words), expect)
+    assert popcount(words) == expect.size

@@ -50,9 +50,35 @@ def nwords(npages: int) -> int:
     return (npages + 63) >> 6
 
 
-def bitmap_pages(words: Words) -> Pages:
-    """Indexes of the set bits of a word bitmap, ascending. Only non-zero words and, in
-    them, non-zero bytes are unpacked, so the cost follows the dirty pages."""
+_CHUNK_WORDS: Final = 1 << 16
+
+
+def _set_bits(words: Words) -> Pages:
+    """Set-bit indexes of a chunk of words, ascending: one lowest-set-bit extraction per
+    pass, over the words that still have bits (so the cost follows the dirty pages)."""
+    nz = np.flatnonzero(words)
+    if nz.size == 0:
+        return np.empty(0, dtype=np.int64)
+    v = words[nz]
+    counts = np.bitwise_count(v).astype(np.int64)
+    ends = np.cumsum(counts)
+    out = np.empty(int(ends[-1]), dtype=np.int64)
+    pos = ends - counts  # where each word's first bit goes; later bits follow in order
+    base = nz.astype(np.int64) << 6
+    while True:
+        lowest = v & (~v + _ONE)
+        _, exponent = np.frexp(lowest.astype(np.float64))  # exact: a power of two
+        out[pos] = base + (exponent - 1)
+        v &= v - _ONE
+        keep = np.flatnonzero(v)
+        if keep.size == 0:
+            return out
+        if keep.size < v.size:
+            v, pos, base = v[keep], pos[keep], base[keep]
+        pos += 1
+
+
+def _set_bits_unpack(words: Words) -> Pages:  # numpy < 2.0 (no bitwise_count)
     nz = np.flatnonzero(words)
     if nz.size == 0:
         return np.empty(0, dtype=np.int64)
@@ -63,6 +89,17 @@ def bitmap_pages(words: Words) -> Pages:
     byte = nzb[idx >> 3]
     pages: Pages = (nz[byte >> 3] << 6) + ((byte & 7) << 3) + (idx & 7)
     return pages
+
+
+def bitmap_pages(words: Words) -> Pages:
+    """Indexes of the set bits of a word bitmap, ascending, at a cost that follows the set
+    bits (chunks of words keep the temporaries in cache)."""
+    extract = _set_bits if hasattr(np, "bitwise_count") else _set_bits_unpack
+    if words.size <= _CHUNK_WORDS:
+        return extract(words)
+    parts = [extract(words[s : s + _CHUNK_WORDS]) + (s << 6)
+             for s in range(0, words.size, _CHUNK_WORDS)]
+    return np.concatenate(parts)
 
 
 def popcount(words: Words) -> int:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from . import fuzz_cmd, measure_cmd, profiles_cmd, replay_cmd
+from . import (
+    convert_cmd,
+    explain_cmd,
+    fuzz_cmd,
+    layout_cmd,
+    measure_cmd,
+    profiles_cmd,
+    replay_cmd,
+    report_cmd,
+)
 from .common import Command
 
 ALL: list[Command] = [
@@ -10,4 +19,8 @@ ALL: list[Command] = [
     profiles_cmd.COMMAND,
     fuzz_cmd.COMMAND,
     measure_cmd.COMMAND,
+    convert_cmd.COMMAND,
+    explain_cmd.COMMAND,
+    report_cmd.COMMAND,
+    layout_cmd.COMMAND,
 ]

@@ -491,3 +491,36 @@ def test_translate_many_block_table_and_fallback(clusters: list[tuple[int, int, 
         for gpa, hva in zip(probes.tolist(), hvas.reshape(-1).tolist(), strict=True):
             region = gm.find_region(gpa)
             assert hva == (KVM_HVA_ERR_BAD if region is None else gm.translate(gpa))
+
+
+def test_set_readonly_failure_restores_the_slot(gm: GuestMemory, vm: memslot.ModelVM,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    region = gm.add_region(0, 4 * PAGE, log_dirty=True)
+    gm.write(0, b"keep")
+    real = vm.set_user_memory_region
+    calls: list[int] = []
+
+    def create_refused(slot: int, flags: int, gpa: int, size: int, ua: int) -> None:
+        calls.append(flags)
+        if len(calls) == 2:  # the re-create with READONLY
+            raise KvmError(errno.ENOMEM, "test", "refused")
+        real(slot, flags, gpa, size, ua)
+
+    monkeypatch.setattr(vm, "set_user_memory_region", create_refused)
+    with pytest.raises(KvmError):
+        gm.set_readonly(region, True)
+    monkeypatch.undo()
+    assert calls == [0, 3, 1]  # delete, refused create, the old slot back
+    assert _slots(vm) == [(0, 0, 4 * PAGE, region.hva, memslot.KVM_MEM_LOG_DIRTY_PAGES)]
+    assert not region.readonly and gm.read(0, 4) == b"keep"
+    assert gm.dirty_pages().tolist() == [0]
+
+
+def test_guest_memory_after_the_vm_closed(vm: memslot.ModelVM) -> None:
+    gm = GuestMemory(vm)
+    hva = gm.add_region(0, PAGE).hva
+    vm.close()
+    gm.close()  # the VM took its slots with it; the memory is still released
+    assert not mapping_exists(hva, PAGE)
+    with pytest.raises(memslot.ClosedError):
+        GuestMemory(vm)

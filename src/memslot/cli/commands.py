@@ -11,6 +11,7 @@ from . import (
     profiles_cmd,
     replay_cmd,
     report_cmd,
+    snapshot_cmd,
 )
 from .common import Command
 
@@ -23,4 +24,5 @@ ALL: list[Command] = [
     explain_cmd.COMMAND,
     report_cmd.COMMAND,
     layout_cmd.COMMAND,
+    snapshot_cmd.COMMAND,
 ]

@@ -132,8 +132,8 @@ def findings(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "code": "huge-misaligned" if smallest else "huge-misaligned-1g",
                     "severity": "warning" if smallest else "note", "slot": name,
                     "text": f"{where}: gpa is {h['gpa_offset']:#x} into its {size_name} frame "
-                            f"but userspace_addr {h['ua_offset']:#x}, so no {size_name} page "
-                            f"can map it{est}; userspace_addr "
+                            f"but userspace_addr is {h['ua_offset']:#x} into its own, so no "
+                            f"{size_name} page can map it{est}; userspace_addr "
                             f"{h['fix_userspace_addr']:#x} (gpa mod {size_name}) would allow "
                             f"{_size(h['lost_bytes'])} of {size_name} mappings"
                             + ("" if smallest else " (with 1 GiB hugetlbfs backing)"),

@@ -67,7 +67,13 @@ def print_table(
         t.add_column(h, justify="right" if i in right else "left", no_wrap=True)
     for row in rows:
         t.add_row(*(_escape(cell) for cell in row))
-    _console(stream).print(t)
+    console = _console(stream)
+    natural = console.measure(t, options=console.options.update_width(1 << 16)).maximum
+    if natural > console.width:
+        # never cut or fold an address: let a narrow terminal wrap the long lines instead
+        console = _console(stream)
+        console.width = natural
+    console.print(t)
 
 
 def _escape(text: str) -> str:

@@ -29,7 +29,7 @@ def test_model_predicts_vmalloc_to_the_page() -> None:
 def test_measure_cli() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "memslot", "measure-metadata", "--sizes", "1", "4096",
-         "--repeats", "2"], capture_output=True, text=True, timeout=300,
+         "--repeats", "3"], capture_output=True, text=True, timeout=300,
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -5,7 +5,7 @@ a description of each slot's metadata and integrity checks for it."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from ..engine.change import ChangeType, Rule
 from ..engine.ledger import Allocation, AllocGroup, Ledger
@@ -26,7 +26,7 @@ class ArchHooks:
     """Hooks of an arch with no per-slot metadata and no extra checks (PPC PR, mips)."""
 
     #: Variant names this arch understands (see ``ModelVM(variants=...)``).
-    VARIANTS: tuple[str, ...] = ()
+    VARIANTS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, profile: Profile, ledger: Ledger, variants: frozenset[str]) -> None:
         self.profile = profile

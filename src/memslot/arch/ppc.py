@@ -10,7 +10,7 @@ reallocating there would leak the old array. PR keeps no per-slot metadata.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
@@ -30,7 +30,7 @@ ALLOC_RMAP = Rule("ppc-alloc-rmap", 12, "kvmppc_core_prepare_memory_region_hv",
 class PpcHvArch(ArchHooks):
     """book3s HV: ``arch.rmap`` is a single :class:`Allocation` (or ``None``)."""
 
-    VARIANTS = (VARIANT_REALLOC_RMAP_ON_MOVE,)
+    VARIANTS: ClassVar[tuple[str, ...]] = (VARIANT_REALLOC_RMAP_ON_MOVE,)
 
     def prepare(
         self,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
@@ -30,11 +30,13 @@ from ..engine.ledger import (
     Allocation,
     AllocFailed,
     AllocGroup,
+    Ledger,
     Spec,
     SpecGroup,
     spec,
 )
 from ..engine.slot import MemorySlot
+from ..profile import Profile
 from .base import ArchHooks, PrepareError
 
 KVM_NR_PAGE_SIZES = 3  # 4K, 2M, 1G
@@ -162,10 +164,10 @@ def _allowed_indices(entries: int, head: bool, tail: bool, whole: bool) -> tuple
 class X86Arch(ArchHooks):
     """x86 hooks."""
 
-    VARIANTS = (VARIANT_REUSE_ARCH_ON_MOVE,)
+    VARIANTS: ClassVar[tuple[str, ...]] = (VARIANT_REUSE_ARCH_ON_MOVE,)
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, profile: Profile, ledger: Ledger, variants: frozenset[str]) -> None:
+        super().__init__(profile, ledger, variants)
         p = self.profile
         self.shadow_root_allocated = False
         self.reuse_on_move = VARIANT_REUSE_ARCH_ON_MOVE in self.variants

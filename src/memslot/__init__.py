@@ -29,6 +29,7 @@ from .engine.memslots import SwapEvent
 from .engine.result import OpResult
 from .engine.slot import MemorySlot
 from .errors import ClosedError, GuestAddressError, KvmError, KvmUnavailable, MemslotError
+from .guest import DirtySet, GuestMemory, GuestRegion, LayoutError, SnapshotError, SnapshotInfo
 from .profile import PRESETS, Profile, get_profile
 from .request import MemoryRegion
 
@@ -42,6 +43,12 @@ __all__ = [
     "Allocation",
     "ChangeType",
     "ClosedError",
+    "DirtySet",
+    "GuestMemory",
+    "GuestRegion",
+    "LayoutError",
+    "SnapshotError",
+    "SnapshotInfo",
     "Divergence",
     "DualVM",
     "KvmVM",

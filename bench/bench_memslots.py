@@ -9,22 +9,20 @@ Each figure is the median of ``--ops`` timed single requests (microseconds). CRE
 are timed as a pair on one slot (delete it, create it again) so the slot count stays at N;
 MOVE moves a slot 2 MiB up into a free gap and back; FLAGS_ONLY toggles dirty logging; LOOKUP
 is ``gfn_to_memslot`` of a random gfn (model only: the kernel has no user-space lookup).
-Ratios compare model and kernel measured in the same run.
+Ratios compare model and kernel measured in the same run. Run it on an installed memslot
+(``make bench``), so the model is the mypyc-compiled build users get.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import os
 import random
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import memslot
 from memslot.constants import KVM_MEM_LOG_DIRTY_PAGES
@@ -123,8 +121,9 @@ def main() -> int:
         for name, make in backends.items():
             results[(name, n)] = run_backend(make, n, args.ops)
 
+    compiled = memslot.engine.memslots.__file__.endswith(".so")
     print(f"median microseconds per request, profile {profile.name}, {args.ops} samples each "
-          f"(python {sys.version.split()[0]})")
+          f"(python {sys.version.split()[0]}, model {'compiled (mypyc)' if compiled else 'pure'})")
     header = f"{'N':>6}  {'op':<10}" + "".join(f"{b:>10}" for b in backends)
     if len(backends) == 2:
         header += f"{'model/kernel':>14}"

@@ -12,7 +12,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memslot.cli.main import main
@@ -79,22 +79,6 @@ def lines(draw: st.DrawFn) -> bytes:
 traces = st.tuples(st.lists(lines(), max_size=8), st.sampled_from([b"\n", b"\r\n", b"\r"]))
 
 
-def _known_bug(data: bytes) -> bool:
-    """Inputs that hit the two parser bugs pinned by the xfail tests below."""
-    for raw in data.splitlines():
-        try:
-            obj = json.loads(raw)
-        except ValueError as exc:
-            if "Exceeds the limit" in str(exc):
-                return True
-            continue
-        except RecursionError:
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("op"), list | dict):
-            return True
-    return False
-
-
 @pytest.fixture(scope="module")
 def scratch() -> Iterator[Path]:
     with tempfile.TemporaryDirectory() as d:
@@ -125,7 +109,6 @@ def test_iter_trace_fails_on_one_line_or_not_at_all(scratch: Path,
                                                     trace: tuple[list[bytes], bytes]) -> None:
     parts, sep = trace
     data = sep.join(parts)
-    assume(not _known_bug(data))
     scratch.write_bytes(data)
     nlines = max(len(data.decode("utf-8", "replace").splitlines()), 1)
     try:
@@ -153,7 +136,6 @@ def test_replay_cli_one_line_error_nothing_applied(scratch: Path,
                                                    trace: tuple[list[bytes], bytes]) -> None:
     parts, sep = trace
     data = sep.join(parts)
-    assume(not _known_bug(data))
     scratch.write_bytes(data)
     _, errors = _read(scratch, keep_going=True)
     code, out, err = cli("replay", "--json", str(scratch))
@@ -212,9 +194,6 @@ def test_empty_directory_and_stdin_like_inputs(tmp_path: Path) -> None:
     assert code == 2 and err == f"memslot: error: {tmp_path}: is a directory\n"
 
 
-@pytest.mark.xfail(strict=True, reason="trace.jsonl.parse_lines lets the ValueError of "
-                   "Python's 4300-digit int limit escape (json.loads); it should be a "
-                   "one-line TraceFormatError")
 def test_jsonl_integer_past_the_digit_limit(tmp_path: Path) -> None:
     trace = tmp_path / "t.jsonl"
     trace.write_text('{"slot": ' + "9" * 5000 + ', "flags": 0, "guest_phys_addr": 0, '
@@ -223,8 +202,6 @@ def test_jsonl_integer_past_the_digit_limit(tmp_path: Path) -> None:
         list(iter_trace(str(trace)))
 
 
-@pytest.mark.xfail(strict=True, reason="trace.jsonl.parse_object tests 'op in _KEYS' on an "
-                   "unhashable op value: TypeError instead of a one-line error")
 def test_jsonl_unhashable_op(tmp_path: Path) -> None:
     trace = tmp_path / "t.jsonl"
     trace.write_text('{"op": []}\n')

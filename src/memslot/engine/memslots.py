@@ -357,7 +357,7 @@ class Memslots:
             # the old range while it is flushed and the new slot is prepared.
             invalid = _new_slot(MemorySlot, (slot_id, as_id, old.base_gfn, old.npages,
                                  old.flags | KVM_MEMSLOT_INVALID, old.userspace_addr, old.arch,
-                                 old.dirty_bitmap, invalid_struct, old.gmem))
+                                 old.dirty_bitmap, invalid_struct, old.gmem, old.page_shift))
             self._swap(slots, change, "invalidate", old, invalid)
 
         # kvm_prepare_memory_region: the dirty bitmap, then the arch hook.
@@ -399,13 +399,13 @@ class Memslots:
         new = None
         if change is ch.CREATE:
             new = _new_slot(MemorySlot, (slot_id, as_id, base_gfn, npages, flags, uaddr, arch,
-                                         bitmap, struct, gmem))
+                                         bitmap, struct, gmem, self._page_shift))
             self._swap(slots, change, "install", None, new)
         elif change is ch.DELETE:
             self._swap(slots, change, "install", invalid, None)
         else:
             new = _new_slot(MemorySlot, (slot_id, as_id, base_gfn, npages, flags, uaddr, arch,
-                                         bitmap, struct, gmem))
+                                         bitmap, struct, gmem, self._page_shift))
             self._swap(slots, change, "install", invalid if invalid is not None else old, new)
         if invalid is not None:
             ledger.free(invalid.struct)  # type: ignore[arg-type]

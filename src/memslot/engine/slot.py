@@ -22,7 +22,8 @@ class MemorySlot(NamedTuple):
     description (``None`` where no arch data exists or the backend cannot see it),
     ``dirty_bitmap`` the slot's dirty log (``None`` without ``KVM_MEM_LOG_DIRTY_PAGES``),
     ``struct`` the ledger entry of the slot struct itself (model only) and ``gmem`` the
-    ``(fd, offset)`` guest_memfd binding, if any.
+    ``(fd, offset)`` guest_memfd binding, if any; ``page_shift`` the host page size that
+    gfns count in (12 on x86, 16 on ppc64 with 64 KiB pages).
 
     A change to a slot creates a new view (the kernel allocates a new struct per change);
     the bitmap object is carried over when the kernel carries it over.
@@ -38,6 +39,7 @@ class MemorySlot(NamedTuple):
     dirty_bitmap: DirtyBitmap | None = None
     struct: AllocGroup | None = None
     gmem: tuple[int, int] | None = None
+    page_shift: int = PAGE_SHIFT
 
     @property
     def end_gfn(self) -> int:
@@ -46,11 +48,11 @@ class MemorySlot(NamedTuple):
 
     @property
     def guest_phys_addr(self) -> int:
-        return self.base_gfn << PAGE_SHIFT
+        return self.base_gfn << self.page_shift
 
     @property
     def memory_size(self) -> int:
-        return self.npages << PAGE_SHIFT
+        return self.npages << self.page_shift
 
     @property
     def invalid(self) -> bool:

@@ -120,7 +120,7 @@ def parse_object(obj: Any, line: int = 0) -> TraceOp:
     if not isinstance(obj, dict):
         raise _LineError(f"expected a JSON object, got {type(obj).__name__}")
     op = obj.get("op", "set")
-    if op not in _KEYS:
+    if not isinstance(op, str) or op not in _KEYS:
         raise _LineError(f"unknown op {op!r}")
     unknown = sorted(set(obj) - _KEYS[op])
     if unknown:
@@ -184,6 +184,8 @@ def parse_lines(
                 raise TraceFormatError(path, number, f"malformed JSON: {exc.msg}") from None
             except RecursionError:
                 raise TraceFormatError(path, number, "malformed JSON: nested too deeply") from None
+            except ValueError as exc:  # e.g. an integer past Python's digit limit
+                raise TraceFormatError(path, number, f"malformed JSON: {exc}") from None
             try:
                 op = parse_object(obj, number)
             except _LineError as exc:

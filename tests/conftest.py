@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import pytest
+
+import memslot
 
 
 @functools.cache
@@ -33,3 +36,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.fixturenames.insert(0, "require_kvm")
         elif "require_kvm" in item.fixturenames:
             item.add_marker(pytest.mark.kvm)
+
+
+@pytest.fixture
+def vm() -> Iterator[memslot.ModelVM]:
+    """A model VM (default profile), closed after the test; files needing another backend
+    define their own ``vm``."""
+    machine = memslot.ModelVM()
+    try:
+        yield machine
+    finally:
+        machine.close()

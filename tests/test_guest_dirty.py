@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import memslot
-from memslot.guest import GuestMemory, GuestRegion
+from guest_helpers import guest_write
+from memslot.guest import GuestMemory
 from memslot.guest.dirty import (
     DirtyBitmap,
     DirtyTracker,
@@ -31,15 +32,6 @@ PAGE = 4096
 MiB = 1 << 20
 
 
-@pytest.fixture
-def vm() -> Iterator[memslot.ModelVM]:
-    machine = memslot.ModelVM()
-    try:
-        yield machine
-    finally:
-        machine.close()
-
-
 @pytest.fixture(params=[False, True], ids=["get", "get+clear"])
 def gm(request: pytest.FixtureRequest, vm: memslot.ModelVM) -> Iterator[GuestMemory]:
     mem = GuestMemory(vm, manual_protect=request.param)
@@ -47,14 +39,6 @@ def gm(request: pytest.FixtureRequest, vm: memslot.ModelVM) -> Iterator[GuestMem
         yield mem
     finally:
         mem.close()
-
-
-def guest_write(vm: memslot.ModelVM, region: GuestRegion, gpa: int, data: bytes) -> None:
-    """What a vCPU does: store into the memory and let KVM mark the page."""
-    off = gpa - region.gpa
-    region.mapping.buffer[off : off + len(data)] = data
-    for gfn in range(gpa // PAGE, (gpa + len(data) - 1) // PAGE + 1):
-        vm.mark_page_dirty(gfn)
 
 
 def test_kernel_log_and_host_writes_combined(gm: GuestMemory, vm: memslot.ModelVM) -> None:

@@ -28,15 +28,6 @@ PAGE = 4096
 
 
 @pytest.fixture
-def vm() -> Iterator[memslot.ModelVM]:
-    machine = memslot.ModelVM()
-    try:
-        yield machine
-    finally:
-        machine.close()
-
-
-@pytest.fixture
 def gm(vm: memslot.ModelVM) -> Iterator[GuestMemory]:
     mem = GuestMemory(vm)
     try:

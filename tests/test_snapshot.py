@@ -9,34 +9,18 @@ import json
 import random
 import struct
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import memslot
+from guest_helpers import guest_write
 from memslot.cli.main import main
-from memslot.guest import GuestMemory, GuestRegion, SnapshotError, read_info, verify_chain
+from memslot.guest import GuestMemory, SnapshotError, read_info, verify_chain
 from memslot.guest import snapshot as fmt
 
 PAGE = 4096
 MiB = 1 << 20
-
-
-@pytest.fixture
-def vm() -> Iterator[memslot.ModelVM]:
-    machine = memslot.ModelVM()
-    try:
-        yield machine
-    finally:
-        machine.close()
-
-
-def guest_write(vm: memslot.ModelVM, region: GuestRegion, gpa: int, data: bytes) -> None:
-    off = gpa - region.gpa
-    region.mapping.buffer[off : off + len(data)] = data
-    for gfn in range(gpa // PAGE, (gpa + len(data) - 1) // PAGE + 1):
-        vm.mark_page_dirty(gfn)
 
 
 Image = dict[int, tuple[int, int, str, bytes]]  # uid -> (gpa, flags, label, contents)

@@ -93,11 +93,15 @@ def measure(
     sizes: tuple[int, ...] = DEFAULT_SIZES,
     repeats: int = 5,
     progress: Callable[[str], None] | None = None,
+    max_passes: int = 25,
 ) -> list[Measurement]:
     """For each slot shape (size, base aligned or not, dirty logging on or off) and step, the
-    kernel's VmallocUsed delta (the most frequent value over ``repeats`` passes, so other
-    activity on the host does not decide it) beside the model's prediction."""
+    kernel's VmallocUsed delta beside the model's prediction. Other activity on the host moves
+    VmallocUsed too, so passes repeat until, for every step, the most frequent delta has been
+    seen ``ceil(repeats / 2) + 1`` times (at least ``repeats`` passes, at most ``max_passes``);
+    that value counts."""
     page = profile.page_size
+    agree = repeats // 2 + 1
     out: list[Measurement] = []
     for npages in sizes:
         for base_gfn in (0, 1):
@@ -107,11 +111,19 @@ def measure(
                     progress(shape)
                 steps = shape_steps(npages, base_gfn, dirty, page)
                 runs = [_run_once(steps) for _ in range(repeats)]
+                while len(runs) < max_passes and not all(
+                    _agreement(tuple(run[i] for run in runs)) >= agree for i in range(len(steps))
+                ):
+                    runs.append(_run_once(steps))
                 predicted = _model(profile, steps)
                 for i, (label, *_rest) in enumerate(steps):
                     samples = tuple(run[i] for run in runs)
                     out.append(Measurement(shape, label, _stable(samples), predicted[i], samples))
     return out
+
+
+def _agreement(samples: tuple[int, ...]) -> int:
+    return max(samples.count(v) for v in samples)
 
 
 def _stable(samples: tuple[int, ...]) -> int:

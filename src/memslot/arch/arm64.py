@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..constants import KVM_MEMSLOT_GMEM_ONLY
-from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
 from ..engine.slot import MemorySlot
-from .base import ArchHooks, PrepareError
+from .base import ArchHooks, NewSlot, PrepareError
 
 IPA_LIMIT = Rule("arm64-ipa", 14, "kvm_arch_prepare_memory_region",
                  "base_gfn + npages > IPA size >> PAGE_SHIFT")
@@ -22,22 +21,12 @@ GMEM_ONLY = Rule("arm64-gmem-only", 22, "kvm_arch_prepare_memory_region",
 
 
 class Arm64Arch(ArchHooks):
-    def prepare(
-        self,
-        change: ChangeType,
-        old: MemorySlot | None,
-        as_id: int,
-        slot_id: int,
-        base_gfn: int,
-        npages: int,
-        flags: int,
-        userspace_addr: int,
-    ) -> Any:
-        if change is ch.DELETE:
+    def prepare(self, change: ChangeType, old: MemorySlot | None, new: NewSlot | None) -> Any:
+        if new is None:
             return None
         bits = self.profile.ipa_bits or 40
-        if base_gfn + npages > (1 << bits) >> self.profile.page_shift:
+        if new.base_gfn + new.npages > (1 << bits) >> self.profile.page_shift:
             raise PrepareError(IPA_LIMIT)
-        if old is None and flags & 4 and not flags & KVM_MEMSLOT_GMEM_ONLY:
+        if old is None and new.flags & 4 and not new.flags & KVM_MEMSLOT_GMEM_ONLY:
             raise PrepareError(GMEM_ONLY)
         return None

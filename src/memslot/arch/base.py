@@ -5,12 +5,23 @@ a description of each slot's metadata and integrity checks for it."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from ..engine.change import ChangeType, Rule
 from ..engine.ledger import Allocation, AllocGroup, Ledger
 from ..engine.slot import MemorySlot
 from ..profile import Profile
+
+
+class NewSlot(NamedTuple):
+    """The fields of the slot being prepared (``new`` in the kernel's hooks)."""
+
+    as_id: int
+    id: int
+    base_gfn: int
+    npages: int
+    flags: int
+    userspace_addr: int
 
 
 class PrepareError(Exception):
@@ -34,19 +45,10 @@ class ArchHooks:
         self.variants = variants
 
     # -- kernel hooks ---------------------------------------------------------------------
-    def prepare(
-        self,
-        change: ChangeType,
-        old: MemorySlot | None,
-        as_id: int,
-        slot_id: int,
-        base_gfn: int,
-        npages: int,
-        flags: int,
-        userspace_addr: int,
-    ) -> Any:
+    def prepare(self, change: ChangeType, old: MemorySlot | None, new: NewSlot | None) -> Any:
         """``kvm_arch_prepare_memory_region``: return the new slot's arch data or raise
-        :class:`PrepareError`; anything allocated before a failure is freed first."""
+        :class:`PrepareError`; anything allocated before a failure is freed first. ``new`` is
+        ``None`` for DELETE, as in the kernel."""
         return None
 
     def commit(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> None:

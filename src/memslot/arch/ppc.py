@@ -16,7 +16,7 @@ from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
 from ..engine.ledger import KIND_PPC_RMAP, Allocation, AllocGroup
 from ..engine.slot import MemorySlot
-from .base import ArchHooks, PrepareError
+from .base import ArchHooks, NewSlot, PrepareError
 
 VARIANT_REALLOC_RMAP_ON_MOVE = "ppc-realloc-rmap-on-move"
 RMAP_ENTRY_SIZE = 8
@@ -32,29 +32,20 @@ class PpcHvArch(ArchHooks):
 
     VARIANTS: ClassVar[tuple[str, ...]] = (VARIANT_REALLOC_RMAP_ON_MOVE,)
 
-    def prepare(
-        self,
-        change: ChangeType,
-        old: MemorySlot | None,
-        as_id: int,
-        slot_id: int,
-        base_gfn: int,
-        npages: int,
-        flags: int,
-        userspace_addr: int,
-    ) -> Any:
+    def prepare(self, change: ChangeType, old: MemorySlot | None, new: NewSlot | None) -> Any:
+        if new is None:
+            return None  # DELETE
         realloc = change is ch.MOVE and VARIANT_REALLOC_RMAP_ON_MOVE in self.variants
         if change is ch.CREATE or realloc:
+            npages = new.npages
             size = npages * RMAP_ENTRY_SIZE
             if size >> self.profile.page_shift > self.profile.totalram_pages:
                 raise PrepareError(RMAP_TOTALRAM)
-            a = self.ledger.alloc(as_id, slot_id,
+            a = self.ledger.alloc(new.as_id, new.id,
                                   self.ledger.spec(KIND_PPC_RMAP, npages, RMAP_ENTRY_SIZE))
             if a is None:
                 raise PrepareError(ALLOC_RMAP)
             return a
-        if change is ch.DELETE:
-            return None
         assert old is not None
         return old.arch  # MOVE and FLAGS_ONLY share the old rmap
 

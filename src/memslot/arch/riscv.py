@@ -6,30 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
 from ..engine.slot import MemorySlot
-from .base import ArchHooks, PrepareError
+from .base import ArchHooks, NewSlot, PrepareError
 
 GPA_LIMIT = Rule("riscv-gpa", 14, "kvm_arch_prepare_memory_region",
                  "base_gfn + npages >= G-stage GPA size >> PAGE_SHIFT")
 
 
 class RiscvArch(ArchHooks):
-    def prepare(
-        self,
-        change: ChangeType,
-        old: MemorySlot | None,
-        as_id: int,
-        slot_id: int,
-        base_gfn: int,
-        npages: int,
-        flags: int,
-        userspace_addr: int,
-    ) -> Any:
-        if change is ch.DELETE:
+    def prepare(self, change: ChangeType, old: MemorySlot | None, new: NewSlot | None) -> Any:
+        if new is None:
             return None
         bits = self.profile.ipa_bits or 50
-        if base_gfn + npages >= (1 << bits) >> self.profile.page_shift:
+        if new.base_gfn + new.npages >= (1 << bits) >> self.profile.page_shift:
             raise PrepareError(GPA_LIMIT)
         return None

@@ -11,7 +11,7 @@ from typing import Any
 from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
 from ..engine.slot import MemorySlot
-from .base import ArchHooks, PrepareError
+from .base import ArchHooks, NewSlot, PrepareError
 
 SEGMENT = 1 << 20
 
@@ -28,29 +28,20 @@ MEM_LIMIT = Rule("s390-mem-limit", 22, "kvm_arch_prepare_memory_region",
 
 
 class S390Arch(ArchHooks):
-    def prepare(
-        self,
-        change: ChangeType,
-        old: MemorySlot | None,
-        as_id: int,
-        slot_id: int,
-        base_gfn: int,
-        npages: int,
-        flags: int,
-        userspace_addr: int,
-    ) -> Any:
+    def prepare(self, change: ChangeType, old: MemorySlot | None, new: NewSlot | None) -> Any:
         p = self.profile
-        if p.ucontrol and slot_id < p.user_mem_slots:
+        slot = new if new is not None else old
+        if p.ucontrol and slot is not None and slot.id < p.user_mem_slots:
             raise PrepareError(UCONTROL)
         if p.protected:
             raise PrepareError(PROTECTED)
-        if change is ch.CREATE or change is ch.MOVE:
-            if userspace_addr & (SEGMENT - 1):
+        if (change is ch.CREATE or change is ch.MOVE) and new is not None:
+            if new.userspace_addr & (SEGMENT - 1):
                 raise PrepareError(UADDR_SEGMENT)
-            size = npages << p.page_shift
+            size = new.npages << p.page_shift
             if size & (SEGMENT - 1):
                 raise PrepareError(SIZE_SEGMENT)
             limit = p.mem_limit if p.mem_limit is not None else (1 << 64) - 1
-            if (base_gfn << p.page_shift) + size > limit:
+            if (new.base_gfn << p.page_shift) + size > limit:
                 raise PrepareError(MEM_LIMIT)
         return None

@@ -37,7 +37,7 @@ from ..engine.ledger import (
 )
 from ..engine.slot import MemorySlot
 from ..profile import Profile
-from .base import ArchHooks, PrepareError
+from .base import ArchHooks, NewSlot, PrepareError
 
 KVM_NR_PAGE_SIZES = 3  # 4K, 2M, 1G
 HUGE_LEVELS = (2, 3)
@@ -190,30 +190,21 @@ class X86Arch(ArchHooks):
         return p.external_write_tracking or not p.tdp or self.shadow_root_allocated
 
     # -- hooks ------------------------------------------------------------------------------
-    def prepare(
-        self,
-        change: ChangeType,
-        old: MemorySlot | None,
-        as_id: int,
-        slot_id: int,
-        base_gfn: int,
-        npages: int,
-        flags: int,
-        userspace_addr: int,
-    ) -> Any:
+    def prepare(self, change: ChangeType, old: MemorySlot | None, new: NewSlot | None) -> Any:
         if change is ch.FLAGS_ONLY:
             assert old is not None
             return old.arch  # memcpy(&new->arch, &old->arch): the arrays are shared
         if change is ch.MOVE and self._move_refused:
             raise PrepareError(PAGE_TRACK_MOVE)
-        if change is ch.CREATE or change is ch.MOVE:
-            if base_gfn + npages - 1 > self._max_gfn:
-                raise PrepareError(MAX_GFN, f"last gfn {base_gfn + npages - 1:#x} > "
-                                            f"{self._max_gfn:#x}")
+        if (change is ch.CREATE or change is ch.MOVE) and new is not None:
+            last = new.base_gfn + new.npages - 1
+            if last > self._max_gfn:
+                raise PrepareError(MAX_GFN, f"last gfn {last:#x} > {self._max_gfn:#x}")
             if change is ch.MOVE and self.reuse_on_move:
                 assert old is not None
                 return old.arch  # kernels before the 2020 fix kept the old arrays
-            return self._alloc_metadata(as_id, slot_id, base_gfn, npages, userspace_addr)
+            return self._alloc_metadata(new.as_id, new.id, new.base_gfn, new.npages,
+                                        new.userspace_addr)
         return None
 
     def _alloc_metadata(

@@ -15,7 +15,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), metavar="PAGES",
                    help="slot sizes in pages (default: 1 512 513 4096 32768 2^18 2^19 2^20)")
     p.add_argument("--repeats", type=int, default=5,
-                   help="passes per shape; the most frequent delta counts (default 5)")
+                   help="passes per shape, more while the host is noisy; the value most "
+                        "passes agree on counts (default 5)")
     p.add_argument("--profile", default="detect", help="model profile (default: detect)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 

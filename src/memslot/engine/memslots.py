@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..arch.base import PrepareError
+from ..arch.base import NewSlot, PrepareError
 from ..constants import (
     KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_MEM_GUEST_MEMFD,
@@ -377,14 +377,10 @@ class Memslots:
                         raise _Failed(ch.ALLOC_DIRTY_BITMAP, stage=STAGE_BITMAP)
                     bitmap = DirtyBitmap(npages, a, self.dirty.initially_set)
                     fresh_bitmap = True
-            ref = old if change is ch.DELETE else None
+            prepared = None if change is ch.DELETE else _new_slot(
+                NewSlot, (as_id, slot_id, base_gfn, npages, flags, uaddr))
             try:
-                if ref is not None:
-                    arch = self.arch.prepare(change, old, as_id, slot_id, ref.base_gfn,
-                                             ref.npages, ref.flags, ref.userspace_addr)
-                else:
-                    arch = self.arch.prepare(change, old, as_id, slot_id, base_gfn, npages,
-                                             flags, uaddr)
+                arch = self.arch.prepare(change, old, prepared)
             except PrepareError as exc:
                 if fresh_bitmap and bitmap is not None and bitmap.alloc is not None:
                     ledger.free(bitmap.alloc)

@@ -201,8 +201,8 @@ class Reference:
         n_as = p.nr_address_spaces
         if change is not DELETE:
             self._alloc("slot", change)
-        if flags & GMEM:
-            raise Refused(errno.EBADF, change)  # the only fd used is never open
+            if flags & GMEM:
+                raise Refused(errno.EBADF, change)  # the only fd used is never open
         if change in (DELETE, MOVE):
             self._alloc("invalid_slot", change)
             self.gens[as_id] += n_as  # swap #1: the INVALID copy

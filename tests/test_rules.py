@@ -287,6 +287,9 @@ def test_rule_13_max_pages(vm: ModelVM) -> None:
     vm.set_user_memory_region(0, 0, 0, ((1 << 31) - 1) * PAGE, 0)
     assert vm.memslot(0).npages == (1 << 31) - 1
     assert vm.nr_memslot_pages == (1 << 31) - 1
+    # The limit is for user ids only: an internal slot may be larger.
+    vm.set_internal_memory_region(32765, 1 << 45, (1 << 31) * PAGE)
+    assert vm.memslot(32765).npages == 1 << 31
 
 
 def test_rule_14_delete_missing_slot(vm: ModelVM) -> None:
@@ -1122,6 +1125,24 @@ def test_rule_66_move_and_flags_only_keep_bitmap(vm: ModelVM) -> None:
     vm.set_user_memory_region(0, LOG, GiB, MiB, UA)  # NOOP
     vm.set_user_memory_region(0, LOG, 2 * GiB, MiB, UA)
     assert vm.memslot(0).dirty_bitmap is bitmap
+
+
+def test_rule_66_marks_during_invalid_window_survive_move(vm: ModelVM) -> None:
+    """The INVALID copy shares the old bitmap (kvm_copy_memslot) and mark_page_dirty_in_slot
+    has no INVALID test, so a write logged mid-MOVE is in the log the moved slot keeps."""
+    vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 1)
+    vm.set_user_memory_region(0, LOG, 0, MiB, UA)
+    logged: list[bool] = []
+
+    def observer(e: memslot.SwapEvent) -> None:
+        if e.phase == "invalidate":
+            assert vm.gfn_to_memslot(9).invalid
+            logged.append(vm.mark_page_dirty(9))
+
+    vm.add_observer(observer)
+    vm.set_user_memory_region(0, LOG, GiB, MiB, UA)
+    assert logged == [True]
+    assert int.from_bytes(vm.get_dirty_log(0), "little") == 1 << 9
 
 
 def test_rule_67_log_off_frees_bitmap_at_commit(vm: ModelVM) -> None:

@@ -4,12 +4,14 @@ The reference is written from the spec, not from the model: a dict of slots, a l
 overlap scan, the classification of spec 2.1, the checks of spec 1 in table order, the
 arch prepare checks of spec 4.1/5, the allocation order of spec 3.1 (new slot, INVALID copy,
 dirty bitmap, arch arrays) for injected ENOMEM, the generation arithmetic of spec 3.1 and
-the dirty-log rules of spec 7. Values are weighted to the edges: slot ids at and past the
-limit, as_id bits, every flag bit, misalignment by a byte and by a page, gpa + size wrapping
-at 2^64, the max gfn / IPA / mem_limit, the user address limit, overlaps by one page, MOVE
-onto itself and next to a neighbour, FLAGS_ONLY toggles on read-only slots, deletes of missing
-slots, dirty-log get/clear with every range rule, and ENOMEM. After every step ``check()``
-must be empty and the model must agree with the reference.
+the dirty-log rules of spec 7 (bitmaps, GET/CLEAR, manual protect, the dirty ring).
+
+Values are weighted to the edges: slot ids at and past the limit, as_id bits, every flag
+bit, misalignment by a byte and by a page, gpa + size wrapping at 2^64, the max gfn / IPA /
+mem_limit, the user address limit, overlaps by one page, MOVE onto itself and next to a
+neighbour, FLAGS_ONLY toggles on read-only slots, deletes of missing slots, dirty-log
+get/clear with every range rule, and ENOMEM. After every step ``check()`` must be empty and
+the model must agree with the reference.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 import memslot
 from memslot import KvmError, ModelVM, Profile
 from memslot.constants import (
+    KVM_CAP_DIRTY_LOG_RING,
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -95,6 +99,7 @@ class Reference:
     slots: dict[tuple[int, int], RefSlot] = field(default_factory=dict)
     gens: list[int] = field(default_factory=list)
     manual: int = 0
+    ring: int = 0  # dirty ring size in bytes, 0 without a ring
     fault: list[str | None] | None = None  # [kind] while an ENOMEM is armed (nth = 1)
 
     def __post_init__(self) -> None:
@@ -210,8 +215,8 @@ class Reference:
             bitmap = None
             if change is not DELETE and flags & LOG:
                 if old is not None and old.bitmap is not None:
-                    bitmap = old.bitmap
-                else:
+                    bitmap = old.bitmap  # carried over, even with a ring
+                elif not self.ring:  # kvm_use_dirty_bitmap
                     self._alloc("dirty_bitmap", change)
                     bitmap = RefBitmap(npages, bool(self.manual & 2))
             if change is DELETE:
@@ -232,6 +237,8 @@ class Reference:
 
     # -- dirty logging --------------------------------------------------------------------
     def _log_slot(self, slot: int) -> RefSlot:
+        if self.ring:
+            raise Refused(errno.ENXIO)
         as_id, sid = slot >> 16, slot & 0xFFFF
         if as_id >= self.p.nr_address_spaces or sid >= self.user_slots:
             raise Refused(errno.EINVAL)
@@ -252,6 +259,8 @@ class Reference:
     def clear_dirty_log(self, slot: int, first: int, num: int, mask: bytes | None) -> None:
         if not self.p.manual_dirty_log_caps:
             raise Refused(errno.ENOTTY)
+        if self.ring:
+            raise Refused(errno.ENXIO)
         as_id, sid = slot >> 16, slot & 0xFFFF
         if as_id >= self.p.nr_address_spaces or sid >= self.user_slots:
             raise Refused(errno.EINVAL)
@@ -276,7 +285,11 @@ class Reference:
     def mark_page_dirty(self, gfn: int, as_id: int) -> bool:
         for (a, _), s in self.slots.items():
             if a == as_id and s.base <= gfn < s.base + s.npages:
-                if not s.flags & LOG or s.bitmap is None:
+                if not s.flags & LOG:
+                    return False
+                if self.ring:
+                    return True  # pushed to the ring
+                if s.bitmap is None:
                     return False
                 s.bitmap.set(gfn - s.base)
                 return True
@@ -290,6 +303,21 @@ class Reference:
         if arg & ~allowed:
             raise Refused(errno.EINVAL)
         self.manual = arg
+
+    def enable_ring(self, size: int) -> None:
+        """kvm_vm_ioctl_enable_dirty_log_ring, checks in source order (no vCPUs here)."""
+        p = self.p
+        if not (p.dirty_ring_tso or p.dirty_ring_acq_rel):
+            raise Refused(errno.EINVAL)
+        if not size or size & (size - 1):
+            raise Refused(errno.EINVAL)
+        if size < (64 + p.cpu_dirty_log_size) * 16 or size < p.page_size:
+            raise Refused(errno.EINVAL)
+        if size > 65536 * 16:
+            raise Refused(errno.E2BIG)
+        if self.ring:
+            raise Refused(errno.EINVAL)
+        self.ring = size
 
 
 # ---------------------------------------------------------------------------------------
@@ -506,6 +534,15 @@ class MemslotMachine(RuleBasedStateMachine):
         as_id = data.draw(st.integers(0, self.p.nr_address_spaces - 1))
         assert self.vm.mark_page_dirty(gfn, as_id) == self.ref.mark_page_dirty(gfn, as_id)
 
+    @rule(size=st.sampled_from([4096, 16384, 1 << 20, 3000, 2048, 1 << 21, 0]))
+    def enable_dirty_ring(self, size: int) -> None:
+        cap = KVM_CAP_DIRTY_LOG_RING if self.p.dirty_ring_tso else KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+
+        def call() -> None:
+            self.vm.enable_cap(cap, size)
+
+        self._expect(call, lambda: self.ref.enable_ring(size))
+
     @rule(arg=st.sampled_from([0, 1, 1, 3, 3, 2, 4, 5]))
     def enable_manual_protect(self, arg: int) -> None:
         def call() -> None:
@@ -536,7 +573,8 @@ class MemslotMachine(RuleBasedStateMachine):
             assert self.vm.gfn_to_memslot(s.base, as_id) == slot
             assert self.vm.gfn_to_hva(s.base + s.npages - 1, as_id) == s.uaddr + (
                 s.npages - 1) * ps
-            assert (slot.dirty_bitmap is not None) == bool(s.flags & LOG)
+            assert (slot.dirty_bitmap is not None) == (s.bitmap is not None)
+            assert s.bitmap is None or s.flags & LOG
 
 
 def _machine(profile: str | Profile) -> type[MemslotMachine]:

@@ -84,6 +84,7 @@ def _profile(name: str) -> memslot.Profile:
     return memslot.get_profile(name)
 
 
+BY_NAME = {sc.name: sc for sc in SCENARIOS}
 # guest_memfd scenarios only where the profile has CONFIG_KVM_GUEST_MEMFD.
 CASES = [(p, sc) for p in PROFILES for sc in SCENARIOS if not sc.gmem or _profile(p).guest_memfd]
 CASE_IDS = [f"{p}-{sc.name}" for p, sc in CASES]
@@ -146,12 +147,13 @@ def _expected_generation_delta(vm: ModelVM, change: ChangeType, failed_kind: str
     return 0
 
 
-def _cases(profile: str, sc: Scenario) -> tuple[list[str], str, object]:
+def _cases(profile: str, sc: Scenario) -> tuple[list[str], object]:
+    """The kinds a twin VM allocates for the request, in order, and its resulting shape."""
     twin, request = _build(profile, sc)
     result = twin.submit(request)
     assert result.ok and result.change is sc.change, result.summary()
     assert twin.check() == []
-    return [a.kind for a in result.allocated], str(sc.change), _shape(twin)
+    return [a.kind for a in result.allocated], _shape(twin)
 
 
 def _fail_once(
@@ -185,7 +187,7 @@ def _fail_once(
 @pytest.mark.parametrize(("profile", "sc"), CASES, ids=CASE_IDS)
 def test_enomem_at_every_allocation(profile: str, sc: Scenario) -> None:
     """The nth allocation of the request fails, for every n."""
-    kinds, _, twin_shape = _cases(profile, sc)
+    kinds, twin_shape = _cases(profile, sc)
     assert kinds, "every change allocates at least a slot struct"
     for nth, kind in enumerate(kinds, 1):
         _fail_once(profile, sc, lambda vm, n=nth: vm.inject_enomem(n), kind, twin_shape)
@@ -194,7 +196,7 @@ def test_enomem_at_every_allocation(profile: str, sc: Scenario) -> None:
 @pytest.mark.parametrize(("profile", "sc"), CASES, ids=CASE_IDS)
 def test_enomem_at_every_allocation_of_each_kind(profile: str, sc: Scenario) -> None:
     """``inject_enomem(nth, kind=...)`` counts only allocations of that kind."""
-    kinds, _, twin_shape = _cases(profile, sc)
+    kinds, twin_shape = _cases(profile, sc)
     for kind, count in Counter(kinds).items():
         for nth in range(1, count + 1):
             _fail_once(profile, sc, lambda vm, n=nth, k=kind: vm.inject_enomem(n, kind=k), kind,
@@ -204,16 +206,16 @@ def test_enomem_at_every_allocation_of_each_kind(profile: str, sc: Scenario) -> 
 def test_expected_allocation_sequences() -> None:
     """The allocation order the cases above rely on: new slot, INVALID copy, dirty bitmap,
     then the x86 arrays rmap L1..L3, lpage_info L2, L3, write-track."""
-    kinds, _, _ = _cases("x86_64-shadow", SCENARIOS[10])  # move-turns-log-on
+    kinds, _ = _cases("x86_64-shadow", BY_NAME["move-turns-log-on"])
     assert kinds == ["slot", "invalid_slot", "dirty_bitmap", "rmap", "rmap", "rmap",
                      "lpage_info", "lpage_info", "write_track"]
-    kinds, _, _ = _cases("x86_64", SCENARIOS[1])  # create-log, lazy rmaps, no write tracking
+    kinds, _ = _cases("x86_64", BY_NAME["create-log"])  # lazy rmaps, no write tracking
     assert kinds == ["slot", "dirty_bitmap", "lpage_info", "lpage_info"]
-    kinds, _, _ = _cases("ppc64-hv", SCENARIOS[6])  # move shares the rmap
+    kinds, _ = _cases("ppc64-hv", BY_NAME["move"])  # MOVE shares the rmap
     assert kinds == ["slot", "invalid_slot"]
-    kinds, _, _ = _cases("ppc64-hv", SCENARIOS[0])
+    kinds, _ = _cases("ppc64-hv", BY_NAME["create"])
     assert kinds == ["slot", "ppc_rmap"]
-    kinds, _, _ = _cases("s390x", SCENARIOS[3])  # delete
+    kinds, _ = _cases("s390x", BY_NAME["delete"])
     assert kinds == ["invalid_slot"]
 
 

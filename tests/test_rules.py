@@ -91,12 +91,6 @@ def _state(vm: ModelVM) -> tuple[object, ...]:
     return slots, vm.nr_memslot_pages, frozenset(a.serial for a in vm.allocations())
 
 
-def rule_code(vm: ModelVM) -> str | None:
-    r = vm.last_result
-    assert r is not None
-    return None if r.rule is None else r.rule.code
-
-
 def gens(vm: ModelVM) -> list[int]:
     return [vm.generation(a) for a in range(vm.nr_address_spaces)]
 

@@ -130,7 +130,7 @@ class Replayer:
         try:
             value = fn()
         except KvmError as exc:
-            return ReplayStep(index, op, exc.errno or 0, message=str(exc))
+            return ReplayStep(index, op, exc.errno or 0, message=exc.rule or str(exc))
         except Divergence as exc:
             err = exc.kernel_errno if exc.kernel_errno is not None else 0
             return ReplayStep(index, op, err, problems=[f"divergence: {exc}"], message=str(exc))
@@ -151,4 +151,4 @@ def describe_op(op: TraceOp) -> str:
         from .constants import CAPABILITY_NAMES
 
         return f"ENABLE_CAP {CAPABILITY_NAMES.get(op.cap, op.cap)} args={list(op.args)}"
-    return f"guest write gfn={op.gfn:#x} as={op.as_id}"
+    return f"GUEST_WRITE gfn={op.gfn:#x} as={op.as_id}"

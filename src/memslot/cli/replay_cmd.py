@@ -99,17 +99,21 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_MISMATCH if mismatches else EXIT_OK
 
 
+_KIND = {"get_dirty_log": "GET_LOG", "clear_dirty_log": "CLEAR_LOG",
+         "enable_cap": "ENABLE_CAP", "mark_dirty": "WRITE"}
+
+
 def format_step(step: ReplayStep) -> str:
     op = step.op
     where = f"L{op.line}" if op.line else f"#{step.index}"
-    if step.skipped:
-        outcome = f"{'skipped':<10} {'':<8}"
-    elif step.result is not None:
-        change = str(step.result.change) if step.result.change else "-"
-        outcome = f"{change:<10} {'ok' if not step.errno else step.result.errno_name:<8}"
+    details = describe_op(op)
+    if op.op == "set":
+        kind = str(step.result.change) if step.result and step.result.change else "-"
     else:
-        outcome = f"{op.op:<10} {'ok' if not step.errno else _name(step.errno):<8}"
-    text = f"{where:>6}  {outcome} {describe_op(op)}"
+        kind = _KIND[op.op]
+        details = details.split(" ", 1)[1] if " " in details else details
+    status = "skipped" if step.skipped else ("ok" if not step.errno else _name(step.errno or 0))
+    text = f"{where:>6}  {kind:<10} {status:<7} {details}"
     r = step.result
     if r is not None:
         if r.bytes_allocated or r.bytes_freed:

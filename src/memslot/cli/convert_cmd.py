@@ -8,12 +8,11 @@ import sys
 import tempfile
 from typing import Any
 
-from ..tools.session import load_trace
 from ..trace.jsonl import dumps, to_object
 from ..trace.reader import FORMATS, sniff_format
-from ..trace.records import TraceFormatError
 from . import render
 from .common import EXIT_OK, Command, die, emit_json
+from .trace_input import read_trace_or_die
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -59,10 +58,7 @@ def _write_atomic(path: str, text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     fmt = _detect(args.file, args.format)
-    try:
-        ops, errors = load_trace(args.file, args.format, args.keep_going)
-    except TraceFormatError as exc:
-        die(str(exc))
+    ops, errors = read_trace_or_die(args.file, args.format, args.keep_going)
     if args.output is not None and os.path.isdir(args.output):
         die(f"{args.output}: is a directory")
     lines = [dumps(op) for op in ops]
@@ -73,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         out: dict[str, Any] = {"input": args.file, "format": fmt, "output": args.output,
                                "operations": len(ops),
-                               "malformed_lines": [str(e) for e in errors]}
+                               "malformed_lines": errors}
         if args.output is None:
             out["trace"] = [to_object(op) for op in ops]
         emit_json(out)

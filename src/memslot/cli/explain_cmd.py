@@ -9,12 +9,13 @@ from typing import Any
 from ..profile import Profile
 from ..replay import Replayer
 from ..tools.explain import explain_step, parse_request
-from ..tools.session import ModelRun, load_trace, parse_at, replay_model
+from ..tools.session import ModelRun, replay_model
 from ..trace.reader import FORMATS
-from ..trace.records import SetRegion, TraceFormatError, TraceOp
+from ..trace.records import SetRegion, TraceOp
 from . import render
 from .backends import resolve_profile
 from .common import EXIT_MISMATCH, EXIT_OK, Command, die, emit_json, human_bytes
+from .trace_input import at_or_die, read_trace_or_die
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -43,11 +44,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace) -> tuple[list[TraceOp], list[str]]:
     if args.file is None:
         return [], []
-    try:
-        ops, errors = load_trace(args.file, args.format, args.keep_going)
-    except TraceFormatError as exc:
-        die(str(exc))
-    return ops, [str(e) for e in errors]
+    return read_trace_or_die(args.file, args.format, args.keep_going)
 
 
 def _split_request(args: argparse.Namespace) -> None:
@@ -72,10 +69,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             die(f"--request: {exc}")
     ops, bad_lines = _load(args)
-    try:
-        at = parse_at(args.at, ops) if args.at is not None else None
-    except ValueError as exc:
-        die(str(exc))
+    at = at_or_die(args.at, ops)
     if region is not None:
         return _explain_request(args, profile, ops, at, region, bad_lines)
     return _explain_trace(args, profile, ops, at, bad_lines)

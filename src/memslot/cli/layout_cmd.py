@@ -8,12 +8,12 @@ import os
 import tempfile
 
 from ..tools.layout import MAX_ROWS, Scene, layout, to_png, to_svg
-from ..tools.session import load_trace, parse_at, replay_model
+from ..tools.session import replay_model
 from ..trace.reader import FORMATS
-from ..trace.records import TraceFormatError
 from . import render
 from .backends import resolve_profile
 from .common import EXIT_OK, Command, die, emit_json
+from .trace_input import at_or_die, read_trace_or_die
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -68,14 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_rows < 4:
         die("--max-rows must be at least 4")
     profile = resolve_profile(args.profile)
-    try:
-        ops, errors = load_trace(args.file, args.format, args.keep_going)
-    except TraceFormatError as exc:
-        die(str(exc))
-    try:
-        at = parse_at(args.at, ops) if args.at is not None else None
-    except ValueError as exc:
-        die(str(exc))
+    ops, errors = read_trace_or_die(args.file, args.format, args.keep_going)
+    at = at_or_die(args.at, ops)
     with render.progress(len(ops) if at is None else at, "replaying", not args.json) as update:
         run_ = replay_model(ops, profile, at, progress=update)
     try:
@@ -93,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         emit_json({"file": args.file, "profile": profile.name, "after": applied,
                    "output": args.output, "width": scene.width, "height": scene.height,
                    "address_spaces": scene.rows,
-                   "malformed_lines": [str(e) for e in errors]})
+                   "malformed_lines": errors})
     else:
         rows = sum(len(r) for r in scene.rows)
         print(f"{args.output}: {scene.width}x{scene.height}, {slots} slot(s) in {rows} row(s)")

@@ -11,10 +11,10 @@ from ..backends.base import VM
 from ..backends.model import ModelVM
 from ..engine.slot import MemorySlot
 from ..replay import Replayer, ReplayStep, describe_op
-from ..trace.reader import FORMATS, iter_trace
-from ..trace.records import SetRegion, TraceFormatError, TraceOp
+from ..trace.reader import FORMATS
 from .backends import add_profile_options, make_vm, resolve_profile
-from .common import EXIT_MISMATCH, EXIT_OK, Command, die, emit_json, human_bytes, table
+from .common import EXIT_MISMATCH, EXIT_OK, Command, emit_json, human_bytes, table
+from .trace_input import read_trace_or_die
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -28,16 +28,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-going", action="store_true",
                    help="skip malformed lines (reported) instead of refusing the whole file")
     p.add_argument("-q", "--quiet", action="store_true", help="only the final table and totals")
-
-
-def load_ops(path: str, fmt: str, keep_going: bool) -> tuple[list[TraceOp], list[str]]:
-    """Read and validate the whole trace before anything is applied."""
-    errors: list[TraceFormatError] = []
-    try:
-        ops = list(iter_trace(path, fmt, errors if keep_going else None))
-    except TraceFormatError as exc:
-        die(str(exc))
-    return ops, [str(e) for e in errors]
 
 
 def _slot_rows(vm: VM) -> list[MemorySlot]:
@@ -71,7 +61,7 @@ def _progress(done: int, total: int, start: float) -> None:
 
 def run(args: argparse.Namespace) -> int:
     profile = resolve_profile(args.profile)
-    ops, bad_lines = load_ops(args.file, args.format, args.keep_going)
+    ops, bad_lines = read_trace_or_die(args.file, args.format, args.keep_going)
     vm = make_vm(args.backend, profile, args.variant)
     steps: list[ReplayStep] = []
     show_progress = not args.json and sys.stderr.isatty() and len(ops) > 2000
@@ -211,7 +201,3 @@ def _report(
 
 COMMAND = Command("replay", "replay a memslot trace (JSON lines or QEMU trace) and compare "
                   "each result with the recorded one", configure, run)
-
-
-def is_set(op: TraceOp) -> bool:
-    return isinstance(op, SetRegion)

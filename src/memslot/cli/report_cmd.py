@@ -7,12 +7,11 @@ import argparse
 from typing import Any
 
 from ..tools.report import COMPARE_PROFILES, report_trace, warnings
-from ..tools.session import load_trace, parse_at
 from ..trace.reader import FORMATS
-from ..trace.records import TraceFormatError
 from . import render
 from .backends import resolve_profile
-from .common import EXIT_MISMATCH, EXIT_OK, Command, die, emit_json, human_bytes
+from .common import EXIT_MISMATCH, EXIT_OK, Command, emit_json, human_bytes
+from .trace_input import at_or_die, read_trace_or_die
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -51,14 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         names += [n for n in COMPARE_PROFILES if n not in names]
     profiles = [resolve_profile(n) for n in (names or ["x86_64"])]
-    try:
-        ops, errors = load_trace(args.file, args.format, args.keep_going)
-    except TraceFormatError as exc:
-        die(str(exc))
-    try:
-        at = parse_at(args.at, ops) if args.at is not None else None
-    except ValueError as exc:
-        die(str(exc))
+    ops, errors = read_trace_or_die(args.file, args.format, args.keep_going)
+    at = at_or_die(args.at, ops)
     total = (len(ops) if at is None else at) * len(profiles)
     with render.progress(total, "replaying", not args.json) as update:
         done = [0]
@@ -70,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         for p in profiles:
             reports.extend(report_trace(ops, [p], at, advance))
             done[0] += len(ops) if at is None else at
-    bad = [str(e) for e in errors]
+    bad = errors
     if args.json:
         emit_json({"file": args.file, "at": at, "reports": reports, "malformed_lines": bad,
                    "warnings": warnings(reports)})

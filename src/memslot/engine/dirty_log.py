@@ -37,14 +37,15 @@ class DirtyLog:
         #: Entries pushed to the (single, model-wide) dirty ring: ``(slot field, offset)``.
         self.ring: list[tuple[int, int]] = []
 
-    def _slot_for_log(self, slot: int, what: str) -> MemorySlot:
+    def _check_log_target(self, slot: int, what: str) -> None:
+        """The checks before the slot lookup: a dirty ring without bitmap (ENXIO), then the
+        address space and id (EINVAL)."""
         m = self.m
         if not m.dirty.use_dirty_bitmap:
             raise _fail(ch.DIRTY_RING, what)
         as_id, slot_id = slot >> 16, slot & 0xFFFF
         if as_id >= m.nr_as or slot_id >= m.profile.user_mem_slots:
             raise _fail(ch.DIRTY_SLOT_ID, what)
-        return None  # type: ignore[return-value]  # resolved by the caller after more checks
 
     def _lookup(self, slot: int, what: str) -> MemorySlot:
         memslot = self.m.by_id(slot >> 16, slot & 0xFFFF)
@@ -57,7 +58,7 @@ class DirtyLog:
         log is cleared as it is read (the kernel swaps each word with 0)."""
         what = f"KVM_GET_DIRTY_LOG slot={slot >> 16}:{slot & 0xFFFF}"
         with self.m.slots_lock:
-            self._slot_for_log(slot, what)
+            self._check_log_target(slot, what)
             memslot = self._lookup(slot, what)
             bitmap = memslot.dirty_bitmap
             assert bitmap is not None
@@ -74,7 +75,7 @@ class DirtyLog:
         if not m.profile.manual_dirty_log_caps:
             raise _fail(ch.CLEAR_UNSUPPORTED, what)
         with m.slots_lock:
-            self._slot_for_log(slot, what)
+            self._check_log_target(slot, what)
             if first_page & 63:
                 raise _fail(ch.CLEAR_FIRST_PAGE, what)
             memslot = self._lookup(slot, what)

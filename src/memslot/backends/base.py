@@ -5,9 +5,8 @@ from /dev/kvm; both raise :class:`memslot.KvmError` with the kernel's errno."""
 from __future__ import annotations
 
 import abc
-from types import TracebackType
-from typing import Self
 
+from ..closing import Closing
 from ..engine.slot import MemorySlot
 from ..request import MemoryRegion
 
@@ -42,7 +41,7 @@ def check_region_fields(region: MemoryRegion) -> None:
         raise ValueError(f"guest_memfd={region.guest_memfd} does not fit a u32")
 
 
-class VM(abc.ABC):
+class VM(Closing, abc.ABC):
     """A virtual machine's memslot interface (``ioctl`` on a VM fd)."""
 
     # -- memslot requests ---------------------------------------------------------------
@@ -120,14 +119,3 @@ class VM(abc.ABC):
     @property
     @abc.abstractmethod
     def closed(self) -> bool: ...
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

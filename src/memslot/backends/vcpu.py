@@ -18,9 +18,9 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
+from ..closing import Closing
 from ..errors import ClosedError, MemslotError
 from . import uapi
 from .kvm import KvmVM, UnownedMemoryError
@@ -158,7 +158,7 @@ def _release(fd: int, run_map: mmap.mmap) -> None:
     os.close(fd)
 
 
-class Vcpu:
+class Vcpu(Closing):
     """One vCPU of ``vm`` (``KVM_CREATE_VCPU`` + the mmap-ed ``kvm_run`` area).
 
     ``mmio_fill`` is the byte an MMIO read returns when the caller does not complete it.
@@ -409,17 +409,6 @@ class Vcpu:
             self._finalizer()
         finally:
             self._lock.release()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._fd}"

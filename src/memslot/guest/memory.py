@@ -19,8 +19,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +27,7 @@ import numpy.typing as npt
 from ..backends.base import VM
 from ..backends.kvm import KvmVM
 from ..backends.model import KVM_HVA_ERR_BAD, KVM_HVA_ERR_RO_BAD
+from ..closing import Closing
 from ..constants import (
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_CAP_NR_MEMSLOTS,
@@ -192,7 +192,7 @@ def _describe(region: GuestRegion | None) -> str:
     return f"[{region._gpa:#x}, {region.end:#x}) slot {region.slot}{label}"
 
 
-class GuestMemory:
+class GuestMemory(Closing):
     """Guest memory of ``vm``. ``manual_protect=True`` enables
     ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` and harvests with GET + CLEAR; otherwise GET resets
     the kernel's log as it reads it (do not enable the capability behind its back).
@@ -779,17 +779,6 @@ class GuestMemory:
             self._closed = True
             self._finalizer()
             self._publish([])
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _size(n: int) -> str:

@@ -120,46 +120,125 @@ class _Lookup:
         return out
 
 
+_BLOCK = 256  # regions per block of the layout index (split at twice that)
+
+
 class _Index:
-    """An immutable view of the layout: region starts in gpa order (and the vectorized lookup
-    of the same, built on first use)."""
+    """An immutable view of the layout: regions in gpa order, kept as blocks so that an update
+    copies one block and the short list of blocks (O(sqrt n)), never the whole layout, while
+    readers go on using the view they hold. The vectorized lookup is built on first use."""
 
-    __slots__ = ("_lookup", "regions", "starts")
+    __slots__ = ("_blocks", "_firsts", "_keys", "_len", "_lookup")
 
-    def __init__(self, regions: list[GuestRegion], starts: list[int] | None = None) -> None:
-        self.regions = regions
-        self.starts = [r._gpa for r in regions] if starts is None else starts
+    def __init__(
+        self,
+        blocks: tuple[tuple[GuestRegion, ...], ...] = (),
+        keys: tuple[tuple[int, ...], ...] | None = None,
+    ) -> None:
+        self._blocks = blocks
+        self._keys = keys if keys is not None else tuple(
+            tuple(r._gpa for r in b) for b in blocks)
+        self._firsts = [k[0] for k in self._keys]
+        self._len = sum(len(b) for b in blocks)
         self._lookup: _Lookup | None = None
+
+    @classmethod
+    def of(cls, regions: list[GuestRegion]) -> _Index:
+        ordered = sorted(regions, key=lambda r: r._gpa)
+        return cls(tuple(tuple(ordered[i : i + _BLOCK])
+                         for i in range(0, len(ordered), _BLOCK)))
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def regions(self) -> list[GuestRegion]:
+        """All regions in gpa order (O(n): for listings, not lookups)."""
+        return [r for b in self._blocks for r in b]
 
     def lookup(self) -> _Lookup:
         if self._lookup is None:
             self._lookup = _Lookup(self.regions)
         return self._lookup
 
+    def _locate(self, gpa: int) -> tuple[int, int]:
+        """(block, position) of the last region starting at or below ``gpa``; (-1, -1)."""
+        b = bisect.bisect_right(self._firsts, gpa) - 1
+        if b < 0:
+            return -1, -1
+        return b, bisect.bisect_right(self._keys[b], gpa) - 1
+
+    def _from(self, b: int, i: int) -> Iterator[GuestRegion]:
+        """Regions from (block b, position i) on, in gpa order."""
+        blocks = self._blocks
+        while b < len(blocks):
+            block = blocks[b]
+            while i < len(block):
+                yield block[i]
+                i += 1
+            b, i = b + 1, 0
+
+    def following(self, gpa: int) -> Iterator[GuestRegion]:
+        """Regions in gpa order from the one starting at or below ``gpa`` (else the first)."""
+        b, i = self._locate(gpa)
+        return self._from(b, i) if b >= 0 else self._from(0, 0)
+
     def find(self, gpa: int) -> GuestRegion | None:
-        i = bisect.bisect_right(self.starts, gpa) - 1
-        if i >= 0:
-            region = self.regions[i]
+        b, i = self._locate(gpa)
+        if b >= 0:
+            region = self._blocks[b][i]
             if gpa < region.end:
                 return region
         return None
 
     def neighbours(self, gpa: int) -> tuple[GuestRegion | None, GuestRegion | None]:
-        i = bisect.bisect_right(self.starts, gpa) - 1
-        below = self.regions[i] if i >= 0 else None
-        above = self.regions[i + 1] if i + 1 < len(self.regions) else None
-        return below, above
+        b, i = self._locate(gpa)
+        below = self._blocks[b][i] if b >= 0 else None
+        after = self._from(b, i + 1) if b >= 0 else self._from(0, 0)
+        return below, next(after, None)
 
     def overlapping(
         self, gpa: int, size: int, skip: GuestRegion | None = None
     ) -> GuestRegion | None:
-        i = max(bisect.bisect_left(self.starts, gpa) - 1, 0)
-        for region in self.regions[i:]:
+        b, i = self._locate(gpa)
+        for region in self._from(b, i) if b >= 0 else self._from(0, 0):
             if region._gpa >= gpa + size:
                 break
             if region is not skip and region.end > gpa:
                 return region
         return None
+
+    def inserted(self, region: GuestRegion) -> _Index:
+        """A new view with ``region`` added at its gpa."""
+        gpa = region._gpa
+        blocks, keys = list(self._blocks), list(self._keys)
+        if not blocks:
+            return _Index(((region,),), ((gpa,),))
+        b = max(bisect.bisect_right(self._firsts, gpa) - 1, 0)
+        i = bisect.bisect_right(keys[b], gpa)
+        block = (*blocks[b][:i], region, *blocks[b][i:])
+        key = (*keys[b][:i], gpa, *keys[b][i:])
+        if len(block) > 2 * _BLOCK:
+            blocks[b : b + 1] = [block[:_BLOCK], block[_BLOCK:]]
+            keys[b : b + 1] = [key[:_BLOCK], key[_BLOCK:]]
+        else:
+            blocks[b], keys[b] = block, key
+        return _Index(tuple(blocks), tuple(keys))
+
+    def removed(self, region: GuestRegion, gpa: int) -> _Index:
+        """A new view without ``region``, which is filed at ``gpa``."""
+        b = bisect.bisect_right(self._firsts, gpa) - 1
+        block = self._blocks[b] if b >= 0 else ()
+        i = next((k for k, candidate in enumerate(block) if candidate is region), -1)
+        if i < 0:
+            raise LayoutError(f"{region!r} is not in the layout at {gpa:#x}")
+        blocks, keys = list(self._blocks), list(self._keys)
+        if len(block) == 1:
+            del blocks[b], keys[b]
+        else:
+            blocks[b] = block[:i] + block[i + 1 :]
+            keys[b] = keys[b][:i] + keys[b][i + 1 :]
+        return _Index(tuple(blocks), tuple(keys))
 
 
 class _State:
@@ -211,7 +290,7 @@ class GuestMemory(Closing):
             vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
         self._nr_slots = vm.check_extension(KVM_CAP_NR_MEMSLOTS)
         self._lock = threading.RLock()
-        self._index = _Index([])
+        self._index = _Index()
         self._foreign = {s.id for s in vm.memslots(0)}
         self._used: set[int] = set()
         self._free: list[int] = []  # heap of released ids below _next_id
@@ -248,7 +327,7 @@ class GuestMemory(Closing):
             raise ClosedError("this GuestMemory is closed")
 
     def __len__(self) -> int:
-        return len(self._index.regions)
+        return len(self._index)
 
     def __iter__(self) -> Iterator[GuestRegion]:
         return iter(list(self._index.regions))
@@ -289,16 +368,11 @@ class GuestMemory(Closing):
         self._foreign = {s.id for s in self._vm.memslots(0)} - ours
 
     # -- layout ---------------------------------------------------------------------------
-    def _publish(self, regions: list[GuestRegion], starts: list[int] | None = None) -> None:
-        self._index = _Index(regions, starts)
+    def _publish(self, index: _Index) -> None:
+        self._index = index
 
     def _insert(self, region: GuestRegion) -> None:
-        index = self._index
-        i = bisect.bisect_right(index.starts, region._gpa)
-        regions, starts = list(index.regions), list(index.starts)
-        regions.insert(i, region)
-        starts.insert(i, region._gpa)
-        self._publish(regions, starts)
+        self._publish(self._index.inserted(region))
 
     def _own(self, region: GuestRegion | int) -> GuestRegion:
         if isinstance(region, GuestRegion):
@@ -419,7 +493,7 @@ class GuestMemory(Closing):
             self._check_open()
             r = self._own(region)
             self._vm.set_user_memory_region(r.slot, 0, r._gpa, 0, r.hva)
-            self._publish([x for x in self._index.regions if x is not r])
+            self._publish(self._index.removed(r, r._gpa))
             del self._state.regions[r.uid]
             self._release_id(r.slot)
             if isinstance(self._vm, KvmVM):
@@ -437,8 +511,9 @@ class GuestMemory(Closing):
                 return
             self._check_free(new_gpa, r.size, skip=r)
             self._vm.set_user_memory_region(r.slot, r.flags, new_gpa, r.size, r.hva)
+            without = self._index.removed(r, r._gpa)
             r._gpa = new_gpa
-            self._publish(sorted(self._index.regions, key=lambda x: x._gpa))
+            self._publish(without.inserted(r))
 
     def set_dirty_logging(self, region: GuestRegion | int, enabled: bool) -> None:
         """Turn ``KVM_MEM_LOG_DIRTY_PAGES`` on or off (a FLAGS_ONLY change). Pages the kernel
@@ -542,15 +617,14 @@ class GuestMemory(Closing):
             raise GuestAddressError(f"access [{gpa:#x}, +{length:#x}) is outside [0, 2**64)")
         out: list[tuple[GuestRegion, int, int]] = []
         pos, end = gpa, gpa + length
-        i = bisect.bisect_right(index.starts, gpa) - 1
+        following = index.following(gpa)
         while pos < end:
-            region = index.regions[i] if 0 <= i < len(index.regions) else None
+            region = next(following, None)
             if region is None or not region._gpa <= pos < region.end:
                 raise self._unmapped(index, gpa, length, pos)
             n = min(end, region.end) - pos
             out.append((region, pos - region._gpa, n))
             pos += n
-            i += 1
         return out
 
     def _one(self, gpa: int, length: int, what: str) -> tuple[GuestRegion, int]:
@@ -778,7 +852,7 @@ class GuestMemory(Closing):
                 return
             self._closed = True
             self._finalizer()
-            self._publish([])
+            self._publish(_Index())
 
 
 def _size(n: int) -> str:

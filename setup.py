@@ -15,7 +15,7 @@ COMPILED = [
     "src/memslot/engine/hva_index.py",
     "src/memslot/engine/ledger.py",
     "src/memslot/engine/result.py",
-    "src/memslot/arch/base.py",
+    "src/memslot/engine/hooks.py",
     "src/memslot/arch/x86.py",
     "src/memslot/arch/ppc.py",
     "src/memslot/arch/arm64.py",

@@ -15,7 +15,7 @@ import memslot
 from memslot.backends.dual import Divergence, DualVM
 from memslot.backends.kvm import KvmVM
 from memslot.backends.model import MEMSLOT_CAPABILITIES
-from memslot.fuzz import run_fuzz
+from memslot.harness.fuzz import run_fuzz
 
 pytestmark = pytest.mark.kvm
 ROOT = Path(__file__).resolve().parent.parent

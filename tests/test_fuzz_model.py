@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import memslot
-from memslot.fuzz import run_fuzz
+from memslot.harness.fuzz import run_fuzz
 
 
 @pytest.mark.parametrize("profile", sorted(memslot.PRESETS))

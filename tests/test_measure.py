@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import memslot
-from memslot.measure import measure
+from memslot.harness.measure import measure
 
 pytestmark = pytest.mark.kvm
 

@@ -89,7 +89,7 @@ def test_kvm_side_by_side(trace: Path) -> None:
     code, data = replay_json("--backend", "both", "--profile", "detect", str(trace))
     for s in data["steps"]:
         assert not any(p.startswith("divergence") for p in s.get("problems", [])), s
-    from memslot.detect import detect_profile
+    from memslot.harness.detect import detect_profile
 
     table = ONE_AS_MISMATCHES if detect_profile().nr_address_spaces == 1 else TWO_AS_MISMATCHES
     expected = table.get(trace.name, set())

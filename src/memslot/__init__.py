@@ -22,7 +22,6 @@ from .backends.model import (
 )
 from .backends.vcpu import Vcpu
 from .constants import *  # noqa: F403  (kernel names are the public names)
-from .detect import detect_profile
 from .engine.change import ChangeType, Rule
 from .engine.ledger import Allocation
 from .engine.memslots import SwapEvent
@@ -30,6 +29,7 @@ from .engine.result import OpResult
 from .engine.slot import MemorySlot
 from .errors import ClosedError, GuestAddressError, KvmError, KvmUnavailable, MemslotError
 from .guest import DirtySet, GuestMemory, GuestRegion, LayoutError, SnapshotError, SnapshotInfo
+from .harness.detect import detect_profile
 from .profile import PRESETS, Profile, get_profile
 from .request import MemoryRegion
 

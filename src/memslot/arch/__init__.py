@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from ..engine.hooks import ArchHooks, PrepareError
 from ..engine.ledger import Ledger
 from ..profile import Profile
 from .arm64 import Arm64Arch
-from .base import ArchHooks, PrepareError
 from .ppc import PpcHvArch, PpcPrArch
 from .riscv import RiscvArch
 from .s390 import S390Arch

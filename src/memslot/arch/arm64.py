@@ -11,8 +11,8 @@ from typing import Any
 
 from ..constants import KVM_MEMSLOT_GMEM_ONLY
 from ..engine.change import ChangeType, Rule
+from ..engine.hooks import ArchHooks, NewSlot, PrepareError
 from ..engine.slot import MemorySlot
-from .base import ArchHooks, NewSlot, PrepareError
 
 IPA_LIMIT = Rule("arm64-ipa", 14, "kvm_arch_prepare_memory_region",
                  "base_gfn + npages > IPA size >> PAGE_SHIFT")

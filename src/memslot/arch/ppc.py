@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 
 from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
+from ..engine.hooks import ArchHooks, NewSlot, PrepareError
 from ..engine.ledger import KIND_PPC_RMAP, Allocation, AllocGroup
 from ..engine.slot import MemorySlot
-from .base import ArchHooks, NewSlot, PrepareError
 
 VARIANT_REALLOC_RMAP_ON_MOVE = "ppc-realloc-rmap-on-move"
 RMAP_ENTRY_SIZE = 8

@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine.change import ChangeType, Rule
+from ..engine.hooks import ArchHooks, NewSlot, PrepareError
 from ..engine.slot import MemorySlot
-from .base import ArchHooks, NewSlot, PrepareError
 
 GPA_LIMIT = Rule("riscv-gpa", 14, "kvm_arch_prepare_memory_region",
                  "base_gfn + npages >= G-stage GPA size >> PAGE_SHIFT")

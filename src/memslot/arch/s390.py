@@ -10,8 +10,8 @@ from typing import Any
 
 from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
+from ..engine.hooks import ArchHooks, NewSlot, PrepareError
 from ..engine.slot import MemorySlot
-from .base import ArchHooks, NewSlot, PrepareError
 
 SEGMENT = 1 << 20
 

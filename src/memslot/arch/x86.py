@@ -23,6 +23,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
+from ..engine.hooks import ArchHooks, NewSlot, PrepareError
 from ..engine.ledger import (
     KIND_LPAGE_INFO,
     KIND_RMAP,
@@ -37,7 +38,6 @@ from ..engine.ledger import (
 )
 from ..engine.slot import MemorySlot
 from ..profile import Profile
-from .base import ArchHooks, NewSlot, PrepareError
 
 KVM_NR_PAGE_SIZES = 3  # 4K, 2M, 1G
 HUGE_LEVELS = (2, 3)

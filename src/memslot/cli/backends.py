@@ -27,7 +27,7 @@ def add_profile_options(p: argparse.ArgumentParser, backend: bool = True) -> Non
 
 def resolve_profile(name: str) -> Profile:
     if name == "detect":
-        from ..detect import detect_profile
+        from ..harness.detect import detect_profile
 
         try:
             return detect_profile()

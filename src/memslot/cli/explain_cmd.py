@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..harness.replay import Replayer
 from ..profile import Profile
-from ..replay import Replayer
 from ..tools.explain import explain_step, parse_request
 from ..tools.session import ModelRun, replay_model
 from ..trace.reader import FORMATS

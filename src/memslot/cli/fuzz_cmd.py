@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from ..fuzz import run_fuzz
+from ..harness.fuzz import run_fuzz
 from .backends import resolve_profile
 from .common import EXIT_MISMATCH, EXIT_OK, Command, emit_json
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import KvmUnavailable
-from ..measure import DEFAULT_SIZES, measure
+from ..harness.measure import DEFAULT_SIZES, measure
 from .backends import resolve_profile
 from .common import EXIT_MISMATCH, EXIT_OK, Command, die, emit_json, table
 

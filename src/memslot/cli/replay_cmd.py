@@ -10,7 +10,7 @@ from typing import Any
 from ..backends.base import VM
 from ..backends.model import ModelVM
 from ..engine.slot import MemorySlot
-from ..replay import Replayer, ReplayStep, describe_op
+from ..harness.replay import Replayer, ReplayStep, describe_op
 from ..trace.reader import FORMATS
 from .backends import add_profile_options, make_vm, resolve_profile
 from .common import EXIT_MISMATCH, EXIT_OK, Command, emit_json, human_bytes, table

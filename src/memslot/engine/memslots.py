@@ -16,7 +16,6 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..arch.base import NewSlot, PrepareError
 from ..constants import (
     KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_MEM_GUEST_MEMFD,
@@ -32,6 +31,7 @@ from . import change as ch
 from . import gmem as gmem_files
 from .change import ChangeType, Rule
 from .dirty import DirtyBitmap, dirty_bitmap_bytes
+from .hooks import NewSlot, PrepareError
 from .ledger import (
     KIND_DIRTY_BITMAP,
     KIND_INVALID_SLOT,
@@ -53,8 +53,8 @@ from .slot import MemorySlot
 from .slotset import SlotSet
 
 if TYPE_CHECKING:
-    from ..arch.base import ArchHooks
     from ..profile import Profile
+    from .hooks import ArchHooks
 
 GEN_UPDATE_IN_PROGRESS = 1 << 63  # KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
 ULONG_MAX = (1 << 64) - 1

@@ -11,8 +11,8 @@ from .. import constants as c
 from ..engine.change import Rule
 from ..engine.ledger import Allocation
 from ..errors import errno_name
+from ..harness.replay import ReplayStep, describe_op
 from ..profile import Profile
-from ..replay import ReplayStep, describe_op
 from ..request import MemoryRegion, slot_field
 from ..trace.records import SetRegion
 

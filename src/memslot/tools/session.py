@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..backends.model import ModelVM
+from ..harness.replay import Replayer, ReplayStep
 from ..profile import Profile
-from ..replay import Replayer, ReplayStep
 from ..trace.reader import iter_trace
 from ..trace.records import TraceFormatError, TraceOp
 

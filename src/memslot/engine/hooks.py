@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar, NamedTuple
 
-from ..engine.change import ChangeType, Rule
-from ..engine.ledger import Allocation, AllocGroup, Ledger
-from ..engine.slot import MemorySlot
 from ..profile import Profile
+from .change import ChangeType, Rule
+from .ledger import Allocation, AllocGroup, Ledger
+from .slot import MemorySlot
 
 
 class NewSlot(NamedTuple):

@@ -13,17 +13,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from . import constants as c
-from .backends.base import VM
-from .backends.dual import Divergence
-from .backends.model import ModelVM
-from .engine.slot import MemorySlot
-from .errors import KvmError
-from .profile import Profile
+from .. import constants as c
+from ..backends.base import VM
+from ..backends.dual import Divergence
+from ..backends.model import ModelVM
+from ..engine.slot import MemorySlot
+from ..errors import KvmError
+from ..profile import Profile
+from ..request import MemoryRegion
+from ..trace.jsonl import dumps
+from ..trace.records import ClearDirtyLog, EnableCap, GetDirtyLog, SetRegion, TraceOp
 from .replay import Replayer
-from .request import MemoryRegion
-from .trace.jsonl import dumps
-from .trace.records import ClearDirtyLog, EnableCap, GetDirtyLog, SetRegion, TraceOp
 
 PAGE = c.PAGE_SIZE
 UA_BASE = 0x7F0000000000
@@ -206,8 +206,8 @@ def _pair(profile: Profile, backend: str) -> tuple[VM, ModelVM]:
     model = ModelVM(profile)
     if backend == "model":
         return model, model
-    from .backends.dual import DualVM
-    from .backends.kvm import KvmVM
+    from ..backends.dual import DualVM
+    from ..backends.kvm import KvmVM
 
     return DualVM(model, KvmVM()), model
 
@@ -275,7 +275,7 @@ def _sequence(
 
 
 def _outcome_key(op: TraceOp, step: object, model: ModelVM) -> tuple[str, str]:
-    from .errors import errno_name
+    from ..errors import errno_name
     from .replay import ReplayStep
 
     assert isinstance(step, ReplayStep)

@@ -7,11 +7,11 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .backends.kvm import KvmVM
-from .backends.model import ModelVM
-from .constants import KVM_MEM_LOG_DIRTY_PAGES
-from .profile import Profile
-from .request import MemoryRegion
+from ..backends.kvm import KvmVM
+from ..backends.model import ModelVM
+from ..constants import KVM_MEM_LOG_DIRTY_PAGES
+from ..profile import Profile
+from ..request import MemoryRegion
 
 UA = 0x100000000000  # 16 TiB; KVM never touches the memory of a slot it only registers
 DEFAULT_SIZES = (1, 512, 513, 4096, 32768, 1 << 18, 1 << 19, 1 << 20)

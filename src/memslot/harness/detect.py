@@ -10,10 +10,10 @@ import os
 import platform
 from collections.abc import Callable
 
-from . import constants as c
-from .backends.base import VM
-from .errors import KvmError, KvmUnavailable
-from .profile import PML_LOG_NR_ENTRIES, Profile
+from .. import constants as c
+from ..backends.base import VM
+from ..errors import KvmError, KvmUnavailable
+from ..profile import PML_LOG_NR_ENTRIES, Profile
 
 _ARCHES = {"x86_64": "x86", "aarch64": "arm64", "riscv64": "riscv", "s390x": "s390",
            "ppc64le": "ppc-hv", "ppc64": "ppc-hv"}
@@ -77,7 +77,7 @@ def _user_addr_limit(make_vm: Callable[[], VM], page_size: int) -> int:
 
 def detect_profile(name: str = "detected") -> Profile:
     """The running kernel's profile. Raises :class:`KvmUnavailable` without a usable /dev/kvm."""
-    from .backends.kvm import KvmVM, kvm_available
+    from ..backends.kvm import KvmVM, kvm_available
 
     ok, why = kvm_available()
     if not ok:

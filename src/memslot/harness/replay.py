@@ -6,13 +6,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends.base import VM
-from .backends.model import ModelVM
-from .engine.dirty import dirty_bitmap_bytes
-from .engine.result import OpResult
-from .errors import KvmError, errno_name
-from .trace.jsonl import to_object
-from .trace.records import (
+from ..backends.base import VM
+from ..backends.model import ModelVM
+from ..engine.dirty import dirty_bitmap_bytes
+from ..engine.result import OpResult
+from ..errors import KvmError, errno_name
+from ..trace.jsonl import to_object
+from ..trace.records import (
     ClearDirtyLog,
     EnableCap,
     GetDirtyLog,
@@ -125,7 +125,7 @@ class Replayer:
 
     @staticmethod
     def _call(index: int, op: TraceOp, fn: Any) -> ReplayStep:
-        from .backends.dual import Divergence
+        from ..backends.dual import Divergence
 
         try:
             value = fn()
@@ -148,7 +148,7 @@ def describe_op(op: TraceOp) -> str:
         return (f"CLEAR_DIRTY_LOG slot={op.slot >> 16}:{op.slot & 0xFFFF} "
                 f"first={op.first_page} num={op.num_pages}")
     if isinstance(op, EnableCap):
-        from .constants import CAPABILITY_NAMES
+        from ..constants import CAPABILITY_NAMES
 
         return f"ENABLE_CAP {CAPABILITY_NAMES.get(op.cap, op.cap)} args={list(op.args)}"
     return f"GUEST_WRITE gfn={op.gfn:#x} as={op.as_id}"

@@ -1,33 +1,53 @@
 # Two entry points; both install the project into .venv first (works on a fresh machine).
-# The install compiles the model's hot modules with mypyc (about 1.5 min, once per change);
-# MEMSLOT_PURE_PYTHON=1 skips that and gives the same behaviour, slower.
+# The install compiles the model's hot modules with mypyc (about 1.5 min); it is redone only
+# when a source file changed (the .installed-* stamps). MEMSLOT_PURE_PYTHON=1 skips the
+# compilation and gives the same behaviour, slower.
 PYTHON ?= python3
 VENV ?= .venv
+PURE_VENV ?= .venv-pure
 BIN := $(VENV)/bin
-PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+PIP := -m pip install -q --disable-pip-version-check
+SOURCES := pyproject.toml setup.py $(shell find src -name '*.py' -o -name 'py.typed' -o -path '*/data/*' -type f)
 
-.PHONY: run test dev lint bench clean
+.PHONY: run test test-pure dev lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-run: $(BIN)/python
-	$(PIP) .
+$(VENV)/.installed-run: $(SOURCES) | $(BIN)/python
+	$(BIN)/python $(PIP) .
+	touch $@
+
+$(VENV)/.installed-test: $(SOURCES) | $(BIN)/python
+	$(BIN)/python $(PIP) '.[test]'
+	touch $@ $(VENV)/.installed-run
+
+run: $(VENV)/.installed-run
 	$(BIN)/memslot replay examples/vmm-boot.jsonl
 
-test: $(BIN)/python
-	$(PIP) '.[test]'
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -rs
 	$(BIN)/python -m ruff check src tests bench
 	$(BIN)/python -m mypy
 
+# The same suite on the uncompiled build (CI runs both; the behaviour must not differ).
+$(PURE_VENV)/.installed-test: $(SOURCES)
+	$(PYTHON) -m venv $(PURE_VENV)
+	MEMSLOT_PURE_PYTHON=1 $(PURE_VENV)/bin/python $(PIP) '.[test]'
+	touch $@
+
+test-pure: $(PURE_VENV)/.installed-test
+	$(PURE_VENV)/bin/python -m pytest -q -rs
+
 # An editable, uncompiled install for working on the code (edits take effect at once).
 dev: $(BIN)/python
-	MEMSLOT_PURE_PYTHON=1 $(PIP) -e '.[test]'
+	$(BIN)/python $(PIP) -e '.[test]'
+	rm -f $(VENV)/.installed-run $(VENV)/.installed-test
 
-bench: $(BIN)/python
-	$(PIP) .
+bench: $(VENV)/.installed-run
 	$(BIN)/python bench/bench_memslots.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PURE_VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find src -name '*.so' -delete
+	find src -name '__pycache__' -type d -prune -exec rm -rf {} +

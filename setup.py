@@ -1,31 +1,32 @@
 """Build hook: compile the model's hot modules with mypyc (they are plain, type-checked Python
 and also run uncompiled). ``MEMSLOT_PURE_PYTHON=1`` (or a missing mypyc) skips compilation;
-behaviour is identical either way, only the per-request cost differs (about 1.7x)."""
+behaviour is identical either way, only the per-request cost differs (about 1.7x).
+
+Editable installs are never compiled: mypyc would put ``.so`` files beside the sources in
+``src/``, and Python imports those before the ``.py`` files, so edits would have no effect."""
 
 from __future__ import annotations
 
+import ast
 import os
+import re
+import sys
 
 from setuptools import setup
 
+# The module list lives in memslot/build_info.py (read here without importing the package).
 COMPILED = [
-    "src/memslot/engine/memslots.py",
-    "src/memslot/engine/slotset.py",
-    "src/memslot/engine/sorted_ints.py",
-    "src/memslot/engine/hva_index.py",
-    "src/memslot/engine/ledger.py",
-    "src/memslot/engine/result.py",
-    "src/memslot/engine/hooks.py",
-    "src/memslot/arch/x86.py",
-    "src/memslot/arch/ppc.py",
-    "src/memslot/arch/arm64.py",
-    "src/memslot/arch/riscv.py",
-    "src/memslot/arch/s390.py",
+    "src/" + name.replace(".", "/") + ".py"
+    for name in ast.literal_eval(
+        re.search(r"COMPILED_MODULES = (\(.*?\))", open("src/memslot/build_info.py").read(), re.S)[1]
+    )
 ]
 
 
 def _extensions() -> list[object]:
     if os.environ.get("MEMSLOT_PURE_PYTHON", "") not in ("", "0"):
+        return []
+    if "editable_wheel" in sys.argv or "develop" in sys.argv:
         return []
     try:
         from mypyc.build import mypycify

@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 
 import pytest
 
 import memslot
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from memslot import build_info
+
+    return f"memslot build under test: {build_info.describe()} ({memslot.__file__})"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """``MEMSLOT_REQUIRE_COMPILED=1`` (CI, where a C compiler exists) fails the run at once
+    when the install silently fell back to pure Python."""
+    if os.environ.get("MEMSLOT_REQUIRE_COMPILED", "") in ("", "0"):
+        return
+    from memslot import build_info
+
+    missing = sorted(set(build_info.COMPILED_MODULES) - set(build_info.compiled_modules()))
+    if missing:
+        raise pytest.UsageError(
+            "MEMSLOT_REQUIRE_COMPILED is set but these modules run uncompiled: "
+            + ", ".join(missing)
+        )
 
 
 @functools.cache

@@ -8,8 +8,6 @@ backend that answers the same calls, guest memory for Python VMMs, and trace too
 512
 """
 
-from __future__ import annotations
-
 from . import constants as _constants
 from .backends.base import VM
 from .backends.dual import Divergence, DualVM
@@ -68,5 +66,5 @@ __all__ = [
     "SwapEvent",
     "get_profile",
     "kvm_is_error_hva",
-    *(name for name in vars(_constants) if name.startswith(("KVM_", "PAGE_"))),
+    *_constants.__all__,
 ]

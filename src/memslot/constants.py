@@ -78,3 +78,12 @@ def flag_names(flags: int) -> str:
     if rest:
         parts.append(hex(rest))
     return "|".join(parts)
+
+
+#: The public names: the kernel's constants and the flag helpers (``from memslot import *``).
+__all__ = [
+    *(name for name in dict(globals()) if name.startswith(("KVM_", "PAGE_"))),
+    "CAPABILITY_NAMES",
+    "FLAG_NAMES",
+    "flag_names",
+]

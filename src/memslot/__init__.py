@@ -9,15 +9,17 @@ backend that answers the same calls, guest memory for Python VMMs, and trace too
 """
 
 from . import constants as _constants
-from .backends.base import VM
-from .backends.dual import Divergence, DualVM
-from .backends.kvm import KvmVM, kvm_available
-from .backends.model import (
+from .backends.base import (
     KVM_HVA_ERR_BAD,
     KVM_HVA_ERR_RO_BAD,
-    ModelVM,
+    VM,
+    FaultInjection,
+    ModelIntrospection,
     kvm_is_error_hva,
 )
+from .backends.dual import Divergence, DualVM
+from .backends.kvm import KvmVM, kvm_available
+from .backends.model import ModelVM
 from .backends.vcpu import Vcpu
 from .constants import *  # noqa: F403  (kernel names are the public names)
 from .engine.change import ChangeType, Rule
@@ -38,6 +40,8 @@ __all__ = [
     "KVM_HVA_ERR_RO_BAD",
     "PRESETS",
     "VM",
+    "FaultInjection",
+    "ModelIntrospection",
     "Allocation",
     "ChangeType",
     "ClosedError",

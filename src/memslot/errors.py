@@ -74,3 +74,7 @@ def errno_name(value: int) -> str:
     if value == 0:
         return "0"
     return _errno.errorcode.get(value, str(value))
+
+
+class UnsupportedError(MemslotError, NotImplementedError):
+    """The backend cannot do this (e.g. a model-only fault injection on :class:`DualVM`)."""

@@ -30,7 +30,16 @@ from ..engine.slot import MemorySlot
 from ..errors import ClosedError, KvmError, KvmUnavailable, MemslotError
 from ..request import MemoryRegion
 from . import uapi
-from .base import U32, U64, VM, check_region_fields
+from .base import (
+    U32,
+    U64,
+    VM,
+    check_clear_dirty_log_args,
+    check_enable_cap_args,
+    check_host_range,
+    check_region_fields,
+    check_uint,
+)
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
@@ -233,6 +242,7 @@ class KvmVM(VM):
         self._mappings: list[tuple[int, int]] = []
         self._ownership_generation = 0
         self._vcpus: weakref.WeakSet[Vcpu] = weakref.WeakSet()
+        self._vcpu_fds: dict[int, int] = {}  # vcpu id -> fd, for create_vcpu()
         self._res = _Resources()
         self._finalizer = weakref.finalize(self, self._res.release)
         self._kvm_fd = self._open_device(path)
@@ -374,8 +384,8 @@ class KvmVM(VM):
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
         """``KVM_CREATE_GUEST_MEMFD``; the fd is closed by :meth:`close` (or
         :meth:`close_guest_memfd`)."""
-        _check_uint("size", size, U64)
-        _check_uint("flags", flags, U64)
+        check_uint("size", size, U64)
+        check_uint("flags", flags, U64)
         fd = self.ioctl(
             uapi.KVM_CREATE_GUEST_MEMFD,
             uapi.kvm_create_guest_memfd(size, flags),
@@ -395,29 +405,57 @@ class KvmVM(VM):
         self._res.fds.remove(fd)
         os.close(fd)
 
+    # -- vCPUs ------------------------------------------------------------------------------
+    def create_vcpu(self, vcpu_id: int | None = None) -> int:
+        """``KVM_CREATE_VCPU`` without running it (the fd is kept; see :class:`Vcpu` for a
+        vCPU that runs guest code). ``vcpu_id`` defaults to the lowest id this VM has not
+        handed out."""
+        self._check_open()
+        if vcpu_id is None:
+            taken = set(self._vcpu_fds) | {v.vcpu_id for v in self._vcpus}
+            vcpu_id = next(i for i in range(len(taken) + 1) if i not in taken)
+        check_uint("vcpu_id", vcpu_id, U64)
+        with self._lock:
+            fd = self.ioctl(uapi.KVM_CREATE_VCPU, vcpu_id, detail=f"vcpu_id={vcpu_id}")
+            self._vcpu_fds[vcpu_id] = fd
+            self._res.fds.append(fd)
+        return vcpu_id
+
+    def close_vcpu(self, vcpu_id: int) -> None:
+        """Close a vCPU made by :meth:`create_vcpu`."""
+        self._check_open()
+        with self._lock:
+            fd = self._vcpu_fds.pop(vcpu_id, None)
+            if fd is None:
+                raise ValueError(f"vCPU {vcpu_id} was not created by create_vcpu()")
+            self._res.fds.remove(fd)
+            os.close(fd)
+
     # -- capabilities -----------------------------------------------------------------------
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on the VM fd."""
+        check_uint("cap", cap, U64)
         return self.ioctl(uapi.KVM_CHECK_EXTENSION, cap, detail=f"cap={cap}")
 
     def check_system_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on ``/dev/kvm``."""
+        check_uint("cap", cap, U64)
         return self.ioctl(uapi.KVM_CHECK_EXTENSION, cap, detail=f"cap={cap}", fd=self.kvm_fd)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """``KVM_ENABLE_CAP`` on the VM fd with up to four ``args``."""
-        if len(args) > 4:
-            raise ValueError(f"KVM_ENABLE_CAP takes at most 4 args, got {len(args)}")
-        _check_uint("cap", cap, U32)
-        _check_uint("flags", flags, U32)
-        for value in args:
-            _check_uint("arg", value, U64)
+        check_enable_cap_args(cap, args, flags)
         arg = uapi.kvm_enable_cap(cap, flags, (uapi.u64 * 4)(*args))
         self.ioctl(
             uapi.KVM_ENABLE_CAP,
             arg,
             detail=f"cap={cap} flags={flags:#x} args={[hex(a) for a in args]}",
         )
+
+    @property
+    def page_size(self) -> int:
+        """The host's page size (``mmap.PAGESIZE``)."""
+        return mmap.PAGESIZE
 
     @property
     def nr_address_spaces(self) -> int:
@@ -432,12 +470,12 @@ class KvmVM(VM):
 
     def set_tss_addr(self, addr: int) -> None:
         """``KVM_SET_TSS_ADDR``."""
-        _check_uint("addr", addr, U64)
+        check_uint("addr", addr, U64)
         self.ioctl(uapi.KVM_SET_TSS_ADDR, addr, detail=f"addr={addr:#x}")
 
     def set_nr_mmu_pages(self, pages: int) -> None:
         """``KVM_SET_NR_MMU_PAGES``."""
-        _check_uint("pages", pages, U64)
+        check_uint("pages", pages, U64)
         self.ioctl(uapi.KVM_SET_NR_MMU_PAGES, pages, detail=f"pages={pages}")
 
     # -- dirty logging ----------------------------------------------------------------------
@@ -445,7 +483,7 @@ class KvmVM(VM):
         """``KVM_GET_DIRTY_LOG`` into a buffer sized from the slot record:
         ``ALIGN(npages, 64) / 8`` bytes. For a slot the record lacks the ioctl is still issued
         (into a one-page buffer) so that the kernel's errno comes out."""
-        _check_uint("slot", slot, U32)
+        check_uint("slot", slot, U32)
         record = self._slots.get((slot >> 16, slot & 0xFFFF))
         size = bitmap_bytes(record.npages) if record is not None else PAGE_SIZE
         with _UserBuffer(size) as buf:
@@ -464,9 +502,9 @@ class KvmVM(VM):
     def get_dirty_log_raw(self, slot: int, address: int | None) -> None:
         """``KVM_GET_DIRTY_LOG`` with an arbitrary user address (``None`` = NULL). The kernel
         writes ``ALIGN(npages, 64) / 8`` bytes there: the caller owns that memory."""
-        _check_uint("slot", slot, U32)
+        check_uint("slot", slot, U32)
         pointer = 0 if address is None else address
-        _check_uint("address", pointer, U64)
+        check_uint("address", pointer, U64)
         self.ioctl(
             uapi.KVM_GET_DIRTY_LOG,
             uapi.kvm_dirty_log(slot, 0, pointer),
@@ -478,9 +516,7 @@ class KvmVM(VM):
     ) -> None:
         """``KVM_CLEAR_DIRTY_LOG``. ``bitmap=None`` passes NULL; a bitmap shorter than
         ``ALIGN(num_pages, 64) / 8`` bytes is zero-padded so the kernel never reads past it."""
-        _check_uint("slot", slot, U32)
-        _check_uint("first_page", first_page, U64)
-        _check_uint("num_pages", num_pages, U32)
+        check_clear_dirty_log_args(slot, first_page, num_pages)
         detail = f"slot={slot >> 16}:{slot & 0xFFFF} first={first_page} num={num_pages}"
         if bitmap is None:
             self.ioctl(
@@ -517,6 +553,11 @@ class KvmVM(VM):
         (``arch`` is ``None``: the kernel's metadata is not visible)."""
         return list(self._ordered(as_id)[1])
 
+    def memslot(self, slot_id: int, as_id: int = 0) -> MemorySlot | None:
+        """The recorded slot with this id."""
+        self._ordered(as_id)  # open and address-space checks
+        return self._slots.get((as_id, slot_id))
+
     def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> MemorySlot | None:
         """The recorded slot containing ``gfn`` (slots never overlap, so one bisection)."""
         bases, slots = self._ordered(as_id)
@@ -530,9 +571,7 @@ class KvmVM(VM):
         """Declare ``[addr, addr + size)`` memory this process mapped for the guest. A vCPU
         runs only while every slot lies inside registered memory."""
         self._check_open()
-        _check_uint("addr", addr, U64)
-        if size <= 0 or addr + size > U64 + 1:
-            raise ValueError(f"bad host mapping size {size:#x} at {addr:#x}")
+        check_host_range(addr, size)
         with self._lock:
             self._mappings.append((addr, size))
             self._ownership_generation += 1
@@ -625,6 +664,7 @@ class KvmVM(VM):
         self._slots.clear()
         self._order.clear()
         self._gmem_fds.clear()
+        self._vcpu_fds.clear()
         self._mappings.clear()
         if failures:
             raise failures[0]
@@ -633,14 +673,6 @@ class KvmVM(VM):
         if self._closed:
             return "KvmVM(closed)"
         return f"KvmVM(fd={self._vm_fd}, slots={len(self._slots)})"
-
-
-def _check_uint(name: str, value: int, limit: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= limit:
-        bits = limit.bit_length()
-        raise ValueError(f"{name}={value:#x} does not fit the ioctl's {bits}-bit field")
 
 
 def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -17,22 +17,22 @@ from ..engine.slot import MemorySlot
 from ..errors import ClosedError, KvmError
 from ..profile import DEFAULT_PROFILE, Profile, get_profile
 from ..request import MemoryRegion
-from .base import VM, check_region_fields
+from .base import (
+    KVM_HVA_ERR_BAD,
+    KVM_HVA_ERR_RO_BAD,
+    PAGE_OFFSET,
+    U32,
+    U64,
+    VM,
+    check_clear_dirty_log_args,
+    check_enable_cap_args,
+    check_host_range,
+    check_region_fields,
+    check_uint,
+    kvm_is_error_hva,
+)
 
 _new = tuple.__new__  # NamedTuple construction without its Python-level __new__
-
-#: x86-64 ``PAGE_OFFSET`` without KASLR (4-level paging). ``KVM_HVA_ERR_BAD`` is defined as
-#: PAGE_OFFSET and ``kvm_is_error_hva(a)`` as ``a >= PAGE_OFFSET``: every error hva lies above
-#: all user addresses, whatever the boot-time value.
-PAGE_OFFSET = 0xFFFF888000000000
-KVM_HVA_ERR_BAD = PAGE_OFFSET
-KVM_HVA_ERR_RO_BAD = PAGE_OFFSET + c.PAGE_SIZE
-
-
-def kvm_is_error_hva(hva: int) -> bool:
-    """True for ``KVM_HVA_ERR_BAD`` and ``KVM_HVA_ERR_RO_BAD`` (``kvm_is_error_hva``)."""
-    return hva >= PAGE_OFFSET
-
 
 class ModelVM(VM):
     """A VM whose memslots live in the model (no /dev/kvm needed).
@@ -52,6 +52,8 @@ class ModelVM(VM):
         self._m = Memslots(self.profile, self.arch, self.ledger)
         self._dirty = DirtyLog(self._m)
         self._closed = False
+        self._mappings: list[tuple[int, int]] = []
+        self._vcpus: set[int] = set()
         #: The record of the most recent memslot request.
         self.last_result: OpResult | None = None
 
@@ -117,7 +119,14 @@ class ModelVM(VM):
         if result.errno:
             raise _error(result)
 
+    @property
+    def page_size(self) -> int:
+        """The profile's ``PAGE_SIZE``."""
+        return self.profile.page_size
+
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        check_uint("size", size, U64)
+        check_uint("flags", flags, U64)
         m = self._ioctl()
         what = f"KVM_CREATE_GUEST_MEMFD size={size:#x} flags={flags:#x}"
         if not self.profile.guest_memfd:
@@ -129,24 +138,53 @@ class ModelVM(VM):
         m.gmem_files[g.fd] = g
         return g.fd
 
+    def close_guest_memfd(self, fd: int) -> None:
+        """Close a guest_memfd made by :meth:`create_guest_memfd`."""
+        m = self._live()
+        g = m.gmem_files.pop(fd, None) if isinstance(fd, int) else None
+        if g is None:
+            raise ValueError(f"fd {fd} is not a guest_memfd of this VM")
+        gmem_files.close(g)
+
     # -- capabilities ---------------------------------------------------------------------
     def check_extension(self, cap: int) -> int:
+        check_uint("cap", cap, U64)
         self._ioctl()
         return extension_value(self.profile, cap)
 
+    def check_system_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on ``/dev/kvm`` (no mm check: a system ioctl)."""
+        check_uint("cap", cap, U64)
+        self._live()
+        return extension_value(self.profile, cap)
+
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        check_enable_cap_args(cap, args, flags)
         self._ioctl()
-        if len(args) > 4:
-            raise ValueError("KVM_ENABLE_CAP takes at most 4 args")
         if not self._dirty.enable_cap(cap, tuple(args), flags):
             rule = ENABLE_CAP_UNKNOWN
             raise KvmError(rule.errno, str(rule), f"KVM_ENABLE_CAP cap={cap}")
 
-    def create_vcpu(self) -> int:
-        """Count a vCPU (the model has none; the dirty ring can no longer be enabled)."""
+    def create_vcpu(self, vcpu_id: int | None = None) -> int:
+        """Count a vCPU (the model runs none; the dirty ring can no longer be enabled)."""
+        if vcpu_id is not None:
+            check_uint("vcpu_id", vcpu_id, U64)
         self._ioctl()
+        if vcpu_id is None:
+            vcpu_id = next(i for i in range(len(self._vcpus) + 1) if i not in self._vcpus)
+        if vcpu_id in self._vcpus:
+            raise KvmError(17, "kvm_vm_ioctl_create_vcpu: a vCPU with this id exists",
+                           f"KVM_CREATE_VCPU id={vcpu_id}")
+        self._vcpus.add(vcpu_id)
         self._dirty.created_vcpus += 1
-        return self._dirty.created_vcpus - 1
+        return vcpu_id
+
+    def close_vcpu(self, vcpu_id: int) -> None:
+        """Close a vCPU made by :meth:`create_vcpu`."""
+        self._live()
+        if vcpu_id not in self._vcpus:
+            raise ValueError(f"vCPU {vcpu_id} was not created by create_vcpu()")
+        self._vcpus.discard(vcpu_id)
 
     def first_shadow_root(self) -> None:
         """x86 with lazy rmaps: the first shadow root allocates rmaps and write tracking for
@@ -159,12 +197,14 @@ class ModelVM(VM):
 
     # -- dirty logging --------------------------------------------------------------------
     def get_dirty_log(self, slot: int) -> bytes:
+        check_uint("slot", slot, U32)
         self._ioctl()
         return self._dirty.get(slot)
 
     def clear_dirty_log(
         self, slot: int, first_page: int, num_pages: int, bitmap: bytes | None
     ) -> None:
+        check_clear_dirty_log_args(slot, first_page, num_pages)
         self._ioctl()
         self._dirty.clear(slot, first_page, num_pages, bitmap)
 
@@ -222,6 +262,25 @@ class ModelVM(VM):
     @property
     def nr_memslot_pages(self) -> int:
         return self._live().nr_memslot_pages
+
+    # -- host memory ----------------------------------------------------------------------
+    def register_host_mapping(self, addr: int, size: int) -> None:
+        """Record ``[addr, addr + size)`` as memory mapped for the guest (the model runs no
+        vCPU, so the record is all there is)."""
+        self._live()
+        check_host_range(addr, size)
+        self._mappings.append((addr, size))
+
+    def unregister_host_mapping(self, addr: int, size: int) -> None:
+        self._live()
+        try:
+            self._mappings.remove((addr, size))
+        except ValueError:
+            raise ValueError(f"{addr:#x}+{size:#x} was not registered") from None
+
+    def host_mappings(self) -> list[tuple[int, int]]:
+        self._live()
+        return list(self._mappings)
 
     # -- observers ------------------------------------------------------------------------
     def add_observer(self, observer: Observer) -> None:
@@ -321,10 +380,23 @@ class ModelVM(VM):
         for g in list(self._m.gmem_files.values()):
             gmem_files.close(g)
         self._m.gmem_files.clear()
+        self._mappings.clear()
+        self._vcpus.clear()
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+__all__ = [
+    "KVM_HVA_ERR_BAD",
+    "KVM_HVA_ERR_RO_BAD",
+    "MEMSLOT_CAPABILITIES",
+    "PAGE_OFFSET",
+    "ModelVM",
+    "extension_value",
+    "kvm_is_error_hva",
+]
 
 
 def _error(result: OpResult) -> KvmError:

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends.base import VM
+from ..backends.base import VM, FaultInjection
 from ..backends.model import ModelVM
 from ..engine.dirty import dirty_bitmap_bytes
 from ..engine.result import OpResult
@@ -117,10 +117,9 @@ class Replayer:
         if isinstance(op, EnableCap):
             return self._call(index, op, lambda: vm.enable_cap(op.cap, *op.args, flags=op.flags))
         if isinstance(op, MarkDirty):
-            mark = getattr(vm, "mark_page_dirty", None)
-            if mark is None:
+            if not isinstance(vm, FaultInjection):
                 return ReplayStep(index, op, None, message="guest writes need the model")
-            return self._call(index, op, lambda: mark(op.gfn, op.as_id))
+            return self._call(index, op, lambda: vm.mark_page_dirty(op.gfn, op.as_id))
         raise TypeError(f"not a trace operation: {op!r}")
 
     @staticmethod

@@ -48,26 +48,6 @@ ARCH_FILES = {
     "ppc-pr": "arch/powerpc/kvm/powerpc.c",
 }
 
-#: Where shared/spec/kernel-memslots.md describes each rule (section, and check number of
-#: the section 1 table where there is one).
-SPEC = {
-    "other-mm": "1 #1", "v1-flags": "1 #3", "user-slot-id": "1 #4", "flags": "1 #5",
-    "size-align": "1 #6", "gpa-align": "1 #7", "uaddr-align": "1 #8", "uaddr-tagged": "1 #8",
-    "access-ok": "1 #8", "gmem-offset": "1 #9", "as-id": "1 #10", "gpa-wrap": "1 #11",
-    "max-pages": "1 #12, 8", "delete-missing": "1 #13, 2.2", "delete-accounting": "1 #13b",
-    "pages-wrap": "1 #14", "modify-gmem": "1 #15, 2.4", "modify-immutable": "1 #16, 2.1",
-    "overlap": "1 #18, 2.3", "alloc-slot": "1 #19", "gmem-badf": "1 #20, 2.4",
-    "gmem-bind": "1 #20, 2.4", "alloc-invalid": "1 #21, 3", "alloc-dirty-bitmap": "1 #21, 7.1",
-    "x86-max-gfn": "4.1", "x86-page-track-move": "4.1", "x86-alloc-metadata": "4.1, 4.3",
-    "ppc-rmap-totalram": "5", "ppc-alloc-rmap": "5", "arm64-ipa": "5", "arm64-gmem-only": "5",
-    "riscv-gpa": "5", "s390-ucontrol": "5", "s390-pv": "5", "s390-uaddr-1m": "5",
-    "s390-size-1m": "5", "s390-mem-limit": "5", "dirty-ring": "7.2", "dirty-slot-id": "7.2",
-    "dirty-no-slot": "7.2", "clear-first-page": "7.3", "clear-range": "7.3",
-    "clear-unsupported": "7.3", "enable-cap-args": "7.4", "enable-cap-unknown": "7.4",
-    "ring-size": "7.4", "ring-too-big": "7.4", "ring-once": "7.4", "ring-bitmap": "7.4",
-    "gmem-create": "2.4", "gmem-unsupported": "2.4",
-}
-
 #: What a VMM developer can do about a refusal, by rule code.
 HINTS = {
     "v1-flags": "GUEST_MEMFD and other new flags need KVM_SET_USER_MEMORY_REGION2",
@@ -101,17 +81,16 @@ _ARCH_FUNCTIONS = ("kvm_arch_prepare_memory_region", "kvm_vm_ioctl_enable_cap")
 
 
 def kernel_reference(rule: Rule, profile: Profile) -> dict[str, str]:
-    """The rule's kernel function, its source file (per arch for arch hooks) and the spec
-    section that describes it."""
+    """The rule's kernel function, its source file (per arch for arch hooks) and its row in
+    the project's rule table (docs/rules.md, generated from the code)."""
     if rule.function in _ARCH_FUNCTIONS:
         path = ARCH_FILES.get(profile.arch, "arch/*/kvm")
     else:
         path = FUNCTION_FILES.get(rule.function, KVM_MAIN)
-    spec = SPEC.get(rule.code, "")
     return {
         "function": rule.function,
         "file": path,
-        "spec": f"kernel-memslots.md section {spec}" if spec else "",
+        "spec": f"docs/rules.md {rule.code}",
     }
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..constants import KVM_MEMSLOT_GMEM_ONLY
 from ..engine.change import ChangeType, Rule
-from ..engine.hooks import ArchHooks, NewSlot, PrepareError
+from ..engine.hooks import ArchHooks, PrepareError
 from ..engine.slot import MemorySlot
 
 IPA_LIMIT = Rule("arm64-ipa", 14, "kvm_arch_prepare_memory_region",
@@ -21,7 +21,7 @@ GMEM_ONLY = Rule("arm64-gmem-only", 22, "kvm_arch_prepare_memory_region",
 
 
 class Arm64Arch(ArchHooks):
-    def prepare(self, change: ChangeType, old: MemorySlot | None, new: NewSlot | None) -> Any:
+    def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         if new is None:
             return None
         bits = self.profile.ipa_bits or 40

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
-from ..engine.hooks import ArchHooks, NewSlot, PrepareError
+from ..engine.hooks import ArchHooks, PrepareError
 from ..engine.ledger import KIND_PPC_RMAP, Allocation, AllocGroup
 from ..engine.slot import MemorySlot
 
@@ -32,7 +32,7 @@ class PpcHvArch(ArchHooks):
 
     VARIANTS: ClassVar[tuple[str, ...]] = (VARIANT_REALLOC_RMAP_ON_MOVE,)
 
-    def prepare(self, change: ChangeType, old: MemorySlot | None, new: NewSlot | None) -> Any:
+    def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         if new is None:
             return None  # DELETE
         realloc = change is ch.MOVE and VARIANT_REALLOC_RMAP_ON_MOVE in self.variants

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine.change import ChangeType, Rule
-from ..engine.hooks import ArchHooks, NewSlot, PrepareError
+from ..engine.hooks import ArchHooks, PrepareError
 from ..engine.slot import MemorySlot
 
 GPA_LIMIT = Rule("riscv-gpa", 14, "kvm_arch_prepare_memory_region",
@@ -15,7 +15,7 @@ GPA_LIMIT = Rule("riscv-gpa", 14, "kvm_arch_prepare_memory_region",
 
 
 class RiscvArch(ArchHooks):
-    def prepare(self, change: ChangeType, old: MemorySlot | None, new: NewSlot | None) -> Any:
+    def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         if new is None:
             return None
         bits = self.profile.ipa_bits or 50

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
-from ..engine.hooks import ArchHooks, NewSlot, PrepareError
+from ..engine.hooks import ArchHooks, PrepareError
 from ..engine.slot import MemorySlot
 
 SEGMENT = 1 << 20
@@ -28,7 +28,7 @@ MEM_LIMIT = Rule("s390-mem-limit", 22, "kvm_arch_prepare_memory_region",
 
 
 class S390Arch(ArchHooks):
-    def prepare(self, change: ChangeType, old: MemorySlot | None, new: NewSlot | None) -> Any:
+    def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         p = self.profile
         slot = new if new is not None else old
         if p.ucontrol and slot is not None and slot.id < p.user_mem_slots:

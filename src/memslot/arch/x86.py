@@ -23,7 +23,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
-from ..engine.hooks import ArchHooks, NewSlot, PrepareError
+from ..engine.hooks import ArchHooks, PrepareError
 from ..engine.ledger import (
     KIND_LPAGE_INFO,
     KIND_RMAP,
@@ -190,7 +190,7 @@ class X86Arch(ArchHooks):
         return p.external_write_tracking or not p.tdp or self.shadow_root_allocated
 
     # -- hooks ------------------------------------------------------------------------------
-    def prepare(self, change: ChangeType, old: MemorySlot | None, new: NewSlot | None) -> Any:
+    def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         if change is ch.FLAGS_ONLY:
             assert old is not None
             return old.arch  # memcpy(&new->arch, &old->arch): the arrays are shared

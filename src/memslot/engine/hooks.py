@@ -5,23 +5,12 @@ a description of each slot's metadata and integrity checks for it."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 from ..profile import Profile
 from .change import ChangeType, Rule
 from .ledger import Allocation, AllocGroup, Ledger
 from .slot import MemorySlot
-
-
-class NewSlot(NamedTuple):
-    """The fields of the slot being prepared (``new`` in the kernel's hooks)."""
-
-    as_id: int
-    id: int
-    base_gfn: int
-    npages: int
-    flags: int
-    userspace_addr: int
 
 
 class PrepareError(Exception):
@@ -45,9 +34,10 @@ class ArchHooks:
         self.variants = variants
 
     # -- kernel hooks ---------------------------------------------------------------------
-    def prepare(self, change: ChangeType, old: MemorySlot | None, new: NewSlot | None) -> Any:
+    def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         """``kvm_arch_prepare_memory_region``: return the new slot's arch data or raise
         :class:`PrepareError`; anything allocated before a failure is freed first. ``new`` is
+        the slot being prepared (its ``arch`` still ``None``, its dirty bitmap in place), or
         ``None`` for DELETE, as in the kernel."""
         return None
 

@@ -31,7 +31,7 @@ from . import change as ch
 from . import gmem as gmem_files
 from .change import ChangeType, Rule
 from .dirty import DirtyBitmap, dirty_bitmap_bytes
-from .hooks import NewSlot, PrepareError
+from .hooks import PrepareError
 from .ledger import (
     KIND_DIRTY_BITMAP,
     KIND_INVALID_SLOT,
@@ -193,6 +193,24 @@ class Memslots:
                 res.generation_after = self.sets[r.slot >> 16].generation
         return res
 
+    def _passes_fast_checks(self, r: MemoryRegion, internal: bool) -> bool:
+        """One expression that holds only when every check of :meth:`_validate` passes, for
+        the common case (a plain v1 user request); when it does not hold, the ordered
+        checks decide. Being conservative is allowed, accepting too much is not."""
+        slot, flags, gpa, size, uaddr, _, gmem_fd = r
+        return (
+            gmem_fd is None
+            and not internal
+            and _fork_generation == self._creator_fork_generation
+            and not flags & self._fast_bad_flags
+            and slot & 0xFFFF < self._user_slots
+            and not (size | gpa | uaddr) & self._page_mask
+            and uaddr + size <= self._fast_uaddr_limit
+            and slot >> 16 < self.nr_as
+            and gpa + size <= ULONG_MAX
+            and size <= self._max_size
+        )
+
     def _validate(self, r: MemoryRegion, internal: bool) -> Rule | None:
         """The request checks of ``kvm_vm_ioctl`` -> ``kvm_set_memory_region`` that need no
         slot state, in the kernel's order; the first that fails decides the errno."""
@@ -245,23 +263,12 @@ class Memslots:
         return None
 
     def _set_memory_region(self, r: MemoryRegion, res: OpResult, internal: bool) -> None:
-        slot, flags, gpa, size, uaddr, _, gmem_fd = r
+        """``kvm_set_memory_region``: validate, classify against the old slot, allocate and
+        fill the new slot (binding its guest_memfd range), then ``kvm_set_memslot``."""
+        slot, flags, gpa, size, uaddr, _, _ = r
         slot_id = slot & 0xFFFF
         as_id = slot >> 16
-        # Fast path: one expression that holds exactly when every check of _validate passes
-        # for a plain v1 user request; anything else takes the ordered checks.
-        if not (
-            gmem_fd is None
-            and not internal
-            and _fork_generation == self._creator_fork_generation
-            and not flags & self._fast_bad_flags
-            and slot_id < self._user_slots
-            and not (size | gpa | uaddr) & self._page_mask
-            and uaddr + size <= self._fast_uaddr_limit
-            and as_id < self.nr_as
-            and gpa + size <= ULONG_MAX
-            and size <= self._max_size
-        ):
+        if not self._passes_fast_checks(r, internal):
             rule = self._validate(r, internal)
             if rule is not None:
                 if as_id < self.nr_as:
@@ -278,7 +285,7 @@ class Memslots:
             if self.nr_memslot_pages < old.npages:
                 raise _Failed(ch.DELETE_ACCOUNTING)
             res.change = ch.DELETE
-            self._set_memslot(old, ch.DELETE, as_id, slot_id, 0, 0, 0, 0, None, None)
+            self._set_memslot(old, None, ch.DELETE)
             return
 
         base_gfn = gpa >> self._page_shift
@@ -313,114 +320,150 @@ class Memslots:
         struct = self.ledger.alloc(as_id, slot_id, self._struct_spec)
         if struct is None:
             raise _Failed(ch.ALLOC_SLOT, stage=STAGE_ALLOC_SLOT)
-        binding = None
+        new = _new_slot(MemorySlot, (slot_id, as_id, base_gfn, npages, flags, uaddr, None,
+                                     None, struct, None, self._page_shift))
         try:
             if flags & KVM_MEM_GUEST_MEMFD:
-                binding = self._gmem_bind(r, as_id, slot_id, npages)
-                if binding[0].flags & gmem_files.GUEST_MEMFD_FLAG_MMAP:
-                    flags |= KVM_MEMSLOT_GMEM_ONLY
-            self._set_memslot(old, change, as_id, slot_id, base_gfn, npages, flags, uaddr,
-                              struct, None if binding is None else (binding[0].fd, binding[1]))
+                new = self._gmem_bind(new, r)
+            try:
+                self._set_memslot(old, new, change)
+            except _Failed:
+                if new.gmem is not None:
+                    self._gmem_unbind(new)
+                raise
         except _Failed:
-            if binding is not None:
-                binding[0].unbind(binding[1] >> self._page_shift)
             self.ledger.free(struct)
             raise
 
     # ==================================================================================
-    # kvm_set_memslot
+    # kvm_set_memslot and its steps
     # ==================================================================================
     def _set_memslot(
-        self,
-        old: MemorySlot | None,
-        change: ChangeType,
-        as_id: int,
-        slot_id: int,
-        base_gfn: int,
-        npages: int,
-        flags: int,
-        uaddr: int,
-        struct: AllocGroup | None,
-        gmem: tuple[int, int] | None,
+        self, old: MemorySlot | None, new: MemorySlot | None, change: ChangeType
     ) -> None:
-        """``kvm_set_memslot``: invalidate (DELETE/MOVE), prepare, install, commit. The new
-        slot's fields arrive unassembled; the view is built once prepare has filled it."""
-        ledger = self.ledger
-        slots = self.sets[as_id]
+        """``kvm_set_memslot``: invalidate (DELETE/MOVE), prepare, install, commit. ``new``
+        is ``None`` for DELETE, as in the kernel."""
         invalid = None
+        invalid_struct = None
         if change is ch.DELETE or change is ch.MOVE:
             assert old is not None
-            invalid_struct = ledger.alloc(as_id, slot_id, self._invalid_spec)
+            invalid_struct = self.ledger.alloc(old.as_id, old.id, self._invalid_spec)
             if invalid_struct is None:
                 raise _Failed(ch.ALLOC_INVALID, stage=STAGE_ALLOC_INVALID)
-            # kvm_invalidate_memslot: publish a copy flagged INVALID, so vCPUs stop using
-            # the old range while it is flushed and the new slot is prepared.
-            invalid = _new_slot(MemorySlot, (slot_id, as_id, old.base_gfn, old.npages,
-                                 old.flags | KVM_MEMSLOT_INVALID, old.userspace_addr, old.arch,
-                                 old.dirty_bitmap, invalid_struct, old.gmem, old.page_shift))
-            self._swap(slots, change, "invalidate", old, invalid)
-
-        # kvm_prepare_memory_region: the dirty bitmap, then the arch hook.
-        bitmap = None
-        fresh_bitmap = False
+            invalid = self._invalidate_memslot(old, invalid_struct, change)
         try:
-            if change is not ch.DELETE:
-                if not flags & KVM_MEM_LOG_DIRTY_PAGES:
-                    pass
-                elif old is not None and old.dirty_bitmap is not None:
-                    bitmap = old.dirty_bitmap  # reused, contents preserved
-                elif self.dirty.use_dirty_bitmap:
-                    # kvm_alloc_dirty_bitmap: __vcalloc(2, ALIGN(npages, 64) / 8).
-                    a = ledger.alloc(as_id, slot_id, ledger.spec(
-                        KIND_DIRTY_BITMAP, 2, dirty_bitmap_bytes(npages)))
-                    if a is None:
-                        raise _Failed(ch.ALLOC_DIRTY_BITMAP, stage=STAGE_BITMAP)
-                    bitmap = DirtyBitmap(npages, a, self.dirty.initially_set)
-                    fresh_bitmap = True
-            prepared = None if change is ch.DELETE else _new_slot(
-                NewSlot, (as_id, slot_id, base_gfn, npages, flags, uaddr))
-            try:
-                arch = self.arch.prepare(change, old, prepared)
-            except PrepareError as exc:
-                if fresh_bitmap and bitmap is not None and bitmap.alloc is not None:
-                    ledger.free(bitmap.alloc)
-                raise _Failed(exc.rule, exc.detail, STAGE_ARCH) from None
+            new = self._prepare_memory_region(old, new, change)
         except _Failed:
-            if invalid is not None:
+            if invalid is not None and invalid_struct is not None:
                 # Put the old slot back (a second swap) and drop the working copy.
-                self._swap(slots, change, "restore", invalid, old)
-                ledger.free(invalid.struct)  # type: ignore[arg-type]
+                self._swap_active_memslots(change, "restore", invalid, old)
+                self.ledger.free(invalid_struct)
             raise
-
-        new = None
         if change is ch.CREATE:
-            new = _new_slot(MemorySlot, (slot_id, as_id, base_gfn, npages, flags, uaddr, arch,
-                                         bitmap, struct, gmem, self._page_shift))
-            self._swap(slots, change, "install", None, new)
+            assert new is not None
+            self._create_memslot(new)
         elif change is ch.DELETE:
-            self._swap(slots, change, "install", invalid, None)
+            assert invalid is not None
+            self._delete_memslot(invalid)
+        elif change is ch.MOVE:
+            assert invalid is not None and new is not None
+            self._move_memslot(new, invalid)
         else:
-            new = _new_slot(MemorySlot, (slot_id, as_id, base_gfn, npages, flags, uaddr, arch,
-                                         bitmap, struct, gmem, self._page_shift))
-            self._swap(slots, change, "install", invalid if invalid is not None else old, new)
-        if invalid is not None:
-            ledger.free(invalid.struct)  # type: ignore[arg-type]
-        self._commit(old, new, change)
+            assert old is not None and new is not None
+            self._update_flags_memslot(old, new)
+        if invalid_struct is not None:
+            self.ledger.free(invalid_struct)  # kfree(invalid_slot)
+        self._commit_memory_region(old, new, change)
 
-    def _commit(self, old: MemorySlot | None, new: MemorySlot | None, change: ChangeType) -> None:
-        """``kvm_commit_memory_region``."""
-        old_flags = 0
+    def _invalidate_memslot(
+        self, old: MemorySlot, invalid_struct: AllocGroup, change: ChangeType
+    ) -> MemorySlot:
+        """``kvm_invalidate_memslot``: publish a copy of ``old`` flagged INVALID, so vCPUs
+        stop using the range while the new slot is prepared; returns the copy."""
+        invalid = _new_slot(MemorySlot, (old.id, old.as_id, old.base_gfn, old.npages,
+                                         old.flags | KVM_MEMSLOT_INVALID, old.userspace_addr,
+                                         old.arch, old.dirty_bitmap, invalid_struct, old.gmem,
+                                         old.page_shift))
+        self._swap_active_memslots(change, "invalidate", old, invalid)
+        return invalid
+
+    def _prepare_memory_region(
+        self, old: MemorySlot | None, new: MemorySlot | None, change: ChangeType
+    ) -> MemorySlot | None:
+        """``kvm_prepare_memory_region``: the dirty bitmap (reused, allocated or dropped),
+        then ``kvm_arch_prepare_memory_region``; returns ``new`` with both filled in. A
+        bitmap allocated here is freed if the arch refuses."""
+        if new is None:  # DELETE
+            try:
+                self.arch.prepare(change, old, None)
+            except PrepareError as exc:
+                raise _Failed(exc.rule, exc.detail, STAGE_ARCH) from None
+            return None
+        bitmap = None
+        fresh = False
+        if not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            pass
+        elif old is not None and old.dirty_bitmap is not None:
+            bitmap = old.dirty_bitmap  # reused, contents preserved
+        elif self.dirty.use_dirty_bitmap:
+            bitmap = self._alloc_dirty_bitmap(new)
+            fresh = True
+        if bitmap is not None:
+            new = _new_slot(MemorySlot, (new.id, new.as_id, new.base_gfn, new.npages,
+                                         new.flags, new.userspace_addr, None, bitmap,
+                                         new.struct, new.gmem, new.page_shift))
+        try:
+            arch = self.arch.prepare(change, old, new)
+        except PrepareError as exc:
+            if fresh and bitmap is not None:
+                self._free_bitmap(bitmap)
+            raise _Failed(exc.rule, exc.detail, STAGE_ARCH) from None
+        if arch is None:
+            return new
+        return _new_slot(MemorySlot, (new.id, new.as_id, new.base_gfn, new.npages, new.flags,
+                                      new.userspace_addr, arch, bitmap, new.struct, new.gmem,
+                                      new.page_shift))
+
+    def _alloc_dirty_bitmap(self, new: MemorySlot) -> DirtyBitmap:
+        """``kvm_alloc_dirty_bitmap``: ``__vcalloc(2, ALIGN(npages, 64) / 8)``, all set when
+        manual protect starts with ``KVM_DIRTY_LOG_INITIALLY_SET``."""
+        ledger = self.ledger
+        a = ledger.alloc(new.as_id, new.id,
+                         ledger.spec(KIND_DIRTY_BITMAP, 2, dirty_bitmap_bytes(new.npages)))
+        if a is None:
+            raise _Failed(ch.ALLOC_DIRTY_BITMAP, stage=STAGE_BITMAP)
+        return DirtyBitmap(new.npages, a, self.dirty.initially_set)
+
+    def _create_memslot(self, new: MemorySlot) -> None:
+        """``kvm_create_memslot``: add ``new`` to the set."""
+        self._swap_active_memslots(ch.CREATE, "install", None, new)
+
+    def _delete_memslot(self, invalid: MemorySlot) -> None:
+        """``kvm_delete_memslot``: drop the INVALID copy that stands for the old slot."""
+        self._swap_active_memslots(ch.DELETE, "install", invalid, None)
+
+    def _move_memslot(self, new: MemorySlot, invalid: MemorySlot) -> None:
+        """``kvm_move_memslot``: ``new`` (at its new base) replaces the INVALID copy."""
+        self._swap_active_memslots(ch.MOVE, "install", invalid, new)
+
+    def _update_flags_memslot(self, old: MemorySlot, new: MemorySlot) -> None:
+        """``kvm_update_flags_memslot``: ``new`` replaces ``old`` in place, no INVALID step."""
+        self._swap_active_memslots(ch.FLAGS_ONLY, "install", old, new)
+
+    def _commit_memory_region(
+        self, old: MemorySlot | None, new: MemorySlot | None, change: ChangeType
+    ) -> None:
+        """``kvm_commit_memory_region``: accounting, the arch hook, then the old slot goes
+        (DELETE: all of it; MOVE / FLAGS_ONLY: its struct, and its bitmap if ``new`` has
+        none; its arch data may live on in ``new``)."""
+        old_flags = 0 if old is None else old.flags
+        new_flags = 0 if new is None else new.flags
         if change is ch.DELETE:
             assert old is not None
             self.nr_memslot_pages -= old.npages
-            old_flags = old.flags
         elif change is ch.CREATE:
             assert new is not None
             self.nr_memslot_pages += new.npages
-        else:
-            assert old is not None
-            old_flags = old.flags
-        new_flags = new.flags if new is not None else 0
         if (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
             self.nr_memslots_dirty_logging += 1 if new_flags & KVM_MEM_LOG_DIRTY_PAGES else -1
         self.arch.commit(change, old, new)
@@ -430,7 +473,6 @@ class Memslots:
         if change is ch.DELETE:
             self._free_memslot(old)
             return
-        # MOVE / FLAGS_ONLY: the old struct goes; its arch data may live on in new.
         assert new is not None
         if old.dirty_bitmap is not None and new.dirty_bitmap is None:
             self._free_bitmap(old.dirty_bitmap)
@@ -439,9 +481,7 @@ class Memslots:
     def _free_memslot(self, slot: MemorySlot) -> None:
         """``kvm_free_memslot``: unbind gmem, free the bitmap, the arch data, the struct."""
         if slot.gmem is not None:
-            g = gmem_files.lookup(slot.gmem[0])
-            if g is not None:
-                g.unbind(slot.gmem[1] >> self._page_shift)
+            self._gmem_unbind(slot)
         if slot.dirty_bitmap is not None:
             self._free_bitmap(slot.dirty_bitmap)
         self.arch.free(slot)
@@ -449,22 +489,28 @@ class Memslots:
             self.ledger.free(slot.struct)
 
     def _free_bitmap(self, bitmap: DirtyBitmap) -> None:
+        """``kvm_destroy_dirty_bitmap``."""
         if bitmap.alloc is not None:
             self.ledger.free(bitmap.alloc)
 
     # ==================================================================================
-    # publication (kvm_swap_active_memslots)
+    # publication (kvm_replace_memslot + kvm_swap_active_memslots)
     # ==================================================================================
-    def _swap(
+    def _swap_active_memslots(
         self,
-        slots: SlotSet,
         change: ChangeType,
         phase: str,
         old: MemorySlot | None,
         new: MemorySlot | None,
     ) -> None:
-        """Publish one change atomically and advance the generation by N_AS. Observers run
-        between publication and the final generation store, as vCPUs would."""
+        """Replace ``old`` by ``new`` in their address space, publish that atomically and
+        advance the generation by N_AS. Observers run between publication and the final
+        generation store, as vCPUs would."""
+        if old is not None:
+            slots = self.sets[old.as_id]
+        else:
+            assert new is not None
+            slots = self.sets[new.as_id]
         with self.srcu:
             if old is None:
                 slots.insert(new)  # type: ignore[arg-type]
@@ -485,11 +531,11 @@ class Memslots:
         slots.generation = (gen & ~GEN_UPDATE_IN_PROGRESS) + self.nr_as
 
     # ==================================================================================
-    # guest_memfd binding (kvm_gmem_bind)
+    # guest_memfd binding (kvm_gmem_bind / kvm_gmem_unbind)
     # ==================================================================================
-    def _gmem_bind(
-        self, r: MemoryRegion, as_id: int, slot_id: int, npages: int
-    ) -> tuple[gmem_files.GuestMemfd, int]:
+    def _gmem_bind(self, new: MemorySlot, r: MemoryRegion) -> MemorySlot:
+        """``kvm_gmem_bind``: bind the file range to ``new``; returns ``new`` carrying the
+        binding (and ``KVM_MEMSLOT_GMEM_ONLY`` for a mmap-able file)."""
         fd = r.guest_memfd
         assert fd is not None
         g = gmem_files.lookup(fd)
@@ -504,10 +550,22 @@ class Memslots:
             raise _Failed(ch.GMEM_BIND, f"offset {offset:#x} + size outside the file",
                           STAGE_GMEM)
         start = offset >> self._page_shift
-        if g.range_bound(start, start + npages):
+        if g.range_bound(start, start + new.npages):
             raise _Failed(ch.GMEM_BIND, "range already bound to another slot", STAGE_GMEM)
-        g.bind(start, start + npages, (as_id, slot_id))
-        return g, offset
+        g.bind(start, start + new.npages, (new.as_id, new.id))
+        flags = new.flags
+        if g.flags & gmem_files.GUEST_MEMFD_FLAG_MMAP:
+            flags |= KVM_MEMSLOT_GMEM_ONLY
+        return _new_slot(MemorySlot, (new.id, new.as_id, new.base_gfn, new.npages, flags,
+                                      new.userspace_addr, None, None, new.struct,
+                                      (fd, offset), new.page_shift))
+
+    def _gmem_unbind(self, slot: MemorySlot) -> None:
+        """``kvm_gmem_unbind``: release ``slot``'s file range (if the file still exists)."""
+        assert slot.gmem is not None
+        g = gmem_files.lookup(slot.gmem[0])
+        if g is not None:
+            g.unbind(slot.gmem[1] >> self._page_shift)
 
     # ==================================================================================
     # lookups (readers)

@@ -37,7 +37,7 @@ class ArchHooks:
     def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         """``kvm_arch_prepare_memory_region``: return the new slot's arch data or raise
         :class:`PrepareError`; anything allocated before a failure is freed first. ``new`` is
-        the slot being prepared (its ``arch`` still ``None``, its dirty bitmap in place), or
+        the slot being prepared (its ``arch`` and ``dirty_bitmap`` not yet filled in), or
         ``None`` for DELETE, as in the kernel."""
         return None
 

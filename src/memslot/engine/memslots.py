@@ -392,7 +392,8 @@ class Memslots:
     ) -> MemorySlot | None:
         """``kvm_prepare_memory_region``: the dirty bitmap (reused, allocated or dropped),
         then ``kvm_arch_prepare_memory_region``; returns ``new`` with both filled in. A
-        bitmap allocated here is freed if the arch refuses."""
+        bitmap allocated here is freed if the arch refuses. (The arch hooks never read the
+        new slot's bitmap, so they get ``new`` before it is attached: one view less.)"""
         if new is None:  # DELETE
             try:
                 self.arch.prepare(change, old, None)
@@ -408,17 +409,13 @@ class Memslots:
         elif self.dirty.use_dirty_bitmap:
             bitmap = self._alloc_dirty_bitmap(new)
             fresh = True
-        if bitmap is not None:
-            new = _new_slot(MemorySlot, (new.id, new.as_id, new.base_gfn, new.npages,
-                                         new.flags, new.userspace_addr, None, bitmap,
-                                         new.struct, new.gmem, new.page_shift))
         try:
             arch = self.arch.prepare(change, old, new)
         except PrepareError as exc:
             if fresh and bitmap is not None:
                 self._free_bitmap(bitmap)
             raise _Failed(exc.rule, exc.detail, STAGE_ARCH) from None
-        if arch is None:
+        if arch is None and bitmap is None:
             return new
         return _new_slot(MemorySlot, (new.id, new.as_id, new.base_gfn, new.npages, new.flags,
                                       new.userspace_addr, arch, bitmap, new.struct, new.gmem,

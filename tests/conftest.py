@@ -17,6 +17,13 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"memslot build under test: {build_info.describe()} ({memslot.__file__})"
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The build under test, also under ``-q`` (which hides the header)."""
+    from memslot import build_info
+
+    terminalreporter.write_line(f"memslot build under test: {build_info.describe()}")
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """``MEMSLOT_REQUIRE_COMPILED=1`` (CI, where a C compiler exists) fails the run at once
     when the install silently fell back to pure Python."""

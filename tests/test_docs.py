@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 import re
 
@@ -33,3 +34,19 @@ def test_checklist_items_have_tests() -> None:
         for n in re.findall(r"def test_rule_(\d+)_", path.read_text())
     }
     assert set(numbers) - tested <= {79}  # 79 is a NULL pointer: real-kernel test only
+
+
+def test_model_to_kernel_table_names_existing_functions() -> None:
+    text = (DOCS / "kernel-sources.md").read_text()
+    table = text[text.index("<!-- model-to-kernel -->"):text.index("<!-- end model-to-kernel -->")]
+    paths = re.findall(r"^\| `(memslot\.[\w.]+)` \|", table, re.M)
+    assert len(paths) > 30
+    for path in paths:
+        obj: object = importlib.import_module("memslot")
+        parts = path.split(".")[1:]
+        for i, part in enumerate(parts):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                obj = importlib.import_module(".".join(["memslot", *parts[: i + 1]]))
+        assert callable(obj), path

@@ -176,6 +176,6 @@ def test_variant_names_what_goes_wrong(tmp_path: Path) -> None:
         '{"slot": 0, "flags": 0, "guest_phys_addr": "0x400000", "memory_size": "0x200000", '
         '"userspace_addr": "0x7f0000000000"}\n'
     )
-    out = memslot("replay", "--profile", "ppc64-hv", "--variant", "ppc-realloc-rmap-on-move",
+    out = memslot("replay", "--profile", "ppc64-hv@6.1", "--variant", "ppc-realloc-rmap-on-move",
                   str(leak)).stdout
     assert "leak: ppc_rmap" in out

@@ -296,7 +296,7 @@ def test_kvm_is_error_hva_boundary() -> None:
 
 def test_gfn_to_hva_other_page_size() -> None:
     """ppc64: 64 KiB pages, so one gfn step is 64 KiB of hva."""
-    vm = ModelVM("ppc64-hv")
+    vm = ModelVM("ppc64-hv@6.1")
     vm.set_user_memory_region(0, 0, 1 << 32, 16 << 16, 1 << 40)
     base = (1 << 32) >> 16
     assert vm.gfn_to_hva(base + 3) == (1 << 40) + 3 * (1 << 16)

@@ -275,7 +275,7 @@ def test_other_arches_hold_no_arrays_beyond_bitmap() -> None:
         vm = ModelVM(profile)
         vm.set_user_memory_region(0, LOG, 0, 4 * MiB, 0)
         assert sorted(a.kind for a in vm.allocations()) == ["dirty_bitmap", "slot"], profile
-    vm = ModelVM("ppc64-hv")
+    vm = ModelVM("ppc64-hv@6.1")
     vm.set_user_memory_region(0, 0, 0, 4 * MiB, 0)
     (rmap,) = [a for a in vm.allocations() if a.kind == "ppc_rmap"]
     assert rmap.entries == 4 * MiB // (64 * KiB) and rmap.bytes == 8 * rmap.entries

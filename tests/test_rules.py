@@ -203,8 +203,8 @@ def test_rule_6_size_not_page_multiple(vm: ModelVM, size: int) -> None:
 
 
 def test_rule_6_size_page_is_arch_page() -> None:
-    """ppc64 uses 64 KiB pages: a 4 KiB size is not a page multiple there."""
-    vm = ModelVM("ppc64-hv")
+    """Debian's ppc64el 6.1 uses 64 KiB pages: a 4 KiB size is not a page multiple there."""
+    vm = ModelVM("ppc64-hv@6.1")
     refused(vm, errno.EINVAL, "size-align", lambda: vm.set_user_memory_region(0, 0, 0, PAGE, 0))
     vm.set_user_memory_region(0, 0, 0, 64 * KiB, 0)
 
@@ -492,12 +492,12 @@ def test_rule_29_x86_max_gfn_shadow(vm: ModelVM) -> None:
 
 
 def test_rule_29_x86_max_gfn_tdp() -> None:
-    """TDP: B = MAXPHYADDR (46 in the x86_64 preset)."""
+    """TDP: B = MAXPHYADDR (40 in the x86_64 preset, QEMU's q35 -cpu max)."""
     vm = ModelVM(SMM)
-    vm.set_user_memory_region(0, 0, (1 << 46) - PAGE, PAGE, UA)
+    vm.set_user_memory_region(0, 0, (1 << 40) - PAGE, PAGE, UA)
     refused(vm, errno.EINVAL, "x86-max-gfn",
-            lambda: vm.set_user_memory_region(1, 0, 1 << 46, PAGE, UA))
-    assert vm.profile.max_gfn == (1 << 34) - 1
+            lambda: vm.set_user_memory_region(1, 0, 1 << 40, PAGE, UA))
+    assert vm.profile.max_gfn == (1 << 28) - 1
 
 
 def test_rule_30_move_with_external_page_tracker() -> None:
@@ -1034,12 +1034,12 @@ def test_rule_62_arm64_ipa_limit_efault() -> None:
 
 
 def test_rule_62_riscv_gpa_limit_is_exclusive() -> None:
-    vm = ModelVM("riscv64")  # 50-bit GPA, base + npages >= limit fails
+    vm = ModelVM("riscv64")  # 59-bit GPA (Sv57x4), base + npages >= limit fails
     refused(vm, errno.EFAULT, "riscv-gpa",
-            lambda: vm.set_user_memory_region(0, 0, (1 << 50) - PAGE, PAGE, 0))
-    vm.set_user_memory_region(0, 0, (1 << 50) - 2 * PAGE, PAGE, 0)
+            lambda: vm.set_user_memory_region(0, 0, (1 << 59) - PAGE, PAGE, 0))
+    vm.set_user_memory_region(0, 0, (1 << 59) - 2 * PAGE, PAGE, 0)
     refused(vm, errno.EFAULT, "riscv-gpa",
-            lambda: vm.set_user_memory_region(0, 0, (1 << 50) - PAGE, PAGE, 0))
+            lambda: vm.set_user_memory_region(0, 0, (1 << 59) - PAGE, PAGE, 0))
 
 
 def test_rule_63_s390_segment_alignment_and_mem_limit() -> None:
@@ -1257,7 +1257,8 @@ def test_rule_75_dirty_ring_enable(vm: ModelVM) -> None:
     late = ModelVM(SHADOW)
     late.create_vcpu()
     assert _cap_errno(late, cap, 4096) == errno.EINVAL
-    pml = ModelVM(SMM)  # x86 with PML reserves 64 + 512 entries of 16 bytes
+    # An Intel host with PML reserves 64 + 512 entries of 16 bytes.
+    pml = ModelVM(memslot.get_profile(SMM).replace(name="x86_64-pml", cpu_dirty_log_size=512))
     assert _cap_errno(pml, cap, 8192) == errno.EINVAL
     assert _cap_errno(pml, cap, 16384) == 0
 

@@ -1,22 +1,31 @@
 """Host profiles: everything that differs between the kernels and hosts the model can imitate.
 
-A :class:`Profile` is plain data; :data:`PRESETS` holds the named ones and
-:func:`memslot.detect_profile` builds one for the running kernel from /dev/kvm.
+A :class:`Profile` is plain data: the kernel version it models and every fact the engine and
+the arch hooks read (limits, rules present in that version, allocation policies,
+capabilities). :data:`PRESETS` holds the named ones, ``ARCH[-KIND]@X.Y`` (``x86_64@6.1``,
+``x86_64-shadow@5.10``, ``arm64-16k@7.2``, ``ppc64-hv@6.12``), each modelled on a real
+kernel (Debian's, as the kernel lab boots it); the names without a version (``x86_64``,
+``arm64``, ...) are the newest of their kind. :func:`memslot.detect_profile` builds one for
+the running kernel from /dev/kvm. The facts by version are in :mod:`memslot.versions`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 from dataclasses import dataclass
 from typing import Any
 
 from .constants import KVM_DIRTY_GFN_SIZE, KVM_DIRTY_RING_MAX_ENTRIES, KVM_MEM_SLOTS_NUM
+from .versions import at_least, version_tuple
 
 ARCHES = ("x86", "ppc-hv", "ppc-pr", "arm64", "riscv", "s390")
 
 # KVM_DIRTY_RING_RSVD_ENTRIES (kvm_dirty_ring.h); x86 adds the PML buffer when PML is on.
 DIRTY_RING_RSVD_ENTRIES = 64
 PML_LOG_NR_ENTRIES = 512
+# guest_memfd creation flags (uapi): GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED.
+GMEM_FLAGS_ALL = 0x3
 
 
 @dataclass(frozen=True)
@@ -26,15 +35,35 @@ class Profile:
     name: str
     arch: str
     description: str = ""
+    #: The kernel version modelled, ``"X.Y"``.
     kernel: str = "6.18"
+    #: The VM type (``KVM_CREATE_VM`` argument) the profile describes.
+    vm_type: str = "default"
     page_shift: int = 12
     nr_address_spaces: int = 1
+    #: KVM_MEM_SLOTS_NUM: SHRT_MAX since 5.12; before, 512 on x86/arm64/ppc, 32 on s390.
+    mem_slots_num: int = KVM_MEM_SLOTS_NUM
     internal_mem_slots: int = 0
     readonly_mem: bool = True
-    #: CONFIG_KVM_GUEST_MEMFD: ``KVM_MEM_GUEST_MEMFD`` is a valid flag (v2 ioctl only).
+    #: KVM_SET_USER_MEMORY_REGION2 exists (6.8); before, the ioctl is unknown.
+    user_memory2: bool = True
+    #: What ``kvm_arch_vm_ioctl`` answers for an ioctl it does not know (REGION2 before 6.8,
+    #: KVM_CREATE_GUEST_MEMFD without guest_memfd): ENOTTY, EINVAL on arm64 and riscv.
+    unknown_ioctl_errno: int = errno.ENOTTY
+    #: ``KVM_MEM_GUEST_MEMFD`` is a valid flag on this VM (v2 ioctl only).
     guest_memfd: bool = False
+    #: KVM_CREATE_GUEST_MEMFD exists (``None``: exactly when ``guest_memfd``); on 6.8..6.17
+    #: x86 it exists (CONFIG_KVM_PRIVATE_MEM) while the default VM refuses the flag.
+    guest_memfd_ioctl: bool | None = None
+    #: Creation flags KVM_CREATE_GUEST_MEMFD accepts (``None``: MMAP|INIT_SHARED when the
+    #: ioctl exists; 0 before the guest_memfd mmap series).
+    guest_memfd_flags: int | None = None
     #: "Disallow toggling KVM_MEM_GUEST_MEMFD on an existing memslot" (6.18.y stable, 6.19).
     gmem_toggle_fix: bool = True
+    #: KVM_CAP_MEMORY_ATTRIBUTES on this VM (0 for VMs without private memory).
+    memory_attributes: int = 0
+    #: KVM_CAP_VM_TYPES (x86 bitmap of supported VM types; 0 elsewhere).
+    vm_types: int = 0
     #: access_ok limit (TASK_SIZE_MAX); ``None`` where access_ok accepts every address.
     user_addr_limit: int | None = 0x7FFFFFFFF000
     # -- x86 ------------------------------------------------------------------------------
@@ -42,17 +71,24 @@ class Profile:
     tdp: bool = False
     #: Host MAXPHYADDR, which bounds guest gfns under TDP (``kvm_mmu_max_gfn``).
     phys_bits: int = 52
-    #: The TDP MMU with lazily allocated rmaps (``kvm_memslots_have_rmaps``).
+    #: ``kvm_arch_prepare_memory_region`` refuses a last gfn above ``kvm_mmu_max_gfn()`` (5.18).
+    max_gfn_check: bool = True
+    #: The TDP MMU with lazily allocated rmaps (``kvm_memslots_have_rmaps``, 5.14).
     tdp_mmu: bool = False
-    #: CONFIG_KVM_EXTERNAL_WRITE_TRACKING (KVMGT built in): write-track arrays always exist.
+    #: Write-track arrays exist for every slot: always before 5.16, with
+    #: CONFIG_KVM_EXTERNAL_WRITE_TRACKING (Debian's KVMGT build) 5.16..6.5.
     external_write_tracking: bool = False
     #: An external page-track user (KVMGT) is attached to the VM: MOVE fails EINVAL.
     external_page_tracker: bool = False
+    #: x86 MOVE allocates rmap/lpage_info for the new base (5.7); before, the old arrays stay.
+    move_reallocates_arch: bool = True
     #: Dirty-ring entries reserved per vCPU beyond the generic 64 (x86 PML: 512).
     cpu_dirty_log_size: int = 0
     # -- arm64 / riscv ----------------------------------------------------------------------
-    #: Guest physical address bits (arm64 IPA size, riscv G-stage GPA size).
+    #: Guest physical address bits of this VM (arm64 IPA size, riscv G-stage GPA size).
     ipa_bits: int | None = None
+    #: arm64 KVM_CAP_ARM_VM_IPA_SIZE: the largest IPA size a VM type may ask for.
+    ipa_limit: int | None = None
     # -- s390 -------------------------------------------------------------------------------
     mem_limit: int | None = None
     ucontrol: bool = False
@@ -67,6 +103,14 @@ class Profile:
     dirty_ring_acq_rel: bool = False
     dirty_ring_with_bitmap: bool = False
 
+    def __post_init__(self) -> None:
+        version_tuple(self.kernel)  # a ValueError for a malformed version
+        if self.guest_memfd_ioctl is None:
+            object.__setattr__(self, "guest_memfd_ioctl", self.guest_memfd)
+        if self.guest_memfd_flags is None:
+            object.__setattr__(self, "guest_memfd_flags",
+                               GMEM_FLAGS_ALL if self.guest_memfd_ioctl else 0)
+
     # -- derived ----------------------------------------------------------------------------
     @property
     def page_size(self) -> int:
@@ -75,7 +119,7 @@ class Profile:
     @property
     def user_mem_slots(self) -> int:
         """KVM_USER_MEM_SLOTS = KVM_MEM_SLOTS_NUM - KVM_INTERNAL_MEM_SLOTS."""
-        return KVM_MEM_SLOTS_NUM - self.internal_mem_slots
+        return self.mem_slots_num - self.internal_mem_slots
 
     @property
     def max_gfn(self) -> int:
@@ -91,6 +135,14 @@ class Profile:
     def dirty_ring_rsvd_entries(self) -> int:
         return DIRTY_RING_RSVD_ENTRIES + self.cpu_dirty_log_size
 
+    @property
+    def has_dirty_ring(self) -> bool:
+        return self.dirty_ring_tso or self.dirty_ring_acq_rel
+
+    def at_least(self, version: str) -> bool:
+        """True when the modelled kernel is ``version`` or newer."""
+        return at_least(self.kernel, version)
+
     def replace(self, **changes: Any) -> Profile:
         """A copy with some fields changed (``name`` should change too)."""
         return dataclasses.replace(self, **changes)
@@ -103,90 +155,192 @@ class Profile:
         return out
 
 
-_X86_COMMON: dict[str, Any] = dict(
-    arch="x86",
-    internal_mem_slots=3,  # APIC access page, identity page table, TSS (VMX)
-    guest_memfd=True,
-    user_addr_limit=0x7FFFFFFFF000,  # TASK_SIZE_MAX, 4-level paging
-    dirty_ring_tso=True,
-    dirty_ring_acq_rel=True,
+# ---------------------------------------------------------------------------------------------
+# The versioned presets. Each builder turns (version, host kind) into facts; which release
+# brought which fact is in memslot.versions (and docs/kernel-versions.md).
+# ---------------------------------------------------------------------------------------------
+
+#: Kernel versions with a preset, per kind (the Debian kernels the lab boots, the seed era,
+#: and this project's own host).
+X86_VERSIONS = ("5.6", "5.7", "5.10", "6.1", "6.12", "7.2", "7.3")
+ARM64_VERSIONS = ("5.10", "6.1", "6.12", "7.2", "7.3")
+ARM64_16K_VERSIONS = ("7.2", "7.3")
+RISCV_VERSIONS = ("6.12", "7.2")
+PPC_HV_VERSIONS = ("6.1", "6.12", "7.2", "7.3")
+
+LA57_TASK_SIZE_MAX = (1 << 56) - 4096  # x86 TASK_SIZE_MAX with 5-level paging
+L4_TASK_SIZE_MAX = 0x7FFFFFFFF000  # x86 TASK_SIZE_MAX with 4-level paging
+
+
+def _generic(v: str) -> dict[str, Any]:
+    """Facts of virt/kvm/kvm_main.c at version ``v`` (arch-independent)."""
+    return dict(
+        kernel=v,
+        mem_slots_num=KVM_MEM_SLOTS_NUM if at_least(v, "5.12") else 512,
+        user_memory2=at_least(v, "6.8"),
+        manual_dirty_log_caps=3 if at_least(v, "5.7") else 1,
+    )
+
+
+def _x86(v: str, kind: str) -> Profile:
+    """x86-64. ``kind``: ``""`` = TDP (NPT) host with SMM as QEMU's q35 ``-cpu max`` runs
+    Debian's kernels (MAXPHYADDR 40, 5-level paging); ``"shadow"`` = shadow paging."""
+    tdp = kind == ""
+    new_gmem = at_least(v, "6.18")
+    f = _generic(v)
+    f.update(
+        arch="x86",
+        # SMM's second address space: unconditional before CONFIG_KVM_SMM (6.2), Debian sets it.
+        nr_address_spaces=2,
+        internal_mem_slots=3,  # APIC access page, identity page table, TSS (VMX)
+        readonly_mem=True,
+        tdp=tdp,
+        phys_bits=40 if tdp else 52,
+        max_gfn_check=at_least(v, "5.18"),
+        tdp_mmu=tdp and at_least(v, "5.14"),
+        # Write tracking: always before 5.16; Debian's KVMGT config keeps it on until the
+        # per-VM policy of 6.6; then only shadow paging (not tdp) allocates it.
+        external_write_tracking=not at_least(v, "6.6"),
+        move_reallocates_arch=at_least(v, "5.7"),
+        dirty_ring_tso=at_least(v, "5.11"),
+        dirty_ring_acq_rel=at_least(v, "6.1"),
+        guest_memfd=new_gmem,
+        # CONFIG_KVM_PRIVATE_MEM (SEV) gives 6.8..6.17 the ioctl, without mmap flags.
+        guest_memfd_ioctl=at_least(v, "6.8"),
+        guest_memfd_flags=GMEM_FLAGS_ALL if new_gmem else 0,
+        gmem_toggle_fix=at_least(v, "6.12"),
+        vm_types=1 if at_least(v, "6.8") else 0,  # KVM_CAP_VM_TYPES: BIT(KVM_X86_DEFAULT_VM)
+        user_addr_limit=LA57_TASK_SIZE_MAX,
+    )
+    era = {"5.6": " (the seed's era: MOVE keeps the arrays made for the old base)",
+           "5.7": " (the MOVE fix: fresh arrays for the new base)"}.get(v, "")
+    host = ("TDP (NPT) host with SMM: the lab's QEMU q35 -cpu max guest (MAXPHYADDR 40, "
+            "5-level paging)" if tdp else "shadow paging with SMM (two address spaces)")
+    return Profile(name=f"x86_64{'-' + kind if kind else ''}@{v}",
+                   description=f"Linux {v} x86-64, {host}{era}", **f)
+
+
+def _x86_host() -> Profile:
+    """This project's machines: a custom 6.18 build, shadow paging, no SMM (proven here)."""
+    p = _x86("6.18", "shadow")
+    return p.replace(
+        name="x86_64-shadow@6.18", nr_address_spaces=1, user_addr_limit=L4_TASK_SIZE_MAX,
+        description="Linux 6.18 x86-64 with shadow paging and no SMM (one address space), "
+        "4-level paging: the kind of host memslot's CI runs (a custom build)")
+
+
+def _arm64(v: str, kind: str) -> Profile:
+    """arm64 under QEMU ``virt,virtualization=on -cpu max``: default VM type (40-bit IPA)."""
+    gmem = at_least(v, "6.18")
+    ring = at_least(v, "6.2")
+    f = _generic(v)
+    f.update(
+        arch="arm64",
+        page_shift=14 if kind == "16k" else 12,
+        readonly_mem=True,
+        unknown_ioctl_errno=errno.EINVAL,
+        ipa_bits=40,
+        ipa_limit=52 if at_least(v, "6.12") else 48,
+        user_addr_limit=1 << (52 if at_least(v, "6.12") else 48),  # 1 << VA_BITS
+        dirty_ring_acq_rel=ring,
+        dirty_ring_with_bitmap=ring,
+        guest_memfd=gmem,
+    )
+    return Profile(name=f"arm64{'-' + kind if kind else ''}@{v}",
+                   description=f"Linux {v} arm64, {'16' if kind == '16k' else '4'} KiB pages, "
+                   "default VM type (40-bit IPA): slots past the IPA size fail EFAULT", **f)
+
+
+def _riscv(v: str) -> Profile:
+    """riscv64 under QEMU ``rv64,h=true``: Sv57 host paging, Sv57x4 G-stage (59-bit GPA)."""
+    f = _generic(v)
+    f.update(
+        arch="riscv",
+        unknown_ioctl_errno=errno.EINVAL,
+        ipa_bits=59,
+        user_addr_limit=1 << 56,
+        manual_dirty_log_caps=3 if at_least(v, "7.2") else 1,
+        dirty_ring_acq_rel=at_least(v, "7.2"),
+    )
+    return Profile(name=f"riscv64@{v}", description=f"Linux {v} riscv64, Sv57x4 G-stage "
+                   "(59-bit GPA): slots reaching the GPA size fail EFAULT", **f)
+
+
+def _ppc_hv(v: str) -> Profile:
+    """POWER9 book3s HV (nested under QEMU pseries, cap-nested-hv)."""
+    big = not at_least(v, "6.12")  # Debian ppc64el: 64 KiB pages up to 6.1
+    f = _generic(v)
+    f.update(
+        arch="ppc-hv",
+        page_shift=16 if big else 12,
+        readonly_mem=False,
+        user_addr_limit=1 << (52 if big else 46),  # TASK_SIZE_USER64: 4 PiB / 64 TiB
+        totalram_pages=1 << (14 if big else 18),  # a 1 GiB guest
+        manual_dirty_log_caps=0,
+    )
+    return Profile(name=f"ppc64-hv@{v}", description=f"Linux {v} POWER book3s HV "
+                   f"({'64' if big else '4'} KiB pages): one rmap entry per page, carried "
+                   "over on MOVE and FLAGS_ONLY; no read-only memory", **f)
+
+
+_VERSIONED: tuple[Profile, ...] = (
+    *(_x86(v, "") for v in X86_VERSIONS),
+    *(_x86(v, "shadow") for v in X86_VERSIONS),
+    _x86_host(),
+    *(_arm64(v, "") for v in ARM64_VERSIONS),
+    *(_arm64(v, "16k") for v in ARM64_16K_VERSIONS),
+    *(_riscv(v) for v in RISCV_VERSIONS),
+    *(_ppc_hv(v) for v in PPC_HV_VERSIONS),
 )
 
-PRESETS: dict[str, Profile] = {
-    p.name: p
-    for p in (
-        Profile(
-            name="x86_64",
-            description="stock x86-64 host: TDP (EPT) with the TDP MMU and lazy rmaps, "
-            "SMM (two address spaces), MAXPHYADDR 46, PML",
-            nr_address_spaces=2,
-            tdp=True,
-            tdp_mmu=True,
-            phys_bits=46,
-            cpu_dirty_log_size=PML_LOG_NR_ENTRIES,
-            **_X86_COMMON,
-        ),
-        Profile(
-            name="x86_64-shadow",
-            description="x86-64 with shadow paging and no SMM (one address space): rmaps and "
-            "write-tracking for every slot, 52-bit gfn limit; the kind of host memslot's CI runs",
-            nr_address_spaces=1,
-            tdp=False,
-            tdp_mmu=False,
-            **_X86_COMMON,
-        ),
-        Profile(
-            name="ppc64-hv",
-            arch="ppc-hv",
-            description="POWER book3s HV (64 KiB pages): one rmap entry per page, carried "
-            "over on MOVE and FLAGS_ONLY; no read-only memory",
-            page_shift=16,
-            readonly_mem=False,
-            user_addr_limit=1 << 52,  # TASK_SIZE_USER64 (4 PB)
-            totalram_pages=1 << 20,  # 64 GiB of 64 KiB pages
-            manual_dirty_log_caps=0,
-        ),
-        Profile(
-            name="ppc64-pr",
-            arch="ppc-pr",
-            description="POWER book3s PR (64 KiB pages): no per-slot metadata",
-            page_shift=16,
-            readonly_mem=False,
-            user_addr_limit=1 << 52,
-            manual_dirty_log_caps=0,
-        ),
-        Profile(
-            name="arm64",
-            arch="arm64",
-            description="arm64, 4 KiB pages, 40-bit IPA (default VM type): slots past the IPA "
-            "size fail EFAULT",
-            ipa_bits=40,
-            guest_memfd=True,
-            user_addr_limit=1 << 48,  # TASK_SIZE_MAX = 1 << VA_BITS
-            dirty_ring_acq_rel=True,
-            dirty_ring_with_bitmap=True,
-        ),
-        Profile(
-            name="riscv64",
-            arch="riscv",
-            description="riscv64 Sv48 host, Sv48x4 G-stage (50-bit GPA): slots reaching the GPA "
-            "size fail EFAULT",
-            ipa_bits=50,
-            user_addr_limit=1 << 47,
-        ),
-        Profile(
-            name="s390x",
-            arch="s390",
-            description="s390x: 1 MiB aligned userspace_addr and size for CREATE/MOVE, "
-            "mem_limit; no read-only memory",
-            readonly_mem=False,
-            internal_mem_slots=1,  # "KVM: s390: fake memslot for ucontrol VMs" (2025)
-            user_addr_limit=None,
-            mem_limit=(1 << 64) - 4096,  # TASK_SIZE_MAX when sclp reports no HAMAX
-            manual_dirty_log_caps=0,
-        ),
-    )
+#: Unversioned names: the newest preset of each kind (as of the kernels modelled here).
+ALIASES: dict[str, str] = {
+    "x86_64": "x86_64@7.3",
+    "x86_64-shadow": "x86_64-shadow@6.18",
+    "arm64": "arm64@7.3",
+    "arm64-16k": "arm64-16k@7.3",
+    "riscv64": "riscv64@7.2",
+    "ppc64-hv": "ppc64-hv@7.3",
 }
+
+_UNVERSIONED_ONLY: tuple[Profile, ...] = (
+    Profile(
+        name="ppc64-pr",
+        arch="ppc-pr",
+        description="POWER book3s PR (64 KiB pages): no per-slot metadata (Debian builds no "
+        "KVM-PR, so no real kernel backs this one)",
+        page_shift=16,
+        readonly_mem=False,
+        user_addr_limit=1 << 52,
+        manual_dirty_log_caps=0,
+    ),
+    Profile(
+        name="s390x",
+        arch="s390",
+        description="s390x: 1 MiB aligned userspace_addr and size for CREATE/MOVE, "
+        "mem_limit; no read-only memory (not bootable under TCG: no SIE)",
+        readonly_mem=False,
+        internal_mem_slots=1,  # "KVM: s390: fake memslot for ucontrol VMs" (2025)
+        user_addr_limit=None,
+        mem_limit=(1 << 64) - 4096,  # TASK_SIZE_MAX when sclp reports no HAMAX
+        manual_dirty_log_caps=0,
+    ),
+)
+
+
+def _aliased(alias: str, target: Profile) -> Profile:
+    return target.replace(name=alias, description=f"= {target.name}: {target.description}")
+
+
+_BY_NAME = {p.name: p for p in _VERSIONED}
+PRESETS: dict[str, Profile] = {
+    **{alias: _aliased(alias, _BY_NAME[target]) for alias, target in ALIASES.items()},
+    **{p.name: p for p in _UNVERSIONED_ONLY},
+    **_BY_NAME,
+}
+
+#: The versioned presets only (``memslot compat`` replays on each).
+VERSIONED_PRESETS: dict[str, Profile] = dict(_BY_NAME)
 
 DEFAULT_PROFILE = "x86_64"
 

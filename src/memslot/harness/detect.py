@@ -1,7 +1,14 @@
-"""``detect_profile()``: the :class:`~memslot.profile.Profile` of the running kernel, read from
-/dev/kvm capabilities, module parameters and harmless probes on scratch VMs (each probe makes
-its own VM, issues memslot requests whose outcome reveals one fact, and closes it; no vCPU
-runs and no memory is touched)."""
+"""``detect_profile()``: the versioned :class:`~memslot.profile.Profile` of the running kernel,
+read from /dev/kvm capabilities, module parameters and harmless probes on scratch VMs (each
+probe makes its own VM, issues memslot requests whose outcome reveals one fact, and closes
+it; no vCPU runs and no memory is touched).
+
+What it probes is what differs between kernel versions and hosts (see
+``docs/kernel-versions.md``): the version (uname), the user slot count, the x86 max-gfn
+refusal (up to 64-bit gpas, absent before 5.18), the x86 write-tracking policy (VmallocUsed
+around one large slot), the access_ok limit on every arch, the arm64 IPA / riscv G-stage
+size, the page size, REGION2 and guest_memfd, the dirty ring and the capabilities.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +20,15 @@ from collections.abc import Callable
 from .. import constants as c
 from ..backends.base import VM
 from ..errors import KvmError, KvmUnavailable
-from ..profile import PML_LOG_NR_ENTRIES, Profile
+from ..profile import PML_LOG_NR_ENTRIES, PRESETS, Profile
+from ..versions import at_least, version_tuple
 
 _ARCHES = {"x86_64": "x86", "aarch64": "arm64", "riscv64": "riscv", "s390x": "s390",
            "ppc64le": "ppc-hv", "ppc64": "ppc-hv"}
 UA = 0x10000000000  # 1 TiB: a user address KVM accepts without it being mapped
+KVM_CAP_ARM_VM_IPA_SIZE = 165
+#: Fields that describe the machine rather than the kernel; ignored when matching presets.
+HOST_FIELDS = ("name", "description", "totalram_pages")
 
 
 def _param(module: str, name: str) -> str | None:
@@ -47,14 +58,18 @@ def _probe(make_vm: Callable[[], VM], action: Callable[[VM], None]) -> bool:
         vm.close()
 
 
-def _highest_gpa_bits(make_vm: Callable[[], VM], page_size: int) -> int:
-    """Largest B such that a one-page slot ending at 2^B is accepted (x86 max gfn rule)."""
-    def ok(bits: int) -> bool:
-        return _probe(make_vm, lambda vm: vm.set_user_memory_region(
-            0, 0, (1 << bits) - page_size, page_size, UA))
-    lo, hi = 32, 64  # ok(lo) holds on every host; find the largest accepted
+def _slot_ending_at(make_vm: Callable[[], VM], end: int, page: int) -> bool:
+    """Is a one-page slot whose last byte is ``end - 1`` accepted?"""
+    return _probe(make_vm, lambda vm: vm.set_user_memory_region(0, 0, end - page, page, UA))
+
+
+def _largest_bits(ok: Callable[[int], bool], lo: int, hi: int) -> int:
+    """The largest ``b`` in ``[lo, hi]`` with ``ok(b)``, ``ok`` monotone (true then false);
+    ``lo`` when even ``ok(lo)`` fails."""
     if not ok(lo):
         return lo
+    if ok(hi):
+        return hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if ok(mid):
@@ -64,15 +79,79 @@ def _highest_gpa_bits(make_vm: Callable[[], VM], page_size: int) -> int:
     return lo
 
 
-def _user_addr_limit(make_vm: Callable[[], VM], page_size: int) -> int:
-    """TASK_SIZE_MAX as access_ok sees it: the largest uaddr + size accepted."""
-    candidates = (0x7FFFFFFFF000, 0x00FFFFFFFFFFF000)  # 4-level, LA57
-    limit = candidates[0]
-    for cand in candidates:
-        if _probe(make_vm, lambda vm, cand=cand: vm.set_user_memory_region(  # type: ignore[misc]
-                0, 0, 0, page_size, cand - page_size)):
-            limit = cand
-    return limit
+def _x86_gpa_limit(make_vm: Callable[[], VM], page: int) -> tuple[bool, int]:
+    """(max-gfn refusal present, B) where B bounds the last gfn: ``2^(B-12) - 1``.
+
+    Kernels before 5.18 accept any gpa below 2^64 (the last page ends at 2^64 - page,
+    since gpa + size must not wrap); a slot ending there tells them apart."""
+    if _slot_ending_at(make_vm, (1 << 64) - page, page):
+        return False, 52
+    return True, _largest_bits(lambda b: _slot_ending_at(make_vm, 1 << b, page), 32, 63)
+
+
+def _guest_addr_bits(make_vm: Callable[[], VM], page: int) -> int:
+    """arm64 IPA size / riscv G-stage GPA size: the largest B with a slot ending at
+    ``2^B - page`` accepted (arm64 refuses an end above 2^B, riscv an end at 2^B)."""
+    return _largest_bits(lambda b: _slot_ending_at(make_vm, (1 << b) - page, page), 32, 64)
+
+
+def _user_addr_limit(make_vm: Callable[[], VM], page: int) -> int | None:
+    """TASK_SIZE_MAX as access_ok sees it (the largest ``uaddr + size`` accepted), on every
+    arch: 2^47 - 4096 or 2^56 - 4096 (x86 4/5-level paging), 2^48 or 2^52 (arm64 VA_BITS),
+    2^47 or 2^56 (riscv Sv48/Sv57), 2^46 or 2^52 (ppc64 4K/64K pages); ``None`` when every
+    address passes (s390)."""
+    def ends_ok(end: int) -> bool:
+        return _probe(make_vm, lambda vm: vm.set_user_memory_region(
+            0, 0, 0, page, end - page))
+
+    if ends_ok((1 << 64) - page):
+        return None
+    bits = _largest_bits(lambda b: ends_ok((1 << b) - page), 36, 63)
+    return 1 << bits if ends_ok(1 << bits) else (1 << bits) - page
+
+
+def _vmalloc_used() -> int:
+    """VmallocUsed in bytes, folded in first where the kernel batches vmstat (7.x)."""
+    try:
+        with open("/proc/sys/vm/stat_refresh", "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("VmallocUsed:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmallocUsed in /proc/meminfo")
+
+
+def _write_tracking_always(make_vm: Callable[[], VM], page: int, rmaps: bool) -> bool | None:
+    """On a TDP host: does a slot get a write-track array (2 bytes per page) without any
+    shadow root? Before 5.16 always, 5.16..6.5 with CONFIG_KVM_EXTERNAL_WRITE_TRACKING, later
+    never. Measured as VmallocUsed around a 4 GiB slot (1 Mi pages: 2 MiB of write tracking,
+    a few KiB of lpage_info, 8 MiB of rmaps where they are not lazy); ``None`` when
+    VmallocUsed cannot be read or the reading is ambiguous."""
+    npages = 1 << 20
+    vm = make_vm()
+    try:
+        before = _vmalloc_used()
+        vm.set_user_memory_region(0, 0, 1 << 32, npages * page, UA)
+        delta = _vmalloc_used() - before
+    except (OSError, KvmError):
+        return None
+    finally:
+        vm.close()
+    track = 2 * npages
+    rest = delta - (8 * npages if rmaps else 0)
+    if rest >= track * 9 // 10:
+        return True
+    if rest < track // 2:
+        return False
+    return None
+
+
+def _kernel_version(release: str) -> str:
+    major, minor = version_tuple(release)
+    return f"{major}.{minor}"
 
 
 def detect_profile(name: str = "detected") -> Profile:
@@ -88,6 +167,8 @@ def detect_profile(name: str = "detected") -> Profile:
         raise KvmUnavailable(f"no profile rules for host architecture {machine!r}")
     page_size = os.sysconf("SC_PAGE_SIZE")
     page_shift = page_size.bit_length() - 1
+    release = platform.release()
+    kernel = _kernel_version(release)
 
     with KvmVM() as vm:
         cap = vm.check_extension
@@ -98,51 +179,115 @@ def detect_profile(name: str = "detected") -> Profile:
         ring_tso = bool(cap(c.KVM_CAP_DIRTY_LOG_RING))
         ring_acq = bool(cap(c.KVM_CAP_DIRTY_LOG_RING_ACQ_REL))
         ring_bitmap = bool(cap(c.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP))
+        region2 = bool(cap(c.KVM_CAP_USER_MEMORY2))
         gmem = bool(cap(c.KVM_CAP_GUEST_MEMFD))
+        attributes = cap(c.KVM_CAP_MEMORY_ATTRIBUTES)
+        vm_types = cap(c.KVM_CAP_VM_TYPES) if arch == "x86" else 0
+        ipa_limit = cap(KVM_CAP_ARM_VM_IPA_SIZE) if arch == "arm64" else 0
 
     try:
         totalram = os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         totalram = 1 << 22
+    # KVM_MEM_SLOTS_NUM: SHRT_MAX since 5.12; before, the arch's user slots plus x86's 3.
+    internal = 3 if arch == "x86" else 0
+    if nr_slots + internal >= c.KVM_MEM_SLOTS_NUM - 2:
+        mem_slots_num = c.KVM_MEM_SLOTS_NUM
+        internal = c.KVM_MEM_SLOTS_NUM - nr_slots
+    else:
+        mem_slots_num = nr_slots + internal
     fields: dict[str, object] = dict(
         name=name,
         totalram_pages=totalram,
         arch=arch,
-        kernel=platform.release(),
+        kernel=kernel,
         page_shift=page_shift,
         nr_address_spaces=multi_as if multi_as > 1 else 1,
-        internal_mem_slots=c.KVM_MEM_SLOTS_NUM - nr_slots,
+        mem_slots_num=mem_slots_num,
+        internal_mem_slots=internal,
         readonly_mem=readonly,
+        user_memory2=region2,
         guest_memfd=gmem,
+        memory_attributes=attributes,
+        vm_types=vm_types,
         manual_dirty_log_caps=manual,
         dirty_ring_tso=ring_tso,
         dirty_ring_acq_rel=ring_acq,
         dirty_ring_with_bitmap=ring_bitmap,
         user_addr_limit=_user_addr_limit(KvmVM, page_size),
+        move_reallocates_arch=at_least(kernel, "5.7"),  # never probed: 5.6 would crash
     )
+    fields["unknown_ioctl_errno"] = (
+        _unknown_ioctl_errno(KvmVM, page_size) if not region2
+        else errno.EINVAL if arch in ("arm64", "riscv") else errno.ENOTTY)
+    gmem_ioctl, gmem_flags = _guest_memfd_ioctl(KvmVM, page_size)
+    fields.update(guest_memfd_ioctl=gmem_ioctl, guest_memfd_flags=gmem_flags)
     notes = []
     if arch == "x86":
         ept = _param("kvm_intel", "ept")
         npt = _param("kvm_amd", "npt")
         tdp = ept in ("Y", "1") or npt in ("Y", "1")
         tdp_mmu = tdp and _param("kvm", "tdp_mmu") in ("Y", "1")
-        bits = _highest_gpa_bits(KvmVM, page_size)
-        fields.update(tdp=tdp, tdp_mmu=tdp_mmu, phys_bits=bits if tdp else 52)
+        check, bits = _x86_gpa_limit(KvmVM, page_size)
+        fields.update(tdp=tdp, tdp_mmu=tdp_mmu, phys_bits=bits if tdp else 52,
+                      max_gfn_check=check)
+        if tdp:
+            always = _write_tracking_always(KvmVM, page_size, rmaps=not tdp_mmu)
+            fields["external_write_tracking"] = (
+                always if always is not None else not at_least(kernel, "6.6"))
         notes.append(f"{'TDP' if tdp else 'shadow paging'}"
                      f"{' with the TDP MMU (lazy rmaps)' if tdp_mmu else ''}, "
-                     f"guest physical limit 2^{bits}")
+                     + (f"guest physical limit 2^{bits}" if check else "no max-gfn check"))
         if ring_tso:
             # A ring of 8 KiB holds 512 entries: enough for the 64 reserved ones, not for PML's.
             small_ring_ok = _probe(KvmVM, lambda vm: vm.enable_cap(
                 c.KVM_CAP_DIRTY_LOG_RING, 8192))
             fields["cpu_dirty_log_size"] = 0 if small_ring_ok else PML_LOG_NR_ENTRIES
+    elif arch in ("arm64", "riscv"):
+        bits = _guest_addr_bits(KvmVM, page_size)
+        fields["ipa_bits"] = bits
+        if ipa_limit:
+            fields["ipa_limit"] = ipa_limit
+        notes.append(f"{'IPA' if arch == 'arm64' else 'G-stage GPA'} size {bits} bits")
     if gmem:
         fields["gmem_toggle_fix"] = _gmem_toggle_refused(KvmVM, page_size)
     fields["description"] = (
         f"detected from /dev/kvm on {platform.node() or 'this host'} "
-        f"(Linux {platform.release()}, {machine}" + (f"; {notes[0]}" if notes else "") + ")"
+        f"(Linux {release}, {machine}" + (f"; {notes[0]}" if notes else "") + ")"
     )
     return Profile(**fields)  # type: ignore[arg-type]
+
+
+def _unknown_ioctl_errno(make_vm: Callable[[], VM], page_size: int) -> int:
+    """What the kernel answers to KVM_SET_USER_MEMORY_REGION2 when it does not know it."""
+    vm = make_vm()
+    try:
+        vm.set_user_memory_region2(0, 0, 0, page_size, UA, guest_memfd=0)
+    except KvmError as exc:
+        return exc.errno or errno.ENOTTY
+    finally:
+        vm.close()
+    return errno.ENOTTY
+
+
+def _guest_memfd_ioctl(make_vm: Callable[[], VM], page_size: int) -> tuple[bool, int]:
+    """(KVM_CREATE_GUEST_MEMFD exists, the creation flags it accepts)."""
+    vm = make_vm()
+    try:
+        try:
+            vm.create_guest_memfd(page_size)
+        except KvmError:
+            return False, 0
+        flags = 0
+        for bit in (1, 2):  # GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_INIT_SHARED
+            try:
+                vm.create_guest_memfd(page_size, bit)
+                flags |= bit
+            except KvmError:
+                pass
+        return True, flags
+    finally:
+        vm.close()
 
 
 def _gmem_toggle_refused(make_vm: Callable[[], VM], page_size: int) -> bool:
@@ -158,3 +303,18 @@ def _gmem_toggle_refused(make_vm: Callable[[], VM], page_size: int) -> bool:
         return True
     finally:
         vm.close()
+
+
+def differences(a: Profile, b: Profile) -> dict[str, tuple[object, object]]:
+    """Kernel facts where two profiles differ (machine facts such as total RAM ignored)."""
+    da, db = a.as_dict(), b.as_dict()
+    return {k: (da[k], db.get(k)) for k in da
+            if k not in HOST_FIELDS and da[k] != db.get(k)}
+
+
+def matching_preset(profile: Profile) -> str | None:
+    """The versioned preset whose kernel facts equal ``profile``'s, if any."""
+    for name, preset in PRESETS.items():
+        if "@" in name and not differences(profile, preset):
+            return name
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import (
+    compat_cmd,
     convert_cmd,
     explain_cmd,
     fuzz_cmd,
@@ -25,4 +26,5 @@ ALL: list[Command] = [
     report_cmd.COMMAND,
     layout_cmd.COMMAND,
     snapshot_cmd.COMMAND,
+    compat_cmd.COMMAND,
 ]

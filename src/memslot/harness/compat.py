@@ -199,8 +199,8 @@ def _reason(profile: Profile, op: TraceOp, code: str, rule: Rule | None,
             return (f"slot ends at {r.guest_phys_addr + r.memory_size:#x}, past the "
                     f"{p.ipa_bits}-bit guest physical space")
         if code == "access-ok":
-            limit = p.user_addr_limit or 0
-            return f"userspace_addr + size above the user address limit {limit:#x}"
+            ua_limit = p.user_addr_limit or 0
+            return f"userspace_addr + size above the user address limit {ua_limit:#x}"
         if code in ("size-align", "gpa-align", "uaddr-align"):
             return f"{rule.text if rule else code} ({page // 1024} KiB pages)"
         if code == "as-id":

@@ -464,8 +464,9 @@ def test_translate_many_block_table_and_fallback(clusters: list[tuple[int, int, 
                                                  seed: int) -> None:
     """Sparse layouts (blocks of many GiB holding several region starts, which exercise the
     advance steps, or more than the table allows, which falls back to a binary search) agree
-    with the scalar translate."""
-    with memslot.ModelVM() as vm, GuestMemory(vm) as gm:
+    with the scalar translate. (Gfns up to 2^32: a 52-bit gfn limit, not the default
+    preset's MAXPHYADDR 40.)"""
+    with memslot.ModelVM("x86_64-shadow") as vm, GuestMemory(vm) as gm:
         for base_page, count, npages in clusters:
             for i in range(count):
                 gpa = (base_page + i * (npages + 1)) * PAGE

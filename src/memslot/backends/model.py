@@ -129,10 +129,12 @@ class ModelVM(VM):
         check_uint("flags", flags, U64)
         m = self._ioctl()
         what = f"KVM_CREATE_GUEST_MEMFD size={size:#x} flags={flags:#x}"
-        if not self.profile.guest_memfd:
-            raise KvmError(GMEM_UNSUPPORTED.errno, str(GMEM_UNSUPPORTED), what)
-        valid = gmem_files.GUEST_MEMFD_FLAG_MMAP | gmem_files.GUEST_MEMFD_FLAG_INIT_SHARED
-        if flags & ~valid or size <= 0 or size & (self.profile.page_size - 1):
+        p = self.profile
+        if not p.guest_memfd_ioctl:
+            # kvm_arch_vm_ioctl's default: ENOTTY, EINVAL on arm64 and riscv.
+            raise KvmError(p.unknown_ioctl_errno, str(GMEM_UNSUPPORTED), what)
+        valid = p.guest_memfd_flags or 0
+        if flags & ~valid or size <= 0 or size & (p.page_size - 1):
             raise KvmError(GMEM_CREATE.errno, str(GMEM_CREATE), what)
         g = gmem_files.create(size, flags, m)
         m.gmem_files[g.fd] = g
@@ -413,7 +415,8 @@ MEMSLOT_CAPABILITIES = (
     c.KVM_CAP_JOIN_MEMORY_REGIONS_WORKS, c.KVM_CAP_USER_MEMORY2, c.KVM_CAP_NR_MEMSLOTS,
     c.KVM_CAP_MULTI_ADDRESS_SPACE, c.KVM_CAP_READONLY_MEM, c.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     c.KVM_CAP_DIRTY_LOG_RING, c.KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
-    c.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, c.KVM_CAP_GUEST_MEMFD,
+    c.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, c.KVM_CAP_GUEST_MEMFD, c.KVM_CAP_MEMORY_ATTRIBUTES,
+    c.KVM_CAP_VM_TYPES, c.KVM_CAP_ARM_VM_IPA_SIZE,
 )
 
 
@@ -426,7 +429,7 @@ def extension_value(profile: Profile, cap: int) -> int:
         c.KVM_CAP_SYNC_MMU: 1,
         c.KVM_CAP_DESTROY_MEMORY_REGION_WORKS: 1,
         c.KVM_CAP_JOIN_MEMORY_REGIONS_WORKS: 1,
-        c.KVM_CAP_USER_MEMORY2: 1,
+        c.KVM_CAP_USER_MEMORY2: int(p.user_memory2),
         c.KVM_CAP_NR_MEMSLOTS: p.user_mem_slots,
         c.KVM_CAP_MULTI_ADDRESS_SPACE: p.nr_address_spaces if p.nr_address_spaces > 1 else 0,
         c.KVM_CAP_READONLY_MEM: int(p.readonly_mem),
@@ -435,6 +438,9 @@ def extension_value(profile: Profile, cap: int) -> int:
         c.KVM_CAP_DIRTY_LOG_RING_ACQ_REL: ring if p.dirty_ring_acq_rel else 0,
         c.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: int(p.dirty_ring_with_bitmap),
         c.KVM_CAP_GUEST_MEMFD: int(p.guest_memfd),
+        c.KVM_CAP_MEMORY_ATTRIBUTES: p.memory_attributes,
+        c.KVM_CAP_VM_TYPES: p.vm_types,
+        c.KVM_CAP_ARM_VM_IPA_SIZE: p.ipa_limit or 0 if p.arch == "arm64" else 0,
     }
     return answers.get(cap, 0)
 

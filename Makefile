@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PIP := -m pip install -q --disable-pip-version-check
 SOURCES := pyproject.toml setup.py $(shell find src -name '*.py' -o -name 'py.typed' -o -path '*/data/*' -type f)
 
-.PHONY: run test test-pure dev lint bench clean
+.PHONY: run test test-pure dev lint bench clean deps-record
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(VENV)/.installed-test: $(SOURCES) | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/memslot replay examples/vmm-boot.jsonl
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test deps-record
 	$(BIN)/python -m pytest -q -rs
 	$(BIN)/python -m ruff check src tests bench
 	$(BIN)/python -m mypy
@@ -36,8 +36,25 @@ $(PURE_VENV)/.installed-test: $(SOURCES)
 	MEMSLOT_PURE_PYTHON=1 $(PURE_VENV)/bin/python $(PIP) '.[test]'
 	touch $@
 
-test-pure: $(PURE_VENV)/.installed-test
+test-pure: $(PURE_VENV)/.installed-test deps-record
 	$(PURE_VENV)/bin/python -m pytest -q -rs
+
+# `memslot record` runs VMMs under strace; its end-to-end test records QEMU. Debian packages,
+# installed with apt-get when missing (as root); elsewhere a note, and those tests skip.
+RECORD_DEBS := strace qemu-system-x86
+deps-record:
+	@missing=$$(for p in $(RECORD_DEBS); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "deps-record: installing $$missing"; \
+	    apt-get update -qq -o DPkg::Lock::Timeout=600 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
+	        --no-install-recommends $$missing >/dev/null; \
+	else \
+	    echo "deps-record: missing $$missing (install as root with apt-get; the memslot record tests skip)"; \
+	fi
 
 # An editable, uncompiled install for working on the code (edits take effect at once).
 dev: $(BIN)/python

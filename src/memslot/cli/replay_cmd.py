@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     vm = make_vm(args.backend, profile, args.variant)
     steps: list[ReplayStep] = []
     show_progress = not args.json and sys.stderr.isatty() and len(ops) > 2000
+    replayer = Replayer(vm, check=args.check)
     try:
-        replayer = Replayer(vm, check=args.check)
         start = time.monotonic()
         for i, op in enumerate(ops):
             step = replayer.step(op)
@@ -85,12 +85,14 @@ def run(args: argparse.Namespace) -> int:
         else:
             print_summary(vm, steps, mismatches, bad_lines, variant_problems)
     finally:
+        replayer.close()
         vm.close()
     return EXIT_MISMATCH if mismatches else EXIT_OK
 
 
 _KIND = {"get_dirty_log": "GET_LOG", "clear_dirty_log": "CLEAR_LOG",
-         "enable_cap": "ENABLE_CAP", "mark_dirty": "WRITE"}
+         "enable_cap": "ENABLE_CAP", "mark_dirty": "WRITE", "create_vm": "CREATE_VM",
+         "check_extension": "CHECK_EXT", "create_guest_memfd": "GMEM"}
 
 
 def format_step(step: ReplayStep) -> str:

@@ -1,4 +1,9 @@
-"""Replay trace operations on any backend and compare each outcome with what was recorded."""
+"""Replay trace operations on any backend and compare each outcome with what was recorded.
+
+A trace may act on several VMs (``op.vm``): the VM given is number 0, others are made on
+first use as fresh VMs of the same backend (closed by :meth:`Replayer.close`). guest_memfd
+descriptors the trace recorded (``CreateGuestMemfd.fd``) are mapped to the ones the replay
+gets, per VM."""
 
 from __future__ import annotations
 
@@ -13,7 +18,10 @@ from ..engine.result import OpResult
 from ..errors import KvmError, errno_name
 from ..trace.jsonl import to_object
 from ..trace.records import (
+    CheckExtension,
     ClearDirtyLog,
+    CreateGuestMemfd,
+    CreateVm,
     EnableCap,
     GetDirtyLog,
     MarkDirty,
@@ -32,6 +40,7 @@ class ReplayStep:
     errno: int | None
     result: OpResult | None = None
     data: bytes | None = None
+    value: int | None = None
     problems: list[str] = field(default_factory=list)
     message: str = ""
 
@@ -60,6 +69,8 @@ class ReplayStep:
             out["result"] = self.result.as_dict()
         if self.data is not None:
             out["dirty_log"] = self.data.hex()
+        if self.value is not None:
+            out["value"] = self.value
         return out
 
 
@@ -71,6 +82,27 @@ class Replayer:
         self.vm = vm
         self.check = check
         self.index = 0
+        self.vms: dict[int, VM] = {0: vm}
+        self._gmem: dict[tuple[int, int], int] = {}
+
+    def close(self) -> None:
+        """Close the VMs this replayer made (not the one it was given)."""
+        for number, vm in list(self.vms.items()):
+            if number:
+                vm.close()
+                del self.vms[number]
+
+    def _vm_for(self, op: TraceOp) -> VM | None:
+        vm = self.vms.get(op.vm)
+        if vm is None:
+            from ..errors import KvmUnavailable
+
+            try:
+                vm = _sibling(self.vm, op.vm_type if isinstance(op, CreateVm) else 0)
+            except KvmUnavailable:
+                return None
+            self.vms[op.vm] = vm
+        return vm
 
     def run(self, ops: Iterable[TraceOp]) -> Iterator[ReplayStep]:
         for op in ops:
@@ -83,18 +115,26 @@ class Replayer:
             step.problems.append(
                 f"expected {errno_name(op.expect)}, got {errno_name(step.errno)}"
             )
-        if self.check and isinstance(self.vm, ModelVM):
-            step.problems.extend(f"check: {p}" for p in self.vm.check())
+        vm = self.vms.get(op.vm)
+        if self.check and isinstance(vm, ModelVM):
+            step.problems.extend(f"check: {p}" for p in vm.check())
         return step
 
     def _perform(self, op: TraceOp) -> ReplayStep:
-        vm = self.vm
         index = self.index
+        found = self._vm_for(op)
+        if found is None:
+            return ReplayStep(index, op, None, message=f"cannot make VM {op.vm} of the trace")
+        vm = found
         if isinstance(op, SetRegion):
+            region = op.region
+            if region.guest_memfd is not None:
+                fd = self._gmem.get((op.vm, region.guest_memfd), region.guest_memfd)
+                region = region._replace(guest_memfd=fd)
             if isinstance(vm, ModelVM):
-                result = vm.submit(op.region)
+                result = vm.submit(region)
                 return ReplayStep(index, op, result.errno, result)
-            return self._call(index, op, lambda: vm.apply(op.region))
+            return self._call(index, op, lambda: vm.apply(region))
         if isinstance(op, GetDirtyLog):
             step = self._call(index, op, lambda: vm.get_dirty_log(op.slot))
             if (
@@ -116,6 +156,21 @@ class Replayer:
             )
         if isinstance(op, EnableCap):
             return self._call(index, op, lambda: vm.enable_cap(op.cap, *op.args, flags=op.flags))
+        if isinstance(op, CreateVm):
+            if op.expect:
+                return ReplayStep(index, op, None, message="a failed KVM_CREATE_VM is not redone")
+            return ReplayStep(index, op, 0)
+        if isinstance(op, CheckExtension):
+            check = getattr(vm, "check_system_extension", None) if op.system else None
+            step = self._call(index, op, lambda: (check or vm.check_extension)(op.cap))
+            if step.errno == 0 and op.value is not None and step.value != op.value:
+                step.problems.append(f"value {step.value}, recorded {op.value}")
+            return step
+        if isinstance(op, CreateGuestMemfd):
+            step = self._call(index, op, lambda: vm.create_guest_memfd(op.size, op.flags))
+            if step.errno == 0 and op.fd is not None and step.value is not None:
+                self._gmem[(op.vm, op.fd)] = step.value
+            return step
         if isinstance(op, MarkDirty):
             if not isinstance(vm, FaultInjection):
                 return ReplayStep(index, op, None, message="guest writes need the model")
@@ -133,8 +188,9 @@ class Replayer:
         except Divergence as exc:
             err = exc.kernel_errno if exc.kernel_errno is not None else 0
             return ReplayStep(index, op, err, problems=[f"divergence: {exc}"], message=str(exc))
-        data = value if isinstance(value, bytes) else None
-        return ReplayStep(index, op, 0, data=data)
+        if isinstance(value, bytes):
+            return ReplayStep(index, op, 0, data=value)
+        return ReplayStep(index, op, 0, value=value if isinstance(value, int) else None)
 
 
 def describe_op(op: TraceOp) -> str:
@@ -150,4 +206,27 @@ def describe_op(op: TraceOp) -> str:
         from ..constants import CAPABILITY_NAMES
 
         return f"ENABLE_CAP {CAPABILITY_NAMES.get(op.cap, op.cap)} args={list(op.args)}"
+    if isinstance(op, CheckExtension):
+        from ..constants import CAPABILITY_NAMES
+
+        where = " (system)" if op.system else ""
+        return f"CHECK_EXTENSION {CAPABILITY_NAMES.get(op.cap, op.cap)}{where} = {op.value}"
+    if isinstance(op, CreateGuestMemfd):
+        return f"CREATE_GUEST_MEMFD size={op.size:#x} flags={op.flags:#x} fd={op.fd}"
+    if isinstance(op, CreateVm):
+        return f"CREATE_VM vm={op.vm} type={op.vm_type}"
     return f"GUEST_WRITE gfn={op.gfn:#x} as={op.as_id}"
+
+
+def _sibling(vm: VM, vm_type: int) -> VM:
+    """A fresh VM of the same backend as ``vm`` (another VM of the trace)."""
+    from ..backends.dual import DualVM
+    from ..backends.kvm import KvmVM
+
+    if isinstance(vm, ModelVM):
+        return ModelVM(vm.profile, variants=vm.variants)
+    if isinstance(vm, KvmVM):
+        return KvmVM(vm_type=vm_type)
+    if isinstance(vm, DualVM) and isinstance(vm.model, ModelVM):
+        return DualVM(ModelVM(vm.model.profile, variants=vm.model.variants), KvmVM(vm_type=vm_type))
+    raise TypeError(f"cannot make another VM like {vm!r}")

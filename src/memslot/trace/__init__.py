@@ -1,9 +1,12 @@
-"""Memslot operation traces: records, our JSON-lines format, QEMU trace logs."""
+"""Memslot operation traces: records, our JSON-lines format, QEMU trace logs, strace logs."""
 
 from .jsonl import dumps, parse_lines
 from .reader import iter_trace, read_trace
 from .records import (
+    CheckExtension,
     ClearDirtyLog,
+    CreateGuestMemfd,
+    CreateVm,
     EnableCap,
     GetDirtyLog,
     MarkDirty,
@@ -13,7 +16,10 @@ from .records import (
 )
 
 __all__ = [
+    "CheckExtension",
     "ClearDirtyLog",
+    "CreateGuestMemfd",
+    "CreateVm",
     "EnableCap",
     "GetDirtyLog",
     "MarkDirty",

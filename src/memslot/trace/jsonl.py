@@ -6,7 +6,10 @@ A request line (``"op"`` omitted or ``"set"``) has ``slot``, ``flags``, ``guest_
 such as ``"EEXIST"`` or ``0``) and ``note``. Other operations: ``{"op": "get_dirty_log",
 "slot": S}``, ``{"op": "clear_dirty_log", "slot": S, "first_page": F, "num_pages": N,
 "bitmap": "<hex>" | "all" | null}``, ``{"op": "enable_cap", "cap": "KVM_CAP_..." | N,
-"args": [...]}``, ``{"op": "mark_dirty", "gfn": G, "as_id": A}``. Integers may be written as
+"args": [...]}``, ``{"op": "mark_dirty", "gfn": G, "as_id": A}``, ``{"op": "create_vm",
+"vm_type": T}``, ``{"op": "check_extension", "cap": ..., "value": V, "system": false}``,
+``{"op": "create_guest_memfd", "size": S, "flags": F, "fd": N}``; any line may name its VM
+with ``"vm": N`` (default 0) when a trace holds several. Integers may be written as
 JSON numbers or as ``"0x..."`` strings. Blank lines are skipped. Unknown keys are errors.
 """
 
@@ -20,7 +23,10 @@ from .. import constants
 from ..errors import errno_name, errno_value
 from ..request import MemoryRegion
 from .records import (
+    CheckExtension,
     ClearDirtyLog,
+    CreateGuestMemfd,
+    CreateVm,
     EnableCap,
     GetDirtyLog,
     MarkDirty,
@@ -29,7 +35,7 @@ from .records import (
     TraceOp,
 )
 
-_COMMON = {"op", "expect", "note"}
+_COMMON = {"op", "expect", "note", "vm"}
 _KEYS: dict[str, set[str]] = {
     "set": _COMMON | {"slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr",
                       "as_id", "guest_memfd", "guest_memfd_offset"},
@@ -37,6 +43,9 @@ _KEYS: dict[str, set[str]] = {
     "clear_dirty_log": _COMMON | {"slot", "as_id", "first_page", "num_pages", "bitmap"},
     "enable_cap": _COMMON | {"cap", "args", "flags"},
     "mark_dirty": _COMMON | {"gfn", "as_id"},
+    "create_vm": _COMMON | {"vm_type"},
+    "check_extension": _COMMON | {"cap", "value", "system"},
+    "create_guest_memfd": _COMMON | {"size", "flags", "fd"},
 }
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "set": ("slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr"),
@@ -44,6 +53,9 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "clear_dirty_log": ("slot", "first_page", "num_pages"),
     "enable_cap": ("cap",),
     "mark_dirty": ("gfn",),
+    "create_vm": (),
+    "check_extension": ("cap",),
+    "create_guest_memfd": ("size",),
 }
 _U64 = (1 << 64) - 1
 
@@ -133,6 +145,7 @@ def parse_object(obj: Any, line: int = 0) -> TraceOp:
     if not isinstance(note, str):
         raise _LineError("field 'note' must be a string")
     expect = _expect(obj)
+    vm = _int(obj, "vm", 0, 0xFFFFFFFF)
     if op == "set":
         gmem = obj.get("guest_memfd")
         region = MemoryRegion(
@@ -144,9 +157,9 @@ def parse_object(obj: Any, line: int = 0) -> TraceOp:
             _int(obj, "guest_memfd_offset", 0),
             None if gmem is None else _int(obj, "guest_memfd", limit=0xFFFFFFFF),
         )
-        return SetRegion(region, expect, line, note)
+        return SetRegion(region, expect, line, note, vm)
     if op == "get_dirty_log":
-        return GetDirtyLog(_slot(obj), expect, line, note, _bitmap(obj))
+        return GetDirtyLog(_slot(obj), expect, line, note, _bitmap(obj), vm)
     if op == "clear_dirty_log":
         return ClearDirtyLog(
             _slot(obj),
@@ -156,14 +169,28 @@ def parse_object(obj: Any, line: int = 0) -> TraceOp:
             expect,
             line,
             note,
+            vm,
         )
     if op == "enable_cap":
         args = obj.get("args", [])
         if not isinstance(args, list) or len(args) > 4:
             raise _LineError("field 'args' must be a list of at most 4 integers")
         values = tuple(_int({"args": a}, "args") for a in args)
-        return EnableCap(_cap(obj), values, _int(obj, "flags", 0, 0xFFFFFFFF), expect, line, note)
-    return MarkDirty(_int(obj, "gfn"), _int(obj, "as_id", 0, 0xFFFF), expect, line, note)
+        return EnableCap(_cap(obj), values, _int(obj, "flags", 0, 0xFFFFFFFF), expect, line, note,
+                         vm)
+    if op == "create_vm":
+        return CreateVm(_int(obj, "vm_type", 0, 0xFFFFFFFF), expect, line, note, vm)
+    if op == "check_extension":
+        value = None if obj.get("value") is None else _int(obj, "value", limit=0x7FFFFFFF)
+        system = obj.get("system", False)
+        if not isinstance(system, bool):
+            raise _LineError("field 'system' must be true or false")
+        return CheckExtension(_cap(obj), value, system, expect, line, note, vm)
+    if op == "create_guest_memfd":
+        fd = None if obj.get("fd") is None else _int(obj, "fd", limit=0x7FFFFFFF)
+        return CreateGuestMemfd(_int(obj, "size"), _int(obj, "flags", 0), fd, expect, line, note,
+                                vm)
+    return MarkDirty(_int(obj, "gfn"), _int(obj, "as_id", 0, 0xFFFF), expect, line, note, vm)
 
 
 def parse_lines(
@@ -229,6 +256,15 @@ def to_object(op: TraceOp) -> dict[str, Any]:
         out = {"op": op.op, "cap": name or op.cap, "args": list(op.args)}
         if op.flags:
             out["flags"] = op.flags
+    elif isinstance(op, CreateVm):
+        out = {"op": op.op, "vm_type": op.vm_type}
+    elif isinstance(op, CheckExtension):
+        out = {"op": op.op, "cap": constants.CAPABILITY_NAMES.get(op.cap) or op.cap,
+               "value": op.value}
+        if op.system:
+            out["system"] = True
+    elif isinstance(op, CreateGuestMemfd):
+        out = {"op": op.op, "size": _hex(op.size), "flags": op.flags, "fd": op.fd}
     else:
         out = {"op": op.op, "gfn": _hex(op.gfn)}
         if op.as_id:
@@ -237,6 +273,8 @@ def to_object(op: TraceOp) -> dict[str, Any]:
         out["expect"] = errno_name(op.expect) if op.expect else 0
     if op.note:
         out["note"] = op.note
+    if op.vm:
+        out["vm"] = op.vm
     return out
 
 

@@ -1,7 +1,8 @@
 """Trace operations: what a VMM asked of KVM, one record per ioctl, whatever the source format.
 
 Every record carries ``expect`` (the errno the trace recorded, ``None`` if unknown), the
-``line`` it came from and an optional ``note``.
+``line`` it came from, an optional ``note`` and ``vm``: which VM of the trace it acts on (0,
+1, ... in the order the trace first shows them; formats that know one VM say 0).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class SetRegion:
     expect: int | None = None
     line: int = 0
     note: str = ""
+    vm: int = 0
     op: str = field(default="set", init=False)
 
 
@@ -31,6 +33,7 @@ class GetDirtyLog:
     line: int = 0
     note: str = ""
     expect_bitmap: bytes | None = None
+    vm: int = 0
     op: str = field(default="get_dirty_log", init=False)
 
 
@@ -46,6 +49,7 @@ class ClearDirtyLog:
     expect: int | None = None
     line: int = 0
     note: str = ""
+    vm: int = 0
     op: str = field(default="clear_dirty_log", init=False)
 
 
@@ -59,6 +63,7 @@ class EnableCap:
     expect: int | None = None
     line: int = 0
     note: str = ""
+    vm: int = 0
     op: str = field(default="enable_cap", init=False)
 
 
@@ -72,10 +77,56 @@ class MarkDirty:
     expect: int | None = None
     line: int = 0
     note: str = ""
+    vm: int = 0
     op: str = field(default="mark_dirty", init=False)
 
 
-TraceOp = SetRegion | GetDirtyLog | ClearDirtyLog | EnableCap | MarkDirty
+@dataclass(frozen=True, slots=True)
+class CreateVm:
+    """``KVM_CREATE_VM`` of ``vm_type``: VM number ``vm`` of the trace starts here."""
+
+    vm_type: int = 0
+    expect: int | None = None
+    line: int = 0
+    note: str = ""
+    vm: int = 0
+    op: str = field(default="create_vm", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckExtension:
+    """``KVM_CHECK_EXTENSION`` of ``cap`` on the VM fd (``system``: on ``/dev/kvm``);
+    ``value`` (the ioctl's result) is checked when given."""
+
+    cap: int
+    value: int | None = None
+    system: bool = False
+    expect: int | None = None
+    line: int = 0
+    note: str = ""
+    vm: int = 0
+    op: str = field(default="check_extension", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CreateGuestMemfd:
+    """``KVM_CREATE_GUEST_MEMFD``; ``fd`` is the descriptor the trace got, which later
+    ``SetRegion`` records name as ``guest_memfd`` (a replay maps it to the one it gets)."""
+
+    size: int
+    flags: int = 0
+    fd: int | None = None
+    expect: int | None = None
+    line: int = 0
+    note: str = ""
+    vm: int = 0
+    op: str = field(default="create_guest_memfd", init=False)
+
+
+TraceOp = (
+    SetRegion | GetDirtyLog | ClearDirtyLog | EnableCap | MarkDirty | CreateVm | CheckExtension
+    | CreateGuestMemfd
+)
 
 
 class TraceFormatError(ValueError):

@@ -10,6 +10,7 @@ from . import (
     layout_cmd,
     measure_cmd,
     profiles_cmd,
+    record_cmd,
     replay_cmd,
     report_cmd,
     snapshot_cmd,
@@ -27,4 +28,5 @@ ALL: list[Command] = [
     layout_cmd.COMMAND,
     snapshot_cmd.COMMAND,
     compat_cmd.COMMAND,
+    record_cmd.COMMAND,
 ]

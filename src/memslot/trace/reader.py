@@ -1,5 +1,5 @@
-"""Open a trace in any supported format: memslot JSON lines or a QEMU ``-trace
-kvm_set_user_memory`` log (auto-detected from the first meaningful line)."""
+"""Open a trace in any supported format: memslot JSON lines, a QEMU ``-trace
+kvm_set_user_memory`` log or an strace log (auto-detected from the first meaningful line)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import TextIO
 from .jsonl import parse_lines
 from .records import TraceFormatError, TraceOp
 
-FORMATS = ("auto", "jsonl", "qemu")
+FORMATS = ("auto", "jsonl", "qemu", "strace")
 #: Longest line read whole; a longer one is an error (memory stays bounded per line).
 MAX_LINE = 1 << 20
 _TOO_LONG = "\0<line too long>"
@@ -39,6 +39,10 @@ def sniff_line(line: str) -> str | None:
     text = line.strip()
     if text.startswith("{"):
         return "jsonl"
+    from .strace import is_strace_line
+
+    if is_strace_line(line):  # first: an execve line may quote QEMU's -trace arguments
+        return "strace"
     if "kvm_set_user_memory" in text or "kvm_clear_dirty_log" in text:
         return "qemu"
     return None
@@ -102,6 +106,10 @@ def iter_trace(
         rest = _checked_lines(_Chain(head, stream), path, errors)
         if fmt == "jsonl":
             yield from parse_lines(rest, path, errors)
+        elif fmt == "strace":
+            from .strace import parse_strace
+
+            yield from parse_strace(rest, path, errors)
         else:
             from .qemu import parse_qemu_trace
 

@@ -103,7 +103,7 @@ _DUMP = re.compile(r" \| (?P<offset>[0-9a-f]{5,8})  (?P<hex>[0-9a-f ]{1,49}?)\s{
 _UNFINISHED = " <unfinished ...>"
 _RET = re.compile(
     r"(?P<value>-?\d+|0x[0-9a-f]+|\?)(?:<[^>]*(?:<[^>]*>)?[^>]*>)?"
-    r"(?: (?P<err>E[A-Z0-9]+) \([^)]*\))?(?: \((?:DELAYED|INJECTED)\))*(?: <[0-9.]+>)?$"
+    r"(?: (?P<err>E[A-Z0-9]+))?(?: \(.*\))?(?: <[0-9.]+>)?$"
 )
 _FIELD = re.compile(r"(\w+)=")
 _EQUALS = re.compile(r"\) +=  ?")
@@ -115,8 +115,8 @@ _STRACE_HINT = ("record with `memslot record`, which saves the argument bytes st
                 "not decode")
 
 
-class _LineError(Exception):
-    pass
+class LineError(Exception):
+    """A malformed line (the message names what is wrong)."""
 
 
 @dataclass(slots=True)
@@ -149,7 +149,7 @@ class Call:
             return 0
         value = getattr(_errno, err, None)
         if not isinstance(value, int):
-            raise _LineError(f"{self.name}: unknown errno {err}")
+            raise LineError(f"{self.name}: unknown errno {err}")
         return value
 
 
@@ -178,9 +178,8 @@ def is_strace_line(line: str) -> bool:
 
 def _split_result(body: str) -> tuple[str, str] | None:
     """``name(args) = ret`` (strace pads with spaces before ``=``) -> (``name(args``, ``ret``)."""
-    found = None
-    for found in _EQUALS.finditer(body):
-        pass
+    matches = list(_EQUALS.finditer(body))
+    found = matches[-1] if matches else None
     if found is None or _RET.match(body[found.end():]) is None:
         return None
     return body[:found.start()], body[found.end():]
@@ -217,7 +216,7 @@ class CallReader:
         split = _split_result(body)
         if split is None:
             if name in _INTERESTING:
-                raise _LineError(f"{name}: truncated or malformed call (no ') = result')")
+                raise LineError(f"{name}: truncated or malformed call (no ') = result')")
             return None
         head, ret = split
         return Call(tid, name, head[len(name) + 1:], ret, number)
@@ -225,6 +224,20 @@ class CallReader:
     def unfinished(self) -> list[tuple[int, str, str, int]]:
         """Calls begun but never resumed: ``(tid, name, args, line)``."""
         return [(tid, n, a, line) for tid, (n, a, line) in self.pending.items()]
+
+
+def ioctl_pointer(call: Call) -> tuple[int, int, int] | None:
+    """``(fd, request, argument)`` of an ioctl call, ``None`` if it cannot be read."""
+    args = _split_args(call.args)
+    if call.name != "ioctl" or len(args) < 3:
+        return None
+    try:
+        fd, _ = _fd(args[0])
+        request = _request(args[1])
+        address = int(_strip_comment(args[2]), 0)
+    except (LineError, ValueError):
+        return None
+    return fd, request, address
 
 
 def parse_dump_line(line: str) -> tuple[int, bytes] | None:
@@ -286,7 +299,7 @@ def _fd(text: str) -> tuple[int, str | None]:
     """``4`` or ``4<anon_inode:kvm-vm>`` (``-y``) -> (4, path)."""
     m = re.match(r"(-?\d+)(?:<(.*)>)?$", text.strip())
     if m is None:
-        raise _LineError(f"not a file descriptor: {text[:40]!r}")
+        raise LineError(f"not a file descriptor: {text[:40]!r}")
     path = m.group(2)
     if path is not None:
         path = path.split("<", 1)[0]  # -yy adds <char 10:232>
@@ -298,7 +311,7 @@ def _int(text: str, what: str) -> int:
     try:
         return int(text, 0)
     except ValueError:
-        raise _LineError(f"{what}: not a number: {text[:40]!r}") from None
+        raise LineError(f"{what}: not a number: {text[:40]!r}") from None
 
 
 def _request(text: str) -> int:
@@ -310,7 +323,7 @@ def _request(text: str) -> int:
         direction = 0
         for part in m.group(1).split("|"):
             if part.strip() not in _IOC_DIRS:
-                raise _LineError(f"ioctl: unknown direction {part!r}")
+                raise LineError(f"ioctl: unknown direction {part!r}")
             direction |= _IOC_DIRS[part.strip()]
         ty, nr, size = (int(m.group(i), 16) for i in (2, 3, 4))
         return (direction << 30) | (size << 16) | (ty << 8) | nr
@@ -333,12 +346,12 @@ def _flags(text: str, names: dict[str, int], what: str) -> int:
 def _struct_fields(text: str) -> dict[str, str]:
     text = text.strip()
     if not (text.startswith("{") and text.endswith("}")):
-        raise _LineError(f"expected a struct, got {text[:40]!r}")
+        raise LineError(f"expected a struct, got {text[:40]!r}")
     fields: dict[str, str] = {}
     for part in _split_args(text[1:-1]):
         m = _FIELD.match(part)
         if m is None:
-            raise _LineError(f"malformed struct field {part[:40]!r}")
+            raise LineError(f"malformed struct field {part[:40]!r}")
         fields[m.group(1)] = part[m.end():]
     return fields
 
@@ -354,9 +367,9 @@ def _cap(text: str) -> int:
 
 def _need(data: bytes, size: int, what: str) -> bytes:
     if not data:
-        raise _LineError(f"{what}: the argument bytes are not in the log ({_STRACE_HINT})")
+        raise LineError(f"{what}: the argument bytes are not in the log ({_STRACE_HINT})")
     if len(data) < size:
-        raise _LineError(f"{what}: {len(data)} argument bytes, need {size}")
+        raise LineError(f"{what}: {len(data)} argument bytes, need {size}")
     return data
 
 
@@ -520,7 +533,7 @@ class StraceParser:
     def _ioctl(self, call: Call) -> list[TraceOp]:
         args = _split_args(call.args)
         if len(args) < 2:
-            raise _LineError("ioctl: expected fd, request and argument")
+            raise LineError("ioctl: expected fd, request and argument")
         request = _request(args[1])
         if (request >> 8) & 0xFF != uapi.KVMIO:
             return []
@@ -597,7 +610,7 @@ class StraceParser:
             rest = data[size:]
             want = ((num + 63) // 64) * 8
             if rest and len(rest) != want:
-                raise _LineError(f"{name}: bitmap of {len(rest)} bytes, {num} pages need {want}")
+                raise LineError(f"{name}: bitmap of {len(rest)} bytes, {num} pages need {want}")
             bitmap = rest if rest else b""
             if not rest:
                 note = "bitmap not in the log: all ones assumed"
@@ -615,13 +628,13 @@ def _region1(data: bytearray) -> MemoryRegion:
 
 def _region_text(arg: str) -> MemoryRegion:
     if not arg.startswith("{"):
-        raise _LineError("KVM_SET_USER_MEMORY_REGION: strace could not read the struct "
+        raise LineError("KVM_SET_USER_MEMORY_REGION: strace could not read the struct "
                          f"({arg[:40]!r})")
     fields = _struct_fields(arg)
     missing = [k for k in ("slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr")
                if k not in fields]
     if missing:
-        raise _LineError(f"KVM_SET_USER_MEMORY_REGION: missing {', '.join(missing)}")
+        raise LineError(f"KVM_SET_USER_MEMORY_REGION: missing {', '.join(missing)}")
     values = [
         _int(fields["slot"], "slot"),
         _flags(fields["flags"], _MEM_FLAGS, "flags"),
@@ -632,7 +645,7 @@ def _region_text(arg: str) -> MemoryRegion:
     limits = (0xFFFFFFFF, 0xFFFFFFFF, (1 << 64) - 1, (1 << 64) - 1, (1 << 64) - 1)
     for value, limit in zip(values, limits, strict=True):
         if not 0 <= value <= limit:
-            raise _LineError(f"KVM_SET_USER_MEMORY_REGION: {value:#x} out of range")
+            raise LineError(f"KVM_SET_USER_MEMORY_REGION: {value:#x} out of range")
     return MemoryRegion(*values)
 
 
@@ -650,7 +663,7 @@ def parse_strace(
     def finish(call: Call) -> Iterator[TraceOp]:
         try:
             ops = parser.handle(call)
-        except (_LineError, struct.error) as exc:
+        except (LineError, struct.error) as exc:
             error = TraceFormatError(path, call.line, str(exc))
             if errors is None:
                 raise error from None
@@ -677,9 +690,9 @@ def parse_strace(
             held = None
         try:
             if "\0" in line:
-                raise _LineError("binary data (NUL byte)")
+                raise LineError("binary data (NUL byte)")
             call = reader.feed(line, number)
-        except _LineError as exc:
+        except LineError as exc:
             error = TraceFormatError(path, number, str(exc))
             if errors is None:
                 raise error from None

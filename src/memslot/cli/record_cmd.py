@@ -1,0 +1,94 @@
+"""``memslot record``: capture the KVM calls of any VMM under strace, as a trace every
+command reads."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..trace.recorder import DEFAULT_HOLD_MS, Recorder, RecordError
+from ..trace.records import TraceFormatError
+from ..trace.strace import parse_strace
+from .common import EXIT_MISMATCH, EXIT_OK, Command, die
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="the strace log to write (default memslot-NAME.strace in the current "
+                        "directory)")
+    p.add_argument("--pid", type=int, metavar="PID",
+                   help="attach to a running VMM (all its threads) instead of starting one; "
+                        "SIGINT/SIGTERM detaches")
+    p.add_argument("--hold-ms", type=float, default=DEFAULT_HOLD_MS, metavar="MS",
+                   help="how long strace holds each ioctl so that its struct can be read "
+                        f"(default {DEFAULT_HOLD_MS:g}; 0: keep only what strace decodes)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
+                   help="the VMM to run (SIGINT/SIGTERM stop it; the trace is complete)")
+
+
+def _output_name(args: argparse.Namespace, command: list[str]) -> str:
+    if args.output:
+        return str(args.output)
+    name = f"pid-{args.pid}" if args.pid is not None else os.path.basename(command[0])
+    return f"memslot-{name}.strace"
+
+
+def run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if args.pid is not None and command:
+        die("record: give a COMMAND or --pid, not both")
+    if args.pid is None and not command:
+        die("record: nothing to record: give -- COMMAND [ARGS...] or --pid PID")
+    if args.hold_ms < 0:
+        die(f"record: --hold-ms must not be negative: {args.hold_ms:g}")
+    if args.pid is not None:
+        if args.pid <= 0:
+            die(f"record: --pid {args.pid}: not a process id")
+        try:
+            os.kill(args.pid, 0)
+        except ProcessLookupError:
+            die(f"record: --pid {args.pid}: no such process")
+        except PermissionError:
+            die(f"record: --pid {args.pid}: not permitted to trace it")
+    path = _output_name(args, command)
+    if os.path.isdir(path):
+        die(f"{path}: is a directory")
+    try:
+        recorder = Recorder(open(path, "w", encoding="utf-8", errors="surrogateescape"),
+                            hold_ms=args.hold_ms)
+    except RecordError as exc:
+        die(str(exc))
+    except OSError as exc:
+        die(f"{path}: cannot write: {exc.strerror or exc}")
+    try:
+        result = recorder.record(args.pid if args.pid is not None else command)
+    except RecordError as exc:
+        die(str(exc))
+    finally:
+        recorder.out.close()
+    errors: list[TraceFormatError] = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        ops = list(parse_strace(f, path, errors))
+    vms = len({op.vm for op in ops})
+    sets = sum(1 for op in ops if op.op == "set")
+    what = f"pid {args.pid}" if args.pid is not None else command[0]
+    ended = (f"stopped by {result.stopped_by}" if result.stopped_by
+             else f"exit status {result.status}")
+    print(f"memslot record: {what} ({ended}): {len(ops)} memslot operation(s), {sets} "
+          f"set-region, on {vms} VM(s); {result.lines} lines, {result.dumped} argument dump(s) "
+          f"-> {path}", file=sys.stderr)
+    if result.missed:
+        shown = ", ".join(f"L{n}" for n in result.missed[:5])
+        print(f"memslot record: {len(result.missed)} call(s) ran on before their arguments "
+              f"were read ({shown}{'...' if len(result.missed) > 5 else ''}); raise --hold-ms",
+              file=sys.stderr)
+    for error in errors[:5]:
+        print(f"memslot record: {error}", file=sys.stderr)
+    return EXIT_MISMATCH if result.missed or errors else EXIT_OK
+
+
+COMMAND = Command("record", "record the KVM memslot calls of any VMM (a command, or --pid) "
+                  "under strace; the log is a trace every command reads", configure, run)

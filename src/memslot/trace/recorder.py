@@ -1,0 +1,290 @@
+"""Record the KVM calls of any VMM by running it under strace (``memslot record``).
+
+strace (``-f -y -X raw``) traces ``ioctl`` and the calls that make, copy and drop descriptors
+and threads, and writes its log into a FIFO this module reads line by line and copies to the
+output. strace decodes ``KVM_SET_USER_MEMORY_REGION`` but prints only the pointer of
+``KVM_SET_USER_MEMORY_REGION2``, ``KVM_CREATE_GUEST_MEMFD``, ``KVM_ENABLE_CAP`` and the dirty-log
+ioctls, so strace also holds each ioctl at its exit for ``hold_ms``
+(``-e inject=ioctl:delay_exit=``): the line is written before the hold, and while the thread is
+held the recorder reads the struct (and a ``KVM_CLEAR_DIRTY_LOG`` bitmap) from
+``/proc/TID/mem`` and writes it after the line in strace's dump format
+(:func:`memslot.trace.strace.format_dump`). A read counts only when ``/proc/TID/syscall``
+shows the same ioctl before and after it and the thread's context-switch counts did not move
+(it did not run in between); otherwise the call is reported as missed and its line stays
+without bytes (a malformed line for the parser, never a wrong value).
+
+The hold costs ``hold_ms`` per ioctl (``KVM_RUN`` included), which suits start-up, hot-plug
+and migration rather than a long guest run; ``hold_ms=0`` reads nothing and keeps only what
+strace decodes.
+
+Stopping: SIGINT or SIGTERM is passed on to the traced command (``--pid``: strace detaches);
+strace ends when its tracees do, and every line it wrote is in the output. A second signal, or
+``grace`` seconds without an exit, kills the command (or strace).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, TextIO
+
+from ..backends import uapi
+from .strace import RAW_REQUESTS, CallReader, LineError, format_dump, ioctl_pointer
+
+#: What strace traces: ioctls, and what makes, copies and drops descriptors and threads.
+TRACED = ("ioctl", "open", "openat", "close", "close_range", "dup", "dup2", "dup3", "fcntl",
+          "clone", "clone3", "fork", "vfork", "execve")
+DEFAULT_HOLD_MS = 20.0
+MAX_BITMAP = 1 << 20
+
+
+class RecordError(Exception):
+    """The recording could not start (strace missing, bad pid, ...): one line."""
+
+
+def find_strace() -> str:
+    """The strace executable, or :class:`RecordError` saying how to get it."""
+    path = shutil.which("strace")
+    if path is None:
+        raise RecordError("strace is not installed (Debian: apt-get install strace, or "
+                          "`make deps-record` in the memslot sources)")
+    return path
+
+
+@dataclass
+class Recording:
+    """What a recording produced."""
+
+    lines: int = 0
+    dumped: int = 0
+    missed: list[int] = field(default_factory=list)  # output line numbers without their bytes
+    status: int | None = None  # strace's exit status (the command's, when it ran one)
+    stopped_by: str | None = None
+
+
+def strace_command(strace: str, fifo: str, hold_ms: float, target: Sequence[str] | int,
+                   ) -> list[str]:
+    """The strace command line (``target``: a command, or a pid to attach to)."""
+    cmd = [strace, "-f", "-q", "-X", "raw", "-y", "-e", "signal=none",
+           "-e", "trace=" + ",".join(TRACED)]
+    if hold_ms > 0:
+        cmd += ["-e", f"inject=ioctl:delay_exit={max(1, round(hold_ms * 1000))}"]
+    cmd += ["-o", fifo]
+    if isinstance(target, int):
+        return [*cmd, "-p", str(target)]
+    return [*cmd, "--", *target]
+
+
+def _proc(tid: int, name: str) -> str | None:
+    try:
+        with open(f"/proc/{tid}/{name}", encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _switches(tid: int) -> tuple[str, str] | None:
+    """``(state, context switches)`` of a thread, from /proc/TID/status."""
+    text = _proc(tid, "status")
+    if text is None:
+        return None
+    state, switches = "", []
+    for line in text.splitlines():
+        if line.startswith("State:"):
+            state = line.split()[1]
+        elif line.endswith("ctxt_switches:") or "ctxt_switches:" in line:
+            switches.append(line.split()[-1])
+    return state, ",".join(switches)
+
+
+def _in_call(tid: int, fd: int, request: int, address: int) -> bool:
+    text = _proc(tid, "syscall")
+    if text is None:
+        return False
+    parts = text.split()
+    if len(parts) < 4 or parts[0] != "16":  # __NR_ioctl on x86-64
+        return False
+    try:
+        return (int(parts[1], 16) & 0xFFFFFFFF == fd & 0xFFFFFFFF
+                and int(parts[2], 16) & 0xFFFFFFFF == request
+                and int(parts[3], 16) == address)
+    except ValueError:
+        return False
+
+
+def read_held(tid: int, fd: int, request: int, address: int) -> bytes | None:
+    """The argument bytes of an ioctl thread ``tid`` is held in, or ``None`` if the thread
+    was not provably held at that call for the whole read."""
+    before = _switches(tid)
+    if before is None or before[0] != "t" or not _in_call(tid, fd, request, address):
+        return None
+    size = (request >> 16) & 0x3FFF
+    try:
+        with open(f"/proc/{tid}/mem", "rb", buffering=0) as mem:
+            data = os.pread(mem.fileno(), size, address)
+            if request == uapi.KVM_CLEAR_DIRTY_LOG and len(data) == size:
+                _, num, _, bitmap = struct.unpack_from("<IIQQ", data)
+                want = ((num + 63) // 64) * 8
+                if bitmap and 0 < want <= MAX_BITMAP:
+                    data += os.pread(mem.fileno(), want, bitmap)
+    except OSError:
+        return None
+    if len(data) < size or _switches(tid) != before or not _in_call(tid, fd, request, address):
+        return None
+    return data
+
+
+class Recorder:
+    """Runs strace on a command (or a pid) and writes its log, with argument dumps, to
+    ``out``."""
+
+    def __init__(self, out: TextIO, hold_ms: float = DEFAULT_HOLD_MS, grace: float = 10.0,
+                 strace: str | None = None) -> None:
+        self.out = out
+        self.hold_ms = hold_ms
+        self.grace = grace
+        self.strace = strace or find_strace()
+        self.result = Recording()
+        self._calls = CallReader()
+        self._buffer = b""
+
+    # -- the log ----------------------------------------------------------------------------
+    def _emit(self, text: str) -> None:
+        self.out.write(text)
+        self.result.lines += 1
+
+    def _line(self, line: str) -> None:
+        self._emit(line)
+        try:
+            call = self._calls.feed(line, self.result.lines)
+        except LineError:  # copied as it is; the parser reports it
+            return
+        self._calls.exited.clear()
+        if call is None or call.name != "ioctl" or self.hold_ms <= 0:
+            return
+        found = ioctl_pointer(call)
+        if found is None or found[1] not in RAW_REQUESTS:
+            return
+        fd, request, address = found
+        data = read_held(call.tid, fd, request, address) if address else None
+        if data is None:
+            self.result.missed.append(self.result.lines)
+            return
+        for dump in format_dump(data):
+            self._emit(dump)
+        self.result.dumped += 1
+
+    def _feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for raw in lines:
+            self._line(raw.decode("utf-8", "surrogateescape") + "\n")
+        self.out.flush()
+
+    # -- running ----------------------------------------------------------------------------
+    def record(self, target: Sequence[str] | int) -> Recording:
+        """Record until the command exits (or, attached, until stopped by a signal)."""
+        workdir = tempfile.mkdtemp(prefix="memslot-record-")
+        fifo = os.path.join(workdir, "strace.fifo")
+        os.mkfifo(fifo, 0o600)
+        # Read and write ends both ours: opening never blocks, and the end is strace's exit.
+        fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        try:
+            try:
+                proc = subprocess.Popen(strace_command(self.strace, fifo, self.hold_ms, target))
+            except OSError as exc:
+                raise RecordError(f"cannot run strace: {exc.strerror or exc}") from None
+            self._loop(proc, fd, target)
+        finally:
+            os.close(fd)
+            os.unlink(fifo)
+            os.rmdir(workdir)
+        if self._buffer:
+            self._line(self._buffer.decode("utf-8", "surrogateescape") + "\n")
+            self._buffer = b""
+        self.out.flush()
+        return self.result
+
+    def _loop(self, proc: subprocess.Popen[bytes], fd: int, target: Sequence[str] | int) -> None:
+        signals: list[int] = []
+        deadline: list[float] = []
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            signals.append(signum)
+            self.result.stopped_by = signal.Signals(signum).name
+            first = len(signals) == 1
+            if first:
+                deadline.append(time.monotonic() + self.grace)
+            self._stop(proc, target, signum, force=not first)
+
+        handlers: dict[signal.Signals, Handler] = {signal.SIGINT: on_signal,
+                                                   signal.SIGTERM: on_signal}
+        previous = _install(dict(handlers))
+        try:
+            while True:
+                ready, _, _ = select.select([fd], [], [], 0.1)
+                if ready:
+                    self._drain(fd)
+                if proc.poll() is not None:
+                    self._drain(fd)
+                    break
+                if deadline and time.monotonic() > deadline[0]:
+                    deadline.clear()
+                    self._stop(proc, target, signal.SIGKILL, force=True)
+            self.result.status = proc.returncode
+        finally:
+            _install(previous)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def _drain(self, fd: int) -> None:
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:
+                return
+            self._feed(chunk)
+
+    def _stop(self, proc: subprocess.Popen[bytes], target: Sequence[str] | int, signum: int,
+              force: bool) -> None:
+        """Pass a stop on: to the command (strace then ends with it), or, attached, to strace
+        (it detaches). ``force``: kill."""
+        try:
+            if isinstance(target, int):
+                proc.send_signal(signal.SIGKILL if force and signum == signal.SIGKILL
+                                 else signal.SIGINT)
+                return
+            children = _children(proc.pid)
+            if not children:
+                proc.send_signal(signal.SIGKILL if force else signal.SIGTERM)
+                return
+            for child in children:
+                os.kill(child, signal.SIGKILL if force else signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _children(pid: int) -> list[int]:
+    text = _proc(pid, f"task/{pid}/children")
+    return [int(p) for p in text.split()] if text else []
+
+
+Handler = Callable[[int, FrameType | None], None]
+
+
+def _install(handlers: dict[signal.Signals, Any]) -> dict[signal.Signals, Any]:
+    """Set signal handlers; returns the previous ones (to set back the same way)."""
+    return {signum: signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+            for signum, handler in handlers.items()}

@@ -169,7 +169,7 @@ class Recorder:
         except LineError:  # copied as it is; the parser reports it
             return
         self._calls.exited.clear()
-        if call is None or call.name != "ioctl" or self.hold_ms <= 0:
+        if call is None or call.name != "ioctl" or call.ret == "?" or self.hold_ms <= 0:
             return
         found = ioctl_pointer(call)
         if found is None or found[1] not in RAW_REQUESTS:

@@ -197,8 +197,10 @@ class CallReader:
         text = line.rstrip("\n")
         tid, body = split_prefix(text)
         if _EXIT.match(body):
-            self.pending.pop(tid, None)
+            start = self.pending.pop(tid, None)
             self.exited.append(tid)
+            if start is not None:  # died inside the call: whether it took effect is unknown
+                return Call(tid, start[0], start[1], "?", start[2])
             return None
         resumed = _RESUMED.match(body)
         if resumed is not None:
@@ -448,7 +450,13 @@ class StraceParser:
             flags = 0
         else:
             m = re.search(r"flags=([^,}]+)", call.args)
-            flags = _flags(m.group(1), _CLONE_NAMES, "clone flags") if m else 0
+            flags = 0
+            for part in (m.group(1).split("|") if m else ()):
+                part = _strip_comment(part)
+                if part == "CLONE_FILES":
+                    flags |= CLONE_FILES
+                elif re.fullmatch(r"0x[0-9a-f]+|\d+", part):
+                    flags |= int(part, 0)
         parent = self.table(call.tid)
         mine = self.tables.get(child)
         if flags & CLONE_FILES:
@@ -617,9 +625,6 @@ class StraceParser:
         return [ClearDirtyLog(slot, first, num, bitmap, expect, line, note, vm)]
 
 
-_CLONE_NAMES = {"CLONE_FILES": CLONE_FILES}
-
-
 def _region1(data: bytearray) -> MemoryRegion:
     slot, flags, gpa, size, ua = struct.unpack_from("<IIQQQ", _need(bytes(data), 32,
                                                     "KVM_SET_USER_MEMORY_REGION"))
@@ -698,14 +703,17 @@ def parse_strace(
                 raise error from None
             errors.append(error)
             continue
-        for tid in reader.exited:
-            parser.tables.pop(tid, None)
-        reader.exited.clear()
         if call is not None:
             held = call
+        if reader.exited:
+            if held is not None:
+                yield from finish(held)
+                held = None
+            for tid in reader.exited:
+                parser.tables.pop(tid, None)
+            reader.exited.clear()
     if held is not None:
         yield from finish(held)
     for tid, name, args, line_number in reader.unfinished():
-        if name == "ioctl":
-            call = Call(tid, name, args, "?", line_number)
-            yield from finish(call)
+        if name == "ioctl":  # the log ends inside the call: its result is unknown
+            yield from finish(Call(tid, name, args, "?", line_number))

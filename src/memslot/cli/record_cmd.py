@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TextIO
 
-from ..trace.recorder import DEFAULT_HOLD_MS, Recorder, RecordError
+from ..trace.recorder import DEFAULT_HOLD_MS, Recorder, RecordError, find_strace
 from ..trace.records import TraceFormatError
 from ..trace.strace import parse_strace
 from .common import EXIT_MISMATCH, EXIT_OK, Command, die
@@ -34,6 +35,13 @@ def _output_name(args: argparse.Namespace, command: list[str]) -> str:
     return f"memslot-{name}.strace"
 
 
+def _create(path: str) -> TextIO:
+    try:
+        return open(path, "w", encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        die(f"{path}: cannot write: {exc.strerror or exc}")
+
+
 def run(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command[:1] == ["--"]:
@@ -57,18 +65,15 @@ def run(args: argparse.Namespace) -> int:
     if os.path.isdir(path):
         die(f"{path}: is a directory")
     try:
-        recorder = Recorder(open(path, "w", encoding="utf-8", errors="surrogateescape"),
-                            hold_ms=args.hold_ms)
+        strace = find_strace()
     except RecordError as exc:
         die(str(exc))
-    except OSError as exc:
-        die(f"{path}: cannot write: {exc.strerror or exc}")
-    try:
-        result = recorder.record(args.pid if args.pid is not None else command)
-    except RecordError as exc:
-        die(str(exc))
-    finally:
-        recorder.out.close()
+    with _create(path) as out:
+        try:
+            result = Recorder(out, hold_ms=args.hold_ms, strace=strace).record(
+                args.pid if args.pid is not None else command)
+        except RecordError as exc:
+            die(str(exc))
     errors: list[TraceFormatError] = []
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         ops = list(parse_strace(f, path, errors))

@@ -299,7 +299,7 @@ def _strip_comment(text: str) -> str:
 
 def _fd(text: str) -> tuple[int, str | None]:
     """``4`` or ``4<anon_inode:kvm-vm>`` (``-y``) -> (4, path)."""
-    m = re.match(r"(-?\d+)(?:<(.*)>)?$", text.strip())
+    m = re.match(r"(-?\d+)(?:<(.*)>)?(?:\(deleted\))?$", text.strip())
     if m is None:
         raise LineError(f"not a file descriptor: {text[:40]!r}")
     path = m.group(2)

@@ -25,7 +25,7 @@ from memslot.trace.records import (
     TraceFormatError,
     TraceOp,
 )
-from memslot.trace.strace import format_dump, parse_dump_line, parse_strace
+from memslot.trace.strace import REQUESTS, format_dump, parse_dump_line, parse_strace
 
 DATA = Path(__file__).parent / "data"
 VMS = DATA / "strace-vms.strace"
@@ -145,6 +145,12 @@ def test_short_dump_and_log_ending_inside_a_call() -> None:
     assert [str(e) for e in errors] == ["t.strace:2: KVM_CLEAR_DIRTY_LOG: 16 argument bytes, "
                                         "need 24"]
     assert ops[-1] == SetRegion(MemoryRegion(0, 0, 0, 4096, 0x1000), None, 4)
+
+
+def test_request_numbers_are_the_uapi_ones() -> None:
+    from memslot.backends import uapi
+
+    assert {name: getattr(uapi, name) for name in REQUESTS} == REQUESTS
 
 
 def test_dump_lines_round_trip() -> None:

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import TextIO
 
-from ..trace.recorder import DEFAULT_HOLD_MS, Recorder, RecordError, find_strace
+from ..harness.record import DEFAULT_HOLD_MS, Recorder, RecordError, find_strace
 from ..trace.records import TraceFormatError
 from ..trace.strace import parse_strace
 from .common import EXIT_MISMATCH, EXIT_OK, Command, die

@@ -161,8 +161,8 @@ class Replayer:
                 return ReplayStep(index, op, None, message="a failed KVM_CREATE_VM is not redone")
             return ReplayStep(index, op, 0)
         if isinstance(op, CheckExtension):
-            check = getattr(vm, "check_system_extension", None) if op.system else None
-            step = self._call(index, op, lambda: (check or vm.check_extension)(op.cap))
+            check = vm.check_system_extension if op.system else vm.check_extension
+            step = self._call(index, op, lambda: check(op.cap))
             if step.errno == 0 and op.value is not None and step.value != op.value:
                 step.problems.append(f"value {step.value}, recorded {op.value}")
             return step

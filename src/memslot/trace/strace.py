@@ -43,7 +43,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .. import constants as c
-from ..backends import uapi
 from ..request import MemoryRegion
 from .records import (
     CheckExtension,
@@ -70,13 +69,28 @@ ENABLE_CAPS = frozenset({
     c.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, c.KVM_CAP_DIRTY_LOG_RING,
     c.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, c.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
 })
+#: The KVM ioctls read here (numbers as ``backends/uapi.py`` computes them; a test checks).
+REQUESTS: dict[str, int] = {
+    "KVM_CREATE_VM": 0xAE01,
+    "KVM_CHECK_EXTENSION": 0xAE03,
+    "KVM_CREATE_VCPU": 0xAE41,
+    "KVM_GET_DIRTY_LOG": 0x4010AE42,
+    "KVM_SET_USER_MEMORY_REGION": 0x4020AE46,
+    "KVM_SET_USER_MEMORY_REGION2": 0x40A0AE49,
+    "KVM_ENABLE_CAP": 0x4068AEA3,
+    "KVM_CLEAR_DIRTY_LOG": 0xC018AEC0,
+    "KVM_CREATE_GUEST_MEMFD": 0xC040AED4,
+}
+KVMIO = 0xAE
+_R = REQUESTS
 #: Requests decoded from the argument bytes ``memslot record`` dumps after the line.
 RAW_REQUESTS = frozenset({
-    uapi.KVM_SET_USER_MEMORY_REGION2, uapi.KVM_CREATE_GUEST_MEMFD, uapi.KVM_ENABLE_CAP,
-    uapi.KVM_GET_DIRTY_LOG, uapi.KVM_CLEAR_DIRTY_LOG,
+    _R["KVM_SET_USER_MEMORY_REGION2"], _R["KVM_CREATE_GUEST_MEMFD"], _R["KVM_ENABLE_CAP"],
+    _R["KVM_GET_DIRTY_LOG"], _R["KVM_CLEAR_DIRTY_LOG"],
 })
-_MEMSLOT_REQUESTS = RAW_REQUESTS | {uapi.KVM_SET_USER_MEMORY_REGION}
-_NAMES = {name: value for value, name in uapi.IOCTL_NAMES.items()}
+_MEMSLOT_REQUESTS = RAW_REQUESTS | {_R["KVM_SET_USER_MEMORY_REGION"]}
+_NAMES = dict(REQUESTS)
+_REQUEST_NAMES = {value: name for name, value in REQUESTS.items()}
 _CAPS = {name: value for value, name in c.CAPABILITY_NAMES.items()}
 _MEM_FLAGS = {"KVM_MEM_LOG_DIRTY_PAGES": c.KVM_MEM_LOG_DIRTY_PAGES,
               "KVM_MEM_READONLY": c.KVM_MEM_READONLY, "KVM_MEM_GUEST_MEMFD": c.KVM_MEM_GUEST_MEMFD}
@@ -89,7 +103,7 @@ _VM_INODE = "anon_inode:kvm-vm"
 _VCPU_INODE = "anon_inode:kvm-vcpu:"
 _KINDS = {_KVM_PATH: "kvm", _VM_INODE: "vm"}
 #: VM-fd-only requests: one on a descriptor the log never showed is a VM made before it began.
-_VM_ONLY = _MEMSLOT_REQUESTS - {uapi.KVM_ENABLE_CAP}
+_VM_ONLY = _MEMSLOT_REQUESTS - {_R["KVM_ENABLE_CAP"]}
 
 _PREFIX = re.compile(
     r"(?:\[pid\s+(?P<pid>\d+)\]\s+|(?P<bare>\d+)\s+)?"
@@ -543,7 +557,7 @@ class StraceParser:
         if len(args) < 2:
             raise LineError("ioctl: expected fd, request and argument")
         request = _request(args[1])
-        if (request >> 8) & 0xFF != uapi.KVMIO:
+        if (request >> 8) & 0xFF != KVMIO:
             return []
         fd, path = _fd(args[0])
         arg = args[2] if len(args) > 2 else "0"
@@ -552,14 +566,14 @@ class StraceParser:
         if entry is None and path is None:
             # Made before the log began (attached late): KVM_CREATE_VM can only be /dev/kvm,
             # a memslot call only a VM.
-            if request == uapi.KVM_CREATE_VM:
+            if request == _R["KVM_CREATE_VM"]:
                 entry = self.table(call.tid).fds[fd] = _Fd("kvm", cloexec=False)
             elif request in _VM_ONLY:
                 entry = self.table(call.tid).fds[fd] = _Fd("vm", self._new_vm())
         if entry is None:
             return []
         line = call.line
-        if request == uapi.KVM_CREATE_VM:
+        if request == _R["KVM_CREATE_VM"]:
             if entry.kind != "kvm" or expect != 0:
                 return []
             new = call.value
@@ -567,7 +581,7 @@ class StraceParser:
             number = self._new_vm()
             self.table(call.tid).fds[new] = _Fd("vm", number)
             return [CreateVm(_int(arg, "VM type"), 0, line, "", number)]
-        if request == uapi.KVM_CHECK_EXTENSION:
+        if request == _R["KVM_CHECK_EXTENSION"]:
             cap = _cap(arg)
             if cap not in MEMSLOT_CAPS:
                 return []
@@ -575,7 +589,7 @@ class StraceParser:
             system = entry.kind == "kvm"
             vm = 0 if system else entry.vm
             return [CheckExtension(cap, value, system, expect, line, "", vm)]
-        if request == uapi.KVM_CREATE_VCPU and entry.kind == "vm" and expect == 0:
+        if request == _R["KVM_CREATE_VCPU"] and entry.kind == "vm" and expect == 0:
             vcpu = call.value
             assert vcpu is not None
             self.table(call.tid).fds[vcpu] = _Fd("vcpu")
@@ -583,32 +597,32 @@ class StraceParser:
         if entry.kind != "vm":
             return []
         vm = entry.vm
-        if request == uapi.KVM_SET_USER_MEMORY_REGION:
+        if request == _R["KVM_SET_USER_MEMORY_REGION"]:
             region = _region1(call.dump) if call.dump else _region_text(arg)
             return [SetRegion(region, expect, line, "", vm)]
         if request not in RAW_REQUESTS:
             return []
-        name = uapi.ioctl_name(request)
+        name = _REQUEST_NAMES[request]
         size = (request >> 16) & 0x3FFF
-        if request == uapi.KVM_ENABLE_CAP and not call.dump:
+        if request == _R["KVM_ENABLE_CAP"] and not call.dump:
             return []  # a plain log: which capability is unknown, most are not memslot ones
         data = _need(bytes(call.dump), size, name)
-        if request == uapi.KVM_SET_USER_MEMORY_REGION2:
+        if request == _R["KVM_SET_USER_MEMORY_REGION2"]:
             slot, flags, gpa, msize, ua, offset, gmem = struct.unpack_from("<IIQQQQI", data)
             region = MemoryRegion(slot, flags, gpa, msize, ua, offset, gmem)
             return [SetRegion(region, expect, line, "", vm)]
-        if request == uapi.KVM_CREATE_GUEST_MEMFD:
+        if request == _R["KVM_CREATE_GUEST_MEMFD"]:
             gsize, gflags = struct.unpack_from("<QQ", data)
             fd_out = call.value if expect == 0 else None
             return [CreateGuestMemfd(gsize, gflags, fd_out, expect, line, "", vm)]
-        if request == uapi.KVM_ENABLE_CAP:
+        if request == _R["KVM_ENABLE_CAP"]:
             cap, cflags, *cargs = struct.unpack_from("<II4Q", data)
             if cap not in ENABLE_CAPS:
                 return []
             while cargs and cargs[-1] == 0:
                 cargs.pop()
             return [EnableCap(cap, tuple(cargs), cflags, expect, line, "", vm)]
-        if request == uapi.KVM_GET_DIRTY_LOG:
+        if request == _R["KVM_GET_DIRTY_LOG"]:
             (slot,) = struct.unpack_from("<I", data)
             return [GetDirtyLog(slot, expect, line, "", None, vm)]
         slot, num, first, pointer = struct.unpack_from("<IIQQ", data)

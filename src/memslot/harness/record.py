@@ -38,7 +38,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from ..backends import uapi
-from .strace import RAW_REQUESTS, CallReader, LineError, format_dump, ioctl_pointer
+from ..trace.strace import RAW_REQUESTS, CallReader, LineError, format_dump, ioctl_pointer
 
 #: What strace traces: ioctls, and what makes, copies and drops descriptors and threads.
 TRACED = ("ioctl", "open", "openat", "close", "close_range", "dup", "dup2", "dup3", "fcntl",

@@ -23,8 +23,6 @@ from memslot.trace.qemu import parse_qemu_trace
 from memslot.trace.reader import read_trace
 from memslot.trace.records import SetRegion, TraceOp
 
-pytestmark = pytest.mark.kvm
-
 STRACE = shutil.which("strace")
 QEMU = shutil.which("qemu-system-x86_64")
 needs_strace = pytest.mark.skipif(STRACE is None, reason="strace not installed (make deps-record)")
@@ -104,14 +102,23 @@ def backend(request: pytest.FixtureRequest) -> Iterator[VM]:
         vm.close()
 
 
-@needs_strace
-@pytest.mark.parametrize("backend", ["model", "kvm"], indirect=True)
-def test_python_vmm_recording_replays(tmp_path: Path, backend: VM) -> None:
+@pytest.fixture(scope="module")
+def python_recording(tmp_path_factory: pytest.TempPathFactory) -> list[TraceOp]:
+    """The Python VMM above, recorded once for both backends."""
+    if STRACE is None:
+        pytest.skip("strace not installed (make deps-record)")
+    tmp_path = tmp_path_factory.mktemp("python-vmm")
     script = tmp_path / "vmm.py"
     script.write_text(VMM)
     done, out = record(tmp_path, [sys.executable, str(script)])
     assert done.returncode == 0, done.stderr
-    ops = read_trace(str(out))
+    return read_trace(str(out))
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("backend", ["model", "kvm"], indirect=True)
+def test_python_vmm_recording_replays(python_recording: list[TraceOp], backend: VM) -> None:
+    ops = python_recording
     kinds = [(op.vm, op.op) for op in ops]
     assert kinds == [
         (0, "create_vm"), (0, "check_extension"),  # KvmVM() asks MULTI_ADDRESS_SPACE
@@ -132,11 +139,13 @@ def test_python_vmm_recording_replays(tmp_path: Path, backend: VM) -> None:
     assert replay_all(backend, ops) == []
 
 
-@needs_strace
-@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed (make deps-record)")
-@pytest.mark.parametrize("backend", ["model", "kvm"], indirect=True)
-def test_qemu_recording_equals_its_own_trace_and_replays(tmp_path: Path, backend: VM) -> None:
-    assert QEMU is not None
+@pytest.fixture(scope="module")
+def qemu_recording(tmp_path_factory: pytest.TempPathFactory,
+                   ) -> tuple[list[TraceOp], list[TraceOp]]:
+    """QEMU q35 (stopped with -S, then by SIGTERM) recorded once: (recording, QEMU's trace)."""
+    if STRACE is None or QEMU is None:
+        pytest.skip("strace and qemu-system-x86_64 needed (make deps-record)")
+    tmp_path = tmp_path_factory.mktemp("qemu")
     qemu_log = tmp_path / "qemu.trace"
     done, out = record(tmp_path, [
         QEMU, "-accel", "kvm", "-machine", "q35", "-m", "128M", "-nographic", "-nodefaults",
@@ -144,11 +153,89 @@ def test_qemu_recording_equals_its_own_trace_and_replays(tmp_path: Path, backend
     ], stop_when_idle=3.0)
     assert done.returncode == 0, done.stderr  # stopped by SIGTERM, nothing missed
     assert "stopped by SIGTERM" in done.stderr
-    ops = read_trace(str(out))
     with open(qemu_log) as f:
         traced = list(parse_qemu_trace(f, str(qemu_log)))
+    return read_trace(str(out)), traced
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("backend", ["model", "kvm"], indirect=True)
+def test_qemu_recording_equals_its_own_trace_and_replays(
+    qemu_recording: tuple[list[TraceOp], list[TraceOp]], backend: VM
+) -> None:
+    ops, traced = qemu_recording
     assert len(traced) >= 5
     recorded = [(op.region, op.expect) for op in ops if isinstance(op, SetRegion)]
     assert recorded == [(op.region, op.expect) for op in traced if isinstance(op, SetRegion)]
     assert {op.vm for op in ops} == {0}
     assert replay_all(backend, ops) == []
+
+
+TICKING = textwrap.dedent("""
+    import sys, time
+    from memslot import KvmVM
+    with KvmVM() as vm:
+        print("ready", flush=True)
+        for i in range(600):
+            vm.set_user_memory_region(i, 0, i << 20, 1 << 20, 0x7F0000000000 + (i << 20))
+            time.sleep(0.1)
+""")
+
+
+@pytest.mark.kvm
+@needs_strace
+def test_attach_to_a_running_vmm_and_detach_on_sigint(tmp_path: Path) -> None:
+    script = tmp_path / "ticking.py"
+    script.write_text(TICKING)
+    vmm = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    out = tmp_path / "attach.strace"
+    rec = None
+    try:
+        assert vmm.stdout is not None and vmm.stdout.readline() == "ready\n"
+        rec = subprocess.Popen(
+            [sys.executable, "-m", "memslot", "record", "-o", str(out), "--pid", str(vmm.pid)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not out.exists() or out.read_text().count("0x4020ae46") < 3:
+            assert time.monotonic() < deadline, "nothing recorded"
+            time.sleep(0.1)
+        rec.send_signal(signal.SIGINT)
+        _, stderr = rec.communicate(timeout=30)
+        assert rec.returncode == 0, stderr
+        assert "stopped by SIGINT" in stderr
+        assert vmm.poll() is None  # detached, still running
+    finally:
+        for proc in (rec, vmm):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    ops = read_trace(str(out))
+    assert len(ops) >= 3 and all(isinstance(op, SetRegion) and op.expect == 0 for op in ops)
+    assert {op.vm for op in ops} == {0}  # the VM made before the attach, named by -y
+    ids = [op.region.slot for op in ops if isinstance(op, SetRegion)]
+    assert ids == list(range(ids[0], ids[0] + len(ids)))
+    with ModelVM() as vm:
+        assert replay_all(vm, ops) == []
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "memslot", *args], capture_output=True,
+                          text=True, env=env, timeout=60)
+
+
+def test_record_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
+    for args, message in [
+        ((), "nothing to record"),
+        (("--pid", "1", "--", "true"), "not both"),
+        (("--pid", "999999999"), "no such process"),
+        (("--hold-ms", "-1", "--", "true"), "must not be negative"),
+    ]:
+        done = run_cli("record", "-o", str(tmp_path / "x.strace"), *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    env = dict(os.environ, PATH=str(tmp_path))  # no strace on it
+    done = run_cli("record", "-o", str(tmp_path / "y.strace"), "--", "true", env=env)
+    assert done.returncode == 2
+    assert done.stderr == ("memslot: error: strace is not installed (Debian: apt-get install "
+                           "strace, or `make deps-record` in the memslot sources)\n")
+    assert not (tmp_path / "x.strace").exists() and not (tmp_path / "y.strace").exists()

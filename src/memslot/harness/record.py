@@ -43,7 +43,7 @@ from ..trace.strace import RAW_REQUESTS, CallReader, LineError, format_dump, ioc
 #: What strace traces: ioctls, and what makes, copies and drops descriptors and threads.
 TRACED = ("ioctl", "open", "openat", "close", "close_range", "dup", "dup2", "dup3", "fcntl",
           "clone", "clone3", "fork", "vfork", "execve")
-DEFAULT_HOLD_MS = 20.0
+DEFAULT_HOLD_MS = 50.0
 MAX_BITMAP = 1 << 20
 
 

@@ -28,6 +28,7 @@ from memslot.trace.records import (
 from memslot.trace.strace import REQUESTS, format_dump, parse_dump_line, parse_strace
 
 DATA = Path(__file__).parent / "data"
+EXAMPLE = Path(__file__).parent.parent / "examples" / "traces" / "qemu72-q35-128m-S.strace"
 VMS = DATA / "strace-vms.strace"
 MALFORMED = DATA / "strace-malformed.strace"
 
@@ -75,6 +76,22 @@ def test_fixture_replays_on_the_model_with_every_result_matched() -> None:
         finally:
             replayer.close()
         assert sorted(replayer.vms) == [0]
+
+
+def test_committed_qemu_recording_equals_qemus_trace_of_the_same_run() -> None:
+    """``memslot record`` of QEMU 7.2 q35 -S (examples/traces), next to the
+    ``-trace kvm_set_user_memory`` log QEMU printed in that run."""
+    from memslot.trace.qemu import parse_qemu_trace
+
+    ops = read_trace(str(EXAMPLE))
+    with open(EXAMPLE.with_suffix(".qemu.log")) as f:
+        traced = [(op.region, op.expect) for op in parse_qemu_trace(f)
+                  if isinstance(op, SetRegion)]
+    assert len(traced) == 9
+    assert [(op.region, op.expect) for op in ops if isinstance(op, SetRegion)] == traced
+    with ModelVM("x86_64-shadow") as vm:
+        replayer = Replayer(vm)
+        assert [p for op in ops for p in replayer.step(op).problems] == []
 
 
 def test_every_record_round_trips_through_json_lines() -> None:

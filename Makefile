@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PIP := -m pip install -q --disable-pip-version-check
 SOURCES := pyproject.toml setup.py $(shell find src -name '*.py' -o -name 'py.typed' -o -path '*/data/*' -type f)
 
-.PHONY: run test test-pure dev lint bench clean deps-record
+.PHONY: run test test-pure dev lint bench clean deps-record lab-deps matrix
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,24 @@ dev: $(BIN)/python
 
 bench: $(VENV)/.installed-run
 	$(BIN)/python bench/bench_memslots.py
+
+# The kernel lab's host side: QEMU for every emulated architecture (TCG, no host KVM needed),
+# the RISC-V firmware, and what apt and the image builder use (see README, "The kernel lab").
+LAB_PACKAGES := qemu-system-x86 qemu-system-arm qemu-system-misc qemu-system-ppc opensbi \
+	seabios gpgv debian-archive-keyring zstd
+lab-deps:
+	@missing=$$(for p in $(LAB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $$missing; \
+	fi
+
+# The proof on every bootable kernel (docs/kernel-matrix.md; hours of emulation). Raw results
+# per target land in $(LAB_RESULTS).
+LAB_RESULTS ?= $(HOME)/.cache/memslot/lab-results
+matrix: lab-deps $(VENV)/.installed-run
+	$(BIN)/memslot lab matrix --out docs/kernel-matrix.md --results $(LAB_RESULTS)
 
 clean:
 	rm -rf $(VENV) $(PURE_VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -67,6 +67,11 @@ class UnownedMemoryError(MemslotError):
     guest on it could read or write unrelated memory of this process."""
 
 
+#: The kernel counts gfns and dirty bits in its own pages (16 KiB on arm64-16k, 64 KiB on some
+#: ppc64 kernels), not in the uapi's 4 KiB.
+HOST_PAGE_SHIFT = mmap.PAGESIZE.bit_length() - 1
+
+
 def bitmap_bytes(npages: int) -> int:
     """Size of a dirty bitmap for ``npages`` pages: ``ALIGN(npages, 64) / 8``."""
     return ((npages + 63) // 64) * 8
@@ -364,7 +369,8 @@ class KvmVM(VM):
         if region.memory_size == 0:
             self._slots.pop(key, None)
         elif old is not None:
-            self._slots[key] = old._replace(base_gfn=region.base_gfn, flags=region.flags)
+            self._slots[key] = old._replace(base_gfn=region.guest_phys_addr >> HOST_PAGE_SHIFT,
+                                            flags=region.flags)
         else:
             gmem = None
             if region.guest_memfd is not None and region.flags & KVM_MEM_GUEST_MEMFD:
@@ -372,8 +378,8 @@ class KvmVM(VM):
             self._slots[key] = MemorySlot(
                 id=region.id,
                 as_id=region.as_id,
-                base_gfn=region.base_gfn,
-                npages=region.npages,
+                base_gfn=region.guest_phys_addr >> HOST_PAGE_SHIFT,
+                npages=region.memory_size >> HOST_PAGE_SHIFT,
                 flags=region.flags,
                 userspace_addr=region.userspace_addr,
                 gmem=gmem,

@@ -9,19 +9,28 @@ structure classes keep the kernel's (lower-case) struct names so they can be gre
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Final
 
+
 # --- ioctl number encoding (include/uapi/asm-generic/ioctl.h) --------------------------------
+def ioc_encoding(machine: str) -> tuple[int, int, int, int]:
+    """(_IOC_SIZEBITS, _IOC_NONE, _IOC_WRITE, _IOC_READ) of an architecture (``uname -m``):
+    asm-generic's 14, 0, 1, 2, except where arch/*/include/uapi/asm/ioctl.h overrides them
+    (powerpc, mips, sparc, alpha: 13 size bits, NONE 1, WRITE 4, READ 2; so
+    KVM_SET_USER_MEMORY_REGION is 0x8020ae46 on ppc64le, 0x4020ae46 on x86-64)."""
+    if machine.startswith(("ppc", "powerpc", "mips", "sparc", "alpha")):
+        return 13, 1, 4, 2
+    return 14, 0, 1, 2
+
+
 _IOC_NRBITS: Final = 8
 _IOC_TYPEBITS: Final = 8
-_IOC_SIZEBITS: Final = 14
+_IOC_SIZEBITS, _IOC_NONE, _IOC_WRITE, _IOC_READ = ioc_encoding(os.uname().machine)
 _IOC_NRSHIFT: Final = 0
 _IOC_TYPESHIFT: Final = _IOC_NRSHIFT + _IOC_NRBITS
 _IOC_SIZESHIFT: Final = _IOC_TYPESHIFT + _IOC_TYPEBITS
 _IOC_DIRSHIFT: Final = _IOC_SIZESHIFT + _IOC_SIZEBITS
-_IOC_NONE: Final = 0
-_IOC_WRITE: Final = 1
-_IOC_READ: Final = 2
 
 KVMIO: Final = 0xAE
 KVM_API_VERSION: Final = 12
@@ -361,7 +370,19 @@ _KNOWN_IOCTLS: Final[dict[str, int]] = {
     "KVM_SET_TSS_ADDR": 0xAE47,
     "KVM_SET_NR_MMU_PAGES": 0xAE44,
 }
-for _name, _value in _KNOWN_IOCTLS.items():
+# powerpc (and mips, sparc, alpha): _IOC_NONE 1, _IOC_WRITE 4, 13 size bits.
+_KNOWN_IOCTLS_POWERPC: Final[dict[str, int]] = {
+    "KVM_SET_USER_MEMORY_REGION": 0x8020AE46,
+    "KVM_SET_USER_MEMORY_REGION2": 0x80A0AE49,
+    "KVM_GET_DIRTY_LOG": 0x8010AE42,
+    "KVM_CLEAR_DIRTY_LOG": 0xC018AEC0,
+    "KVM_ENABLE_CAP": 0x8068AEA3,
+    "KVM_CREATE_GUEST_MEMFD": 0xC040AED4,
+    "KVM_GET_API_VERSION": 0x2000AE00,
+    "KVM_CREATE_VM": 0x2000AE01,
+    "KVM_CHECK_EXTENSION": 0x2000AE03,
+}
+for _name, _value in (_KNOWN_IOCTLS if _IOC_WRITE == 1 else _KNOWN_IOCTLS_POWERPC).items():
     if globals()[_name] != _value:  # pragma: no cover - encoding bug
         raise AssertionError(f"{_name} = {globals()[_name]:#x}, expected {_value:#x}")
 

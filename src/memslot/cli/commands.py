@@ -7,6 +7,7 @@ from . import (
     convert_cmd,
     explain_cmd,
     fuzz_cmd,
+    lab_cmd,
     layout_cmd,
     measure_cmd,
     profiles_cmd,
@@ -29,4 +30,5 @@ ALL: list[Command] = [
     snapshot_cmd.COMMAND,
     compat_cmd.COMMAND,
     record_cmd.COMMAND,
+    lab_cmd.COMMAND,
 ]

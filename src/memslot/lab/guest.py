@@ -16,6 +16,7 @@ import runpy
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 JOB = "/lab/job.json"
@@ -38,15 +39,20 @@ def emit(kind: str, data: dict[str, Any]) -> None:
 
 
 def run_cli(argv: list[str]) -> int:
-    from memslot.cli.main import main
-
-    return main(argv)
+    """``memslot ARGS...``, as ``python -m memslot`` runs it (the command line sits above the
+    lab's layer, so it is started, not imported)."""
+    sys.argv = ["memslot", *argv]
+    return _exit_code(lambda: runpy.run_module("memslot", run_name="__main__", alter_sys=True))
 
 
 def run_python(path: str, argv: list[str]) -> int:
     sys.argv = [path, *argv]
+    return _exit_code(lambda: runpy.run_path(path, run_name="__main__"))
+
+
+def _exit_code(fn: Callable[[], object]) -> int:
     try:
-        runpy.run_path(path, run_name="__main__")
+        fn()
     except SystemExit as exc:
         code = exc.code
         if code is None:

@@ -14,7 +14,8 @@ import pytest
 import memslot
 from memslot.backends.dual import Divergence, DualVM
 from memslot.backends.kvm import KvmVM
-from memslot.backends.model import MEMSLOT_CAPABILITIES
+from memslot.engine.caps import DERIVED
+from memslot.harness.detect import CAP_SCAN_LIMIT
 from memslot.harness.fuzz import run_fuzz
 
 pytestmark = pytest.mark.kvm
@@ -34,15 +35,17 @@ def test_detected_profile_agrees_with_the_kernel() -> None:
     assert report.divergences == [] and report.check_failures == []
     assert report.requests == report.agreed == 3000
     with memslot.ModelVM(profile) as model, KvmVM() as kvm:
-        for cap in MEMSLOT_CAPABILITIES:
+        for cap in [*range(CAP_SCAN_LIMIT + 64), *DERIVED, 1 << 31, 1 << 63, (1 << 64) - 1]:
             assert model.check_extension(cap) == kvm.check_extension(cap), cap
+            assert model.check_system_extension(cap) == kvm.check_system_extension(cap), cap
 
 
 @pytest.mark.skipif(not _is_pvm_host(), reason="the x86_64-shadow preset describes PVM hosts")
 def test_detected_profile_is_the_shadow_preset_on_this_host_kind() -> None:
     detected = memslot.detect_profile()
     preset = memslot.get_profile("x86_64-shadow")
-    ignore = {"name", "description", "kernel", "totalram_pages"}
+    # Host facts a preset cannot share: CPU count, RAM, the arch's other capabilities.
+    ignore = {"name", "description", "kernel", "totalram_pages", "nr_vcpus", "extensions"}
     for field in dataclasses.fields(preset):
         if field.name not in ignore:
             assert getattr(detected, field.name) == getattr(preset, field.name), field.name

@@ -123,6 +123,9 @@ def test_vcpus(vm: VM) -> None:
     vm.close_vcpu(0)
     with pytest.raises(ValueError, match="not created"):
         vm.close_vcpu(0)
+    # Closing the fd destroys no vCPU (kvm_vcpu_release only drops a VM reference).
+    assert errno_of(lambda: vm.create_vcpu(0)) == errno.EEXIST
+    assert vm.create_vcpu() == 2
     with pytest.raises(ValueError, match="64-bit field"):
         vm.create_vcpu(-1)
 

@@ -102,6 +102,16 @@ class Profile:
     dirty_ring_tso: bool = False
     dirty_ring_acq_rel: bool = False
     dirty_ring_with_bitmap: bool = False
+    # -- vCPUs and other capabilities --------------------------------------------------------
+    #: KVM_CAP_NR_VCPUS: ``min(num_online_cpus(), KVM_MAX_VCPUS)`` (presets: an 8-CPU host).
+    nr_vcpus: int = 8
+    #: KVM_CAP_MAX_VCPUS (``KVM_MAX_VCPUS``; ``kvm->max_vcpus`` of a new VM).
+    max_vcpus: int = 1024
+    #: KVM_CAP_MAX_VCPU_ID (``KVM_MAX_VCPU_IDS``): vCPU ids must be below it.
+    max_vcpu_ids: int = 4096
+    #: ``KVM_CHECK_EXTENSION`` answers the model does not derive, as ``(cap, VM fd answer,
+    #: /dev/kvm answer)``: ``detect_profile()`` records them; presets state none (0).
+    extensions: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         version_tuple(self.kernel)  # a ValueError for a malformed version

@@ -12,7 +12,7 @@ writes, which have no kernel counterpart: the model alone)."""
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from ..closing import Closing
 from ..engine.slot import MemorySlot
@@ -97,6 +97,20 @@ def check_region_fields(region: MemoryRegion) -> None:
         check_uint(name, getattr(region, name), limit)
     if region.guest_memfd is not None:
         check_uint("guest_memfd", region.guest_memfd, U32)
+
+
+class VmReferences(NamedTuple):
+    """What keeps a VM alive (``kvm->users_count``): its fd, and each guest_memfd and vCPU
+    fd, which take a reference of their own (``kvm_get_kvm``). The VM and all its slot
+    metadata are freed (``kvm_destroy_vm``) when the last one closes."""
+
+    vm_fd: bool
+    guest_memfds: tuple[int, ...]
+    vcpus: tuple[int, ...]
+
+    @property
+    def alive(self) -> bool:
+        return self.vm_fd or bool(self.guest_memfds) or bool(self.vcpus)
 
 
 class VM(Closing, abc.ABC):
@@ -223,9 +237,20 @@ class VM(Closing, abc.ABC):
         """Release the VM, its guest_memfds and vCPUs; every later call raises
         :class:`memslot.errors.ClosedError`. Idempotent."""
 
+    @abc.abstractmethod
+    def close_vm_fd(self) -> None:
+        """Close the VM fd alone: VM ioctls are refused from now on (``ClosedError``), but
+        open guest_memfds and vCPUs keep the VM and its slots alive until closed with
+        :meth:`close_guest_memfd` / :meth:`close_vcpu` (or :meth:`close`)."""
+
+    @abc.abstractmethod
+    def references(self) -> VmReferences:
+        """What still references the VM."""
+
     @property
     @abc.abstractmethod
-    def closed(self) -> bool: ...
+    def closed(self) -> bool:
+        """Whether the VM fd is closed (no more VM ioctls)."""
 
 
 @runtime_checkable

@@ -25,6 +25,7 @@ from .base import (
     U64,
     VM,
     ModelIntrospection,
+    VmReferences,
     check_clear_dirty_log_args,
     check_enable_cap_args,
     check_region_fields,
@@ -372,6 +373,23 @@ class DualVM(VM):
                                "the kernel instead")
 
     # -- lifetime -------------------------------------------------------------------------
+    def close_vm_fd(self) -> None:
+        self._guard()
+        try:
+            self.model.close_vm_fd()
+        finally:
+            self.kernel.close_vm_fd()
+
+    def references(self) -> VmReferences:
+        """The kernel's references, in its fd numbers (the model's must match them)."""
+        self._guard()
+        m, k = self.model.references(), self.kernel.references()
+        back = {m_fd: k_fd for k_fd, m_fd in self._gmem_fds.items()}
+        mapped = m._replace(guest_memfds=tuple(sorted(back.get(fd, fd) for fd in m.guest_memfds)))
+        if mapped != k:
+            raise Divergence("VM references", mapped, k)
+        return k
+
     def close(self) -> None:
         if self._plain_fd >= 0:
             os.close(self._plain_fd)

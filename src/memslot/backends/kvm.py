@@ -25,7 +25,12 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
-from ..constants import KVM_CAP_MULTI_ADDRESS_SPACE, KVM_MEM_GUEST_MEMFD, PAGE_SIZE
+from ..constants import (
+    KVM_CAP_MULTI_ADDRESS_SPACE,
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_MAX_NR_PAGES,
+    PAGE_SIZE,
+)
 from ..engine.slot import MemorySlot
 from ..errors import ClosedError, KvmError, KvmUnavailable, MemslotError
 from ..request import MemoryRegion
@@ -34,6 +39,7 @@ from .base import (
     U32,
     U64,
     VM,
+    VmReferences,
     check_clear_dirty_log_args,
     check_enable_cap_args,
     check_host_range,
@@ -56,6 +62,8 @@ __all__ = [
 KVM_DEVICE: Final = "/dev/kvm"
 _C_INT_MIN: Final = -(1 << 31)
 _C_INT_MAX: Final = (1 << 31) - 1
+# The largest dirty bitmap the kernel can write: a slot of KVM_MEM_MAX_NR_PAGES pages.
+_MAX_BITMAP: Final = ((KVM_MEM_MAX_NR_PAGES + 63) // 64) * 8
 # User buffers above this size are anonymous mappings (zero pages, faulted in only if touched).
 _MMAP_THRESHOLD: Final = 1 << 20
 
@@ -218,6 +226,7 @@ class _Resources:
     def __init__(self) -> None:
         self.fds: list[int] = []
         self.memories: list[HostMemory] = []
+        self.log_buffer: mmap.mmap | None = None
 
     def release(self) -> None:
         for fd in reversed(self.fds):
@@ -227,6 +236,9 @@ class _Resources:
         for memory in self.memories:
             memory.close()
         self.memories.clear()
+        if self.log_buffer is not None:
+            self.log_buffer.close()
+            self.log_buffer = None
 
 
 class KvmVM(VM):
@@ -238,7 +250,8 @@ class KvmVM(VM):
     """
 
     def __init__(self, path: str = KVM_DEVICE, vm_type: int = 0) -> None:
-        self._closed = True
+        self._closed = True  # the VM fd
+        self._released = True  # every fd and mapping
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._slots: dict[tuple[int, int], MemorySlot] = {}
@@ -247,7 +260,8 @@ class KvmVM(VM):
         self._mappings: list[tuple[int, int]] = []
         self._ownership_generation = 0
         self._vcpus: weakref.WeakSet[Vcpu] = weakref.WeakSet()
-        self._vcpu_fds: dict[int, int] = {}  # vcpu id -> fd, for create_vcpu()
+        self._vcpu_fds: dict[int, int] = {}  # vcpu id -> open fd, for create_vcpu()
+        self._vcpu_ids: set[int] = set()  # every id create_vcpu() made (a vCPU outlives its fd)
         self._res = _Resources()
         self._finalizer = weakref.finalize(self, self._res.release)
         self._kvm_fd = self._open_device(path)
@@ -273,6 +287,7 @@ class KvmVM(VM):
             ) from None
         self._res.fds.append(self._vm_fd)
         self._closed = False
+        self._released = False
         self._nr_as = max(1, self.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE))
 
     @staticmethod
@@ -293,6 +308,10 @@ class KvmVM(VM):
     # -- plumbing ---------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
+            raise ClosedError("this KvmVM was closed")
+
+    def _check_held(self) -> None:
+        if self._released:
             raise ClosedError("this KvmVM was closed")
 
     @property
@@ -402,9 +421,10 @@ class KvmVM(VM):
         return fd
 
     def close_guest_memfd(self, fd: int) -> None:
-        """Close a guest_memfd made by :meth:`create_guest_memfd` (a bound slot keeps it alive
-        in the kernel)."""
-        self._check_open()
+        """Close a guest_memfd made by :meth:`create_guest_memfd`. A binding does not keep
+        the file open ("the file pins KVM, not the other way 'round", ``kvm_gmem_bind``):
+        ``kvm_gmem_release`` invalidates its bindings and drops the file's VM reference."""
+        self._check_held()
         if fd not in self._gmem_fds:
             raise ValueError(f"fd {fd} is not a guest_memfd of this VM")
         self._gmem_fds.discard(fd)
@@ -418,18 +438,20 @@ class KvmVM(VM):
         handed out."""
         self._check_open()
         if vcpu_id is None:
-            taken = set(self._vcpu_fds) | {v.vcpu_id for v in self._vcpus}
+            taken = self._vcpu_ids | {v.vcpu_id for v in self._vcpus}
             vcpu_id = next(i for i in range(len(taken) + 1) if i not in taken)
         check_uint("vcpu_id", vcpu_id, U64)
         with self._lock:
             fd = self.ioctl(uapi.KVM_CREATE_VCPU, vcpu_id, detail=f"vcpu_id={vcpu_id}")
             self._vcpu_fds[vcpu_id] = fd
+            self._vcpu_ids.add(vcpu_id)
             self._res.fds.append(fd)
         return vcpu_id
 
     def close_vcpu(self, vcpu_id: int) -> None:
-        """Close a vCPU made by :meth:`create_vcpu`."""
-        self._check_open()
+        """Close a vCPU fd made by :meth:`create_vcpu` (the vCPU itself lives until the VM
+        is destroyed; ``kvm_vcpu_release`` drops the fd's VM reference)."""
+        self._check_held()
         with self._lock:
             fd = self._vcpu_fds.pop(vcpu_id, None)
             if fd is None:
@@ -486,16 +508,20 @@ class KvmVM(VM):
 
     # -- dirty logging ----------------------------------------------------------------------
     def get_dirty_log(self, slot: int) -> bytes:
-        """``KVM_GET_DIRTY_LOG`` into a buffer sized from the slot record:
-        ``ALIGN(npages, 64) / 8`` bytes. For a slot the record lacks the ioctl is still issued
-        (into a one-page buffer) so that the kernel's errno comes out."""
+        """``KVM_GET_DIRTY_LOG``: ``ALIGN(npages, 64) / 8`` bytes, ``npages`` from the slot
+        record. The kernel writes as many bytes as *its* slot needs, which the record cannot
+        vouch for (a raw :meth:`ioctl` may have changed the slot), so the buffer handed over is
+        always large enough for the largest slot there can be (a reserved, lazily faulted
+        mapping); a slot the record lacks still gets the kernel's errno, and success is then
+        refused with :class:`MemslotError`."""
         check_uint("slot", slot, U32)
         record = self._slots.get((slot >> 16, slot & 0xFFFF))
-        size = bitmap_bytes(record.npages) if record is not None else PAGE_SIZE
-        with _UserBuffer(size) as buf:
+        size = bitmap_bytes(record.npages) if record is not None else _MAX_BITMAP
+        buf = self._log_buffer()
+        try:
             self.ioctl(
                 uapi.KVM_GET_DIRTY_LOG,
-                uapi.kvm_dirty_log(slot, 0, buf.address),
+                uapi.kvm_dirty_log(slot, 0, _buffer_address(buf)),
                 detail=f"slot={slot >> 16}:{slot & 0xFFFF}",
             )
             if record is None:
@@ -503,7 +529,18 @@ class KvmVM(VM):
                     f"KVM_GET_DIRTY_LOG succeeded for slot {slot:#x}, which this KvmVM never "
                     "created (was it made through a raw ioctl?)"
                 )
-            return buf.read(size)
+            return buf[:size]
+        finally:
+            # Zero what was read (and on a stale record what the kernel may have written
+            # beyond it stays faulted in; it is freed with the VM).
+            buf.madvise(mmap.MADV_DONTNEED, 0, -(-size // PAGE_SIZE) * PAGE_SIZE)
+
+    def _log_buffer(self) -> mmap.mmap:
+        """The reserved dirty-log buffer (address space only until the kernel writes)."""
+        self._check_open()
+        if self._res.log_buffer is None:
+            self._res.log_buffer = mmap.mmap(-1, _MAX_BITMAP, flags=mmap.MAP_PRIVATE)
+        return self._res.log_buffer
 
     def get_dirty_log_raw(self, slot: int, address: int | None) -> None:
         """``KVM_GET_DIRTY_LOG`` with an arbitrary user address (``None`` = NULL). The kernel
@@ -654,12 +691,28 @@ class KvmVM(VM):
     def closed(self) -> bool:
         return self._closed
 
+    def close_vm_fd(self) -> None:
+        """Close the VM fd alone (``kvm_vm_release``); guest_memfds and vCPU fds made by
+        :meth:`create_guest_memfd` / :meth:`create_vcpu` stay open and keep the VM alive."""
+        if self._closed:
+            return
+        with self._lock:
+            self._closed = True
+            self._res.fds.remove(self._vm_fd)
+            os.close(self._vm_fd)
+
+    def references(self) -> VmReferences:
+        """The fds this object holds that reference the VM."""
+        self._check_held()
+        return VmReferences(not self._closed, tuple(sorted(self._gmem_fds)),
+                            tuple(sorted(self._vcpu_fds)))
+
     def close(self) -> None:
         """Close the vCPUs, every fd (VM, guest_memfds, /dev/kvm) and owned mapping.
         Idempotent."""
-        if self._closed:
+        if self._released:
             return
-        self._closed = True
+        self._closed = self._released = True
         failures: list[Exception] = []
         for vcpu in list(self._vcpus):
             try:

@@ -7,8 +7,17 @@ from typing import Any
 
 from .. import constants as c
 from ..arch import make_arch
+from ..engine import caps
 from ..engine import gmem as gmem_files
-from ..engine.change import ENABLE_CAP_UNKNOWN, GMEM_CREATE, GMEM_UNSUPPORTED, OTHER_MM
+from ..engine.change import (
+    ENABLE_CAP_UNKNOWN,
+    GMEM_CREATE,
+    GMEM_UNSUPPORTED,
+    OTHER_MM,
+    VCPU_EXISTS,
+    VCPU_ID,
+    VCPU_MAX,
+)
 from ..engine.dirty_log import DirtyLog
 from ..engine.ledger import Allocation, AllocGroup, Ledger
 from ..engine.memslots import GEN_UPDATE_IN_PROGRESS, Memslots, Observer
@@ -24,6 +33,7 @@ from .base import (
     U32,
     U64,
     VM,
+    VmReferences,
     check_clear_dirty_log_args,
     check_enable_cap_args,
     check_host_range,
@@ -51,9 +61,11 @@ class ModelVM(VM):
         self.arch = make_arch(self.profile, self.ledger, self.variants)
         self._m = Memslots(self.profile, self.arch, self.ledger)
         self._dirty = DirtyLog(self._m)
-        self._closed = False
+        self._closed = False  # the VM fd
+        self._destroyed = False  # kvm_destroy_vm ran
         self._mappings: list[tuple[int, int]] = []
-        self._vcpus: set[int] = set()
+        self._vcpu_ids: set[int] = set()  # every vCPU created (closing an fd destroys none)
+        self._vcpus: set[int] = set()  # vCPU fds still open
         #: The record of the most recent memslot request.
         self.last_result: OpResult | None = None
 
@@ -133,32 +145,36 @@ class ModelVM(VM):
         if not p.guest_memfd_ioctl:
             # kvm_arch_vm_ioctl's default: ENOTTY, EINVAL on arm64 and riscv.
             raise KvmError(p.unknown_ioctl_errno, str(GMEM_UNSUPPORTED), what)
+        # kvm_gmem_create: supported flags, then a positive, page-aligned loff_t size (a u64
+        # of 2^63 or more is negative there).
         valid = p.guest_memfd_flags or 0
-        if flags & ~valid or size <= 0 or size & (p.page_size - 1):
+        if flags & ~valid or not 0 < size < 1 << 63 or size & (p.page_size - 1):
             raise KvmError(GMEM_CREATE.errno, str(GMEM_CREATE), what)
         g = gmem_files.create(size, flags, m)
         m.gmem_files[g.fd] = g
         return g.fd
 
     def close_guest_memfd(self, fd: int) -> None:
-        """Close a guest_memfd made by :meth:`create_guest_memfd`."""
-        m = self._live()
+        """Close a guest_memfd made by :meth:`create_guest_memfd` (``kvm_gmem_release``:
+        its bindings become invalid; the VM loses a reference)."""
+        m = self._held()
         g = m.gmem_files.pop(fd, None) if isinstance(fd, int) else None
         if g is None:
             raise ValueError(f"fd {fd} is not a guest_memfd of this VM")
         gmem_files.close(g)
+        self._release()
 
     # -- capabilities ---------------------------------------------------------------------
     def check_extension(self, cap: int) -> int:
         check_uint("cap", cap, U64)
         self._ioctl()
-        return extension_value(self.profile, cap)
+        return caps.check_extension(self.profile, cap)
 
     def check_system_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on ``/dev/kvm`` (no mm check: a system ioctl)."""
         check_uint("cap", cap, U64)
         self._live()
-        return extension_value(self.profile, cap)
+        return caps.check_extension(self.profile, cap, on_vm=False)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         check_enable_cap_args(cap, args, flags)
@@ -173,20 +189,28 @@ class ModelVM(VM):
             check_uint("vcpu_id", vcpu_id, U64)
         self._ioctl()
         if vcpu_id is None:
-            vcpu_id = next(i for i in range(len(self._vcpus) + 1) if i not in self._vcpus)
-        if vcpu_id in self._vcpus:
-            raise KvmError(17, "kvm_vm_ioctl_create_vcpu: a vCPU with this id exists",
-                           f"KVM_CREATE_VCPU id={vcpu_id}")
+            vcpu_id = next(i for i in range(len(self._vcpu_ids) + 1) if i not in self._vcpu_ids)
+        what = f"KVM_CREATE_VCPU id={vcpu_id}"
+        # kvm_vm_ioctl_create_vcpu: the id limit, then kvm->max_vcpus, then a duplicate id.
+        if vcpu_id >= self.profile.max_vcpu_ids:
+            raise KvmError(VCPU_ID.errno, str(VCPU_ID), what)
+        if self._dirty.created_vcpus >= self.profile.max_vcpus:
+            raise KvmError(VCPU_MAX.errno, str(VCPU_MAX), what)
+        if vcpu_id in self._vcpu_ids:
+            raise KvmError(VCPU_EXISTS.errno, str(VCPU_EXISTS), what)
+        self._vcpu_ids.add(vcpu_id)
         self._vcpus.add(vcpu_id)
         self._dirty.created_vcpus += 1
         return vcpu_id
 
     def close_vcpu(self, vcpu_id: int) -> None:
-        """Close a vCPU made by :meth:`create_vcpu`."""
-        self._live()
+        """Close a vCPU fd made by :meth:`create_vcpu` (``kvm_vcpu_release``: the vCPU lives
+        on until the VM is destroyed; the VM loses a reference)."""
+        self._held()
         if vcpu_id not in self._vcpus:
             raise ValueError(f"vCPU {vcpu_id} was not created by create_vcpu()")
         self._vcpus.discard(vcpu_id)
+        self._release()
 
     def first_shadow_root(self) -> None:
         """x86 with lazy rmaps: the first shadow root allocates rmaps and write tracking for
@@ -374,16 +398,48 @@ class ModelVM(VM):
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
-        """Free every slot (``kvm_destroy_vm``) and the guest_memfds; idempotent."""
-        if self._closed:
-            return
+        """Close the VM fd and every guest_memfd and vCPU this VM made: the last reference
+        goes and ``kvm_destroy_vm`` frees every slot. Idempotent."""
         self._closed = True
-        self._m.free_all()
         for g in list(self._m.gmem_files.values()):
             gmem_files.close(g)
         self._m.gmem_files.clear()
-        self._mappings.clear()
         self._vcpus.clear()
+        self._mappings.clear()
+        self._release()
+
+    def close_vm_fd(self) -> None:
+        """Close only the VM fd (``kvm_vm_release``): open guest_memfds and vCPU fds keep
+        the VM, its slots and their metadata alive until they are closed too."""
+        self._closed = True
+        self._release()
+
+    def references(self) -> VmReferences:
+        """What holds the VM (``kvm->users_count``): its fd, guest_memfds, vCPU fds."""
+        self._prune_gmem()
+        return VmReferences(not self._closed, tuple(sorted(self._m.gmem_files)),
+                            tuple(sorted(self._vcpus)))
+
+    def _held(self) -> Memslots:
+        """The engine while anything references the VM (closing a guest_memfd or vCPU is
+        allowed after the VM fd is closed)."""
+        if self._destroyed:
+            raise ClosedError("this ModelVM was destroyed (every reference is closed)")
+        return self._m
+
+    def _prune_gmem(self) -> None:
+        """Forget guest_memfds closed behind the model's back (``os.close``)."""
+        for fd, g in list(self._m.gmem_files.items()):
+            if gmem_files.lookup(fd) is not g:
+                del self._m.gmem_files[fd]
+
+    def _release(self) -> None:
+        """``kvm_put_kvm``: destroy the VM once nothing references it."""
+        self._prune_gmem()
+        if self._destroyed or not self._closed or self._m.gmem_files or self._vcpus:
+            return
+        self._destroyed = True
+        self._m.free_all()
 
     @property
     def closed(self) -> bool:
@@ -409,40 +465,13 @@ def _error(result: OpResult) -> KvmError:
     return KvmError(result.errno, text, result.request.describe())
 
 
-#: The capabilities the model answers (every other one is 0, as for an unknown cap).
-MEMSLOT_CAPABILITIES = (
-    c.KVM_CAP_USER_MEMORY, c.KVM_CAP_SYNC_MMU, c.KVM_CAP_DESTROY_MEMORY_REGION_WORKS,
-    c.KVM_CAP_JOIN_MEMORY_REGIONS_WORKS, c.KVM_CAP_USER_MEMORY2, c.KVM_CAP_NR_MEMSLOTS,
-    c.KVM_CAP_MULTI_ADDRESS_SPACE, c.KVM_CAP_READONLY_MEM, c.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    c.KVM_CAP_DIRTY_LOG_RING, c.KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
-    c.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, c.KVM_CAP_GUEST_MEMFD, c.KVM_CAP_MEMORY_ATTRIBUTES,
-    c.KVM_CAP_VM_TYPES, c.KVM_CAP_ARM_VM_IPA_SIZE,
-)
+#: The capabilities the model derives from its profile (see ``engine.caps``).
+MEMSLOT_CAPABILITIES = tuple(sorted(caps.DERIVED))
 
 
 def extension_value(profile: Profile, cap: int) -> int:
     """What ``KVM_CHECK_EXTENSION`` on a VM fd answers for ``cap`` under ``profile``."""
-    p = profile
-    ring = p.dirty_ring_max_bytes
-    answers = {
-        c.KVM_CAP_USER_MEMORY: 1,
-        c.KVM_CAP_SYNC_MMU: 1,
-        c.KVM_CAP_DESTROY_MEMORY_REGION_WORKS: 1,
-        c.KVM_CAP_JOIN_MEMORY_REGIONS_WORKS: 1,
-        c.KVM_CAP_USER_MEMORY2: int(p.user_memory2),
-        c.KVM_CAP_NR_MEMSLOTS: p.user_mem_slots,
-        c.KVM_CAP_MULTI_ADDRESS_SPACE: p.nr_address_spaces if p.nr_address_spaces > 1 else 0,
-        c.KVM_CAP_READONLY_MEM: int(p.readonly_mem),
-        c.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: p.manual_dirty_log_caps,
-        c.KVM_CAP_DIRTY_LOG_RING: ring if p.dirty_ring_tso else 0,
-        c.KVM_CAP_DIRTY_LOG_RING_ACQ_REL: ring if p.dirty_ring_acq_rel else 0,
-        c.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: int(p.dirty_ring_with_bitmap),
-        c.KVM_CAP_GUEST_MEMFD: int(p.guest_memfd),
-        c.KVM_CAP_MEMORY_ATTRIBUTES: p.memory_attributes,
-        c.KVM_CAP_VM_TYPES: p.vm_types,
-        c.KVM_CAP_ARM_VM_IPA_SIZE: p.ipa_limit or 0 if p.arch == "arm64" else 0,
-    }
-    return answers.get(cap, 0)
+    return caps.check_extension(profile, cap)
 
 
 def _check_set(s: Any, nr_as: int, page_shift: int) -> list[str]:

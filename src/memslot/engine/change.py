@@ -120,3 +120,8 @@ GMEM_CREATE = _r("gmem-create", E.EINVAL, "kvm_gmem_create",
                  "size zero or not page aligned, or unknown flags")
 GMEM_UNSUPPORTED = _r("gmem-unsupported", E.ENOTTY, "kvm_vm_ioctl",
                       "KVM_CREATE_GUEST_MEMFD needs CONFIG_KVM_GUEST_MEMFD")
+VCPU_ID = _r("vcpu-id", E.EINVAL, "kvm_vm_ioctl_create_vcpu", "id >= KVM_MAX_VCPU_IDS")
+VCPU_MAX = _r("vcpu-max", E.EINVAL, "kvm_vm_ioctl_create_vcpu",
+              "kvm->created_vcpus already at kvm->max_vcpus")
+VCPU_EXISTS = _r("vcpu-exists", E.EEXIST, "kvm_vm_ioctl_create_vcpu",
+                 "a vCPU with this id exists")

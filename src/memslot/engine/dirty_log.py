@@ -11,6 +11,7 @@ from ..constants import (
     KVM_CAP_DIRTY_LOG_RING,
     KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
     KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
+    KVM_CAP_HALT_POLL,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_DIRTY_GFN_SIZE,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
@@ -18,6 +19,7 @@ from ..constants import (
 )
 from ..errors import KvmError
 from . import change as ch
+from .caps import enable_halt_poll
 from .change import Rule
 from .dirty import dirty_bitmap_bytes
 from .memslots import Memslots
@@ -34,6 +36,8 @@ class DirtyLog:
     def __init__(self, memslots: Memslots) -> None:
         self.m = memslots
         self.created_vcpus = 0
+        #: ``kvm->max_halt_poll_ns`` once KVM_CAP_HALT_POLL set it (``None``: the default).
+        self.max_halt_poll_ns: int | None = None
         #: Entries pushed to the (single, model-wide) dirty ring: ``(slot field, offset)``.
         self.ring: list[tuple[int, int]] = []
 
@@ -120,7 +124,8 @@ class DirtyLog:
 
     # -- capabilities -------------------------------------------------------------------
     def enable_cap(self, cap: int, args: tuple[int, ...], flags: int) -> bool:
-        """Handle the generic dirty-logging caps; returns False for caps it does not own."""
+        """``kvm_vm_ioctl_enable_cap_generic``: the dirty-logging caps and HALT_POLL; returns
+        False for the caps it passes on to the arch (``kvm_vm_ioctl_enable_cap``)."""
         m = self.m
         p = m.profile
         what = f"KVM_ENABLE_CAP cap={cap} args={list(args)} flags={flags}"
@@ -137,7 +142,8 @@ class DirtyLog:
             supported = p.dirty_ring_tso if cap == KVM_CAP_DIRTY_LOG_RING else p.dirty_ring_acq_rel
             if not supported:
                 raise _fail(ch.ENABLE_CAP_UNKNOWN, what)
-            size = arg0
+            # kvm_vm_ioctl_enable_dirty_log_ring takes a u32: args[0] is truncated.
+            size = arg0 & 0xFFFFFFFF
             if not size or size & (size - 1):
                 raise _fail(ch.RING_SIZE, what)
             if size < p.dirty_ring_rsvd_entries * KVM_DIRTY_GFN_SIZE or size < p.page_size:
@@ -155,5 +161,8 @@ class DirtyLog:
                 if any(len(s) for s in m.sets):
                     raise _fail(ch.RING_BITMAP, what)
                 m.dirty.dirty_ring_with_bitmap = True
+            return True
+        if cap == KVM_CAP_HALT_POLL:
+            self.max_halt_poll_ns = enable_halt_poll(args, flags, what)
             return True
         return False

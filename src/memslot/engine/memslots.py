@@ -163,8 +163,9 @@ class Memslots:
 
     @property
     def foreign_caller(self) -> bool:
-        """True in a process forked after this VM was created (``kvm->mm != current->mm``)."""
-        return _fork_generation != self._creator_fork_generation
+        """True in a process forked after this VM was created (``kvm->mm != current->mm``):
+        another pid (any fork, ``os.fork`` or libc's) or a fork Python saw."""
+        return os.getpid() != self.creator_pid or _fork_generation != self._creator_fork_generation
 
     # ==================================================================================
     # kvm_set_memory_region
@@ -201,6 +202,7 @@ class Memslots:
         return (
             gmem_fd is None
             and not internal
+            and os.getpid() == self.creator_pid
             and _fork_generation == self._creator_fork_generation
             and not flags & self._fast_bad_flags
             and slot & 0xFFFF < self._user_slots
@@ -221,7 +223,7 @@ class Memslots:
         gpa = r.guest_phys_addr
         uaddr = r.userspace_addr
         # kvm_vm_ioctl: only the VM's creator mm may issue VM ioctls.
-        if _fork_generation != self._creator_fork_generation:
+        if self.foreign_caller:
             return ch.OTHER_MM
         if not internal:
             # kvm_vm_ioctl: the v1 ioctl accepts only the v1 flags.
@@ -542,8 +544,14 @@ class Memslots:
             raise _Failed(ch.GMEM_BADF, f"fd {fd}", STAGE_GMEM)
         if g.owner is not self:
             raise _Failed(ch.GMEM_BIND, "guest_memfd of another VM", STAGE_GMEM)
+        # loff_t arithmetic: offset + size is computed signed, so a sum reaching 2^63 wraps
+        # negative and passes the "inside the file" test (accepted by the kernel; it looks
+        # like a kernel bug, modelled as it is).
         offset = r.guest_memfd_offset
-        if offset >= 1 << 63 or offset & self._page_mask or offset + r.memory_size > g.size:
+        end = (offset + r.memory_size) & ULONG_MAX
+        if end >> 63:
+            end -= 1 << 64
+        if offset >= 1 << 63 or offset & self._page_mask or end > g.size:
             raise _Failed(ch.GMEM_BIND, f"offset {offset:#x} + size outside the file",
                           STAGE_GMEM)
         start = offset >> self._page_shift
@@ -558,11 +566,13 @@ class Memslots:
                                       (fd, offset), new.page_shift))
 
     def _gmem_unbind(self, slot: MemorySlot) -> None:
-        """``kvm_gmem_unbind``: release ``slot``'s file range (if the file still exists)."""
+        """``kvm_gmem_unbind``: release ``slot``'s file range, unless the file was closed
+        (``kvm_gmem_release`` already dropped the bindings; the number may be another file's
+        now, which a binding of this VM's slot tells apart)."""
         assert slot.gmem is not None
         g = gmem_files.lookup(slot.gmem[0])
-        if g is not None:
-            g.unbind(slot.gmem[1] >> self._page_shift)
+        if g is not None and g.owner is self:
+            g.unbind(slot.gmem[1] >> self._page_shift, (slot.as_id, slot.id))
 
     # ==================================================================================
     # lookups (readers)

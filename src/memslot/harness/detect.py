@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from .. import constants as c
 from ..backends.base import VM
+from ..engine.caps import DERIVED
 from ..errors import KvmError, KvmUnavailable
 from ..profile import PML_LOG_NR_ENTRIES, PRESETS, Profile
 from ..versions import at_least, version_tuple
@@ -27,8 +28,11 @@ _ARCHES = {"x86_64": "x86", "aarch64": "arm64", "riscv64": "riscv", "s390x": "s3
            "ppc64le": "ppc-hv", "ppc64": "ppc-hv"}
 UA = 0x10000000000  # 1 TiB: a user address KVM accepts without it being mapped
 KVM_CAP_ARM_VM_IPA_SIZE = 165
-#: Fields that describe the machine rather than the kernel; ignored when matching presets.
-HOST_FIELDS = ("name", "description", "totalram_pages")
+#: Fields that describe the machine rather than the kernel; ignored when matching presets
+#: (the CPU count, RAM, and the arch capabilities the model does not derive).
+HOST_FIELDS = ("name", "description", "totalram_pages", "nr_vcpus", "extensions")
+#: Capabilities below this number are recorded (6.18 numbers them up to 244).
+CAP_SCAN_LIMIT = 1024
 
 
 def _param(module: str, name: str) -> str | None:
@@ -184,6 +188,16 @@ def detect_profile(name: str = "detected") -> Profile:
         attributes = cap(c.KVM_CAP_MEMORY_ATTRIBUTES)
         vm_types = cap(c.KVM_CAP_VM_TYPES) if arch == "x86" else 0
         ipa_limit = cap(KVM_CAP_ARM_VM_IPA_SIZE) if arch == "arm64" else 0
+        vcpus = dict(
+            nr_vcpus=cap(c.KVM_CAP_NR_VCPUS),
+            max_vcpus=cap(c.KVM_CAP_MAX_VCPUS),
+            max_vcpu_ids=cap(c.KVM_CAP_MAX_VCPU_ID),
+        )
+        extensions = tuple(
+            (n, cap(n), vm.check_system_extension(n))
+            for n in range(CAP_SCAN_LIMIT)
+            if n not in DERIVED and (cap(n) or vm.check_system_extension(n))
+        )
 
     try:
         totalram = os.sysconf("SC_PHYS_PAGES")
@@ -216,6 +230,8 @@ def detect_profile(name: str = "detected") -> Profile:
         dirty_ring_with_bitmap=ring_bitmap,
         user_addr_limit=_user_addr_limit(KvmVM, page_size),
         move_reallocates_arch=at_least(kernel, "5.7"),  # never probed: 5.6 would crash
+        extensions=extensions,
+        **vcpus,
     )
     fields["unknown_ioctl_errno"] = (
         _unknown_ioctl_errno(KvmVM, page_size) if not region2

@@ -703,7 +703,6 @@ class KvmVM(VM):
 
     def references(self) -> VmReferences:
         """The fds this object holds that reference the VM."""
-        self._check_held()
         return VmReferences(not self._closed, tuple(sorted(self._gmem_fds)),
                             tuple(sorted(self._vcpu_fds)))
 

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..backends.kvm import KvmVM
 from ..backends.model import ModelVM
@@ -24,6 +26,34 @@ def vmalloc_used() -> int:
             if line.startswith("VmallocUsed:"):
                 return int(line.split()[1]) * 1024
     raise OSError("no VmallocUsed in /proc/meminfo")
+
+
+H = TypeVar("H", bound=Hashable)
+
+
+def quiet_vmalloc_used(tries: int = 50) -> int:
+    """VmallocUsed once two consecutive reads agree (no allocation in flight elsewhere on the
+    host between them); the last read if the host never goes quiet."""
+    last = vmalloc_used()
+    for _ in range(tries):
+        now = vmalloc_used()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def repeat_until_stable(scenario: Callable[[], H], agree: int = 2, max_runs: int = 30) -> H:
+    """Run ``scenario`` until one result has come ``agree`` times and more often than any
+    other (other VMs on the host disturb single runs, rarely the same way twice); the most
+    frequent result if ``max_runs`` pass first."""
+    seen: Counter[H] = Counter()
+    for _ in range(max_runs):
+        seen[scenario()] += 1
+        (best, count), *rest = [*seen.most_common(2), (None, 0)]
+        if count >= agree and count > rest[0][1]:
+            return best
+    return seen.most_common(1)[0][0]
 
 
 @dataclass(frozen=True)
@@ -62,14 +92,17 @@ def shape_steps(npages: int, base_gfn: int, dirty: bool, page: int) -> list[Step
     return steps
 
 
-def _run_once(steps: list[Step]) -> list[int]:
-    """One pass on a fresh VM: the VmallocUsed delta of each step."""
-    deltas = []
+def _run_once(steps: list[Step]) -> list[int | None]:
+    """One pass on a fresh VM: the VmallocUsed delta of each step, ``None`` where the host
+    was not quiet around it (VmallocUsed moved between the reads bracketing the step)."""
+    deltas: list[int | None] = []
     with KvmVM() as vm:
         for _, flags, gpa, size in steps:
-            before = vmalloc_used()
+            before = quiet_vmalloc_used()
             vm.set_user_memory_region(0, flags, gpa, size, UA)
-            deltas.append(vmalloc_used() - before)
+            after = vmalloc_used()
+            settled = vmalloc_used()
+            deltas.append(after - before if after == settled else None)
     return deltas
 
 
@@ -112,22 +145,30 @@ def measure(
                 steps = shape_steps(npages, base_gfn, dirty, page)
                 runs = [_run_once(steps) for _ in range(repeats)]
                 while len(runs) < max_passes and not all(
-                    _agreement(tuple(run[i] for run in runs)) >= agree for i in range(len(steps))
+                    _agreement(_valid(runs, i)) >= agree for i in range(len(steps))
                 ):
                     runs.append(_run_once(steps))
                 predicted = _model(profile, steps)
                 for i, (label, *_rest) in enumerate(steps):
-                    samples = tuple(run[i] for run in runs)
+                    samples = _valid(runs, i)
                     out.append(Measurement(shape, label, _stable(samples), predicted[i], samples))
     return out
 
 
+def _valid(runs: list[list[int | None]], i: int) -> tuple[int, ...]:
+    return tuple(d for run in runs if (d := run[i]) is not None)
+
+
 def _agreement(samples: tuple[int, ...]) -> int:
-    return max(samples.count(v) for v in samples)
+    """How far the most frequent value leads: its count, or 0 unless it beats every other."""
+    counts = [*sorted((samples.count(v) for v in set(samples)), reverse=True), 0]
+    return counts[0] if counts[0] > counts[1] else 0
 
 
 def _stable(samples: tuple[int, ...]) -> int:
     """The mode of the samples (ties: the median)."""
+    if not samples:
+        raise RuntimeError("the host never went quiet around this step")
     counts = {v: samples.count(v) for v in samples}
     best = max(counts.values())
     modes = sorted(v for v, n in counts.items() if n == best)

@@ -243,8 +243,9 @@ def test_vmalloc_follows_the_last_reference() -> None:
     """VmallocUsed on the kernel: closing the VM fd frees nothing while a guest_memfd is
     open; closing the guest_memfd frees what the model said the slot holds. Other VMs on the
     host move VmallocUsed too: a scenario is repeated until the same deltas come twice."""
-    from memslot.harness.measure import repeat_until_stable, vmalloc_used
+    from memslot.harness.measure import repeat_until_stable, vmalloc_reader
 
+    vmalloc_used = vmalloc_reader()
     profile = memslot.detect_profile()
     npages = 1 << 18
 

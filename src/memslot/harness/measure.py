@@ -30,13 +30,49 @@ def vmalloc_used() -> int:
 
 H = TypeVar("H", bound=Hashable)
 
+#: Callers in /proc/vmallocinfo whose areas are KVM's memslot metadata (``kvcalloc`` and
+#: vmalloc's own page-pointer array are shown with the KVM function that asked).
+_KVM_CALLERS = ("kvm", "memslot")
 
-def quiet_vmalloc_used(tries: int = 50) -> int:
-    """VmallocUsed once two consecutive reads agree (no allocation in flight elsewhere on the
+
+def kvm_vmalloc_used() -> int | None:
+    """Bytes of vmalloc pages held by KVM functions (/proc/vmallocinfo, root only), or
+    ``None`` where the file cannot be read. Unlike VmallocUsed it leaves out what the rest of
+    the host allocates meanwhile (kernel stacks of every new thread, BPF, drivers)."""
+    try:
+        with open("/proc/vmallocinfo") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    pages = 0
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 4 or not fields[3].startswith("pages="):
+            continue
+        if any(name in fields[2] for name in _KVM_CALLERS):
+            pages += int(fields[3][6:])
+    return pages * 4096 if lines else None
+
+
+def vmalloc_reader() -> Callable[[], int]:
+    """The most selective reading this host allows: KVM's own vmalloc pages, or
+    VmallocUsed."""
+    if kvm_vmalloc_used() is None:
+        return vmalloc_used
+
+    def read() -> int:
+        value = kvm_vmalloc_used()
+        return vmalloc_used() if value is None else value
+
+    return read
+
+
+def quiet_read(read: Callable[[], int], tries: int = 50) -> int:
+    """``read()`` once two consecutive reads agree (no allocation in flight elsewhere on the
     host between them); the last read if the host never goes quiet."""
-    last = vmalloc_used()
+    last = read()
     for _ in range(tries):
-        now = vmalloc_used()
+        now = read()
         if now == last:
             return now
         last = now
@@ -44,14 +80,14 @@ def quiet_vmalloc_used(tries: int = 50) -> int:
 
 
 def repeat_until_stable(scenario: Callable[[], H], agree: int = 2, max_runs: int = 30) -> H:
-    """Run ``scenario`` until one result has come ``agree`` times and more often than any
-    other (other VMs on the host disturb single runs, rarely the same way twice); the most
+    """Run ``scenario`` until one result has come ``agree`` times and twice more often than
+    any other (other VMs on the host disturb single runs, rarely the same way twice); the most
     frequent result if ``max_runs`` pass first."""
     seen: Counter[H] = Counter()
     for _ in range(max_runs):
         seen[scenario()] += 1
         (best, count), *rest = [*seen.most_common(2), (None, 0)]
-        if count >= agree and count > rest[0][1]:
+        if count >= agree and count >= rest[0][1] + 2:
             return best
     return seen.most_common(1)[0][0]
 
@@ -93,15 +129,17 @@ def shape_steps(npages: int, base_gfn: int, dirty: bool, page: int) -> list[Step
 
 
 def _run_once(steps: list[Step]) -> list[int | None]:
-    """One pass on a fresh VM: the VmallocUsed delta of each step, ``None`` where the host
-    was not quiet around it (VmallocUsed moved between the reads bracketing the step)."""
+    """One pass on a fresh VM: the vmalloc delta of each step (KVM's own areas where
+    /proc/vmallocinfo is readable, else VmallocUsed), ``None`` where the host was not quiet
+    around it (the reading moved right after the step)."""
     deltas: list[int | None] = []
+    read = vmalloc_reader()
     with KvmVM() as vm:
         for _, flags, gpa, size in steps:
-            before = quiet_vmalloc_used()
+            before = quiet_read(read)
             vm.set_user_memory_region(0, flags, gpa, size, UA)
-            after = vmalloc_used()
-            settled = vmalloc_used()
+            after = read()
+            settled = read()
             deltas.append(after - before if after == settled else None)
     return deltas
 
@@ -129,10 +167,10 @@ def measure(
     max_passes: int = 25,
 ) -> list[Measurement]:
     """For each slot shape (size, base aligned or not, dirty logging on or off) and step, the
-    kernel's VmallocUsed delta beside the model's prediction. Other activity on the host moves
-    VmallocUsed too, so passes repeat until, for every step, the most frequent delta has been
-    seen ``ceil(repeats / 2) + 1`` times (at least ``repeats`` passes, at most ``max_passes``);
-    that value counts."""
+    kernel's vmalloc delta beside the model's prediction. Other activity on the host moves
+    the reading too, so samples taken while it moved are dropped and passes repeat until, for
+    every step, the most frequent delta has been seen ``repeats // 2 + 1`` times and twice more
+    than any other (at least ``repeats`` passes, at most ``max_passes``); that value counts."""
     page = profile.page_size
     agree = repeats // 2 + 1
     out: list[Measurement] = []
@@ -160,9 +198,10 @@ def _valid(runs: list[list[int | None]], i: int) -> tuple[int, ...]:
 
 
 def _agreement(samples: tuple[int, ...]) -> int:
-    """How far the most frequent value leads: its count, or 0 unless it beats every other."""
+    """The count of the most frequent value, or 0 unless it leads every other value by two
+    (a disturbance seldom repeats; one that repeats twice must still be outvoted twice)."""
     counts = [*sorted((samples.count(v) for v in set(samples)), reverse=True), 0]
-    return counts[0] if counts[0] > counts[1] else 0
+    return counts[0] if counts[0] >= counts[1] + 2 else 0
 
 
 def _stable(samples: tuple[int, ...]) -> int:

@@ -21,7 +21,7 @@ from memslot.backends.base import VM
 from memslot.harness.replay import Replayer
 from memslot.trace.qemu import parse_qemu_trace
 from memslot.trace.reader import read_trace
-from memslot.trace.records import SetRegion, TraceOp
+from memslot.trace.records import ClearDirtyLog, EnableCap, GetDirtyLog, SetRegion, TraceOp
 
 STRACE = shutil.which("strace")
 QEMU = shutil.which("qemu-system-x86_64")
@@ -171,6 +171,98 @@ def test_qemu_recording_equals_its_own_trace_and_replays(
     assert replay_all(backend, ops) == []
 
 
+def qmp_migrate_and_quit(path: Path, timeout: float = 120.0) -> str:
+    """Over QMP: migrate to /dev/null (every slot dirty-logged, the logs fetched and cleared),
+    then quit. Returns the migration's final status."""
+    import json
+    import socket
+
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX)
+    while True:
+        try:
+            sock.connect(str(path))
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "QEMU's QMP socket never appeared"
+            time.sleep(0.1)
+    with sock, sock.makefile("rw") as f:
+        def command(name: str, **arguments: object) -> dict[str, object]:
+            f.write(json.dumps({"execute": name, "arguments": arguments}) + "\n")
+            f.flush()
+            while True:
+                reply: dict[str, object] = json.loads(f.readline())
+                if "return" in reply or "error" in reply:
+                    return reply
+
+        f.readline()  # the greeting
+        command("qmp_capabilities")
+        assert "error" not in command("migrate", uri="exec:cat > /dev/null")
+        status = ""
+        while status not in ("completed", "failed") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            answer = command("query-migrate")["return"]
+            status = str(answer.get("status", "")) if isinstance(answer, dict) else ""
+        command("quit")
+    return status
+
+
+@pytest.fixture(scope="module")
+def qemu_migration(tmp_path_factory: pytest.TempPathFactory,
+                   ) -> tuple[list[TraceOp], list[TraceOp]]:
+    """QEMU q35 migrated (paused) to /dev/null over QMP, then quit, recorded once:
+    (recording, QEMU's kvm_set_user_memory + kvm_clear_dirty_log trace)."""
+    if STRACE is None or QEMU is None:
+        pytest.skip("strace and qemu-system-x86_64 needed (make deps-record)")
+    tmp_path = tmp_path_factory.mktemp("qemu-migrate")
+    qemu_log, qmp = tmp_path / "qemu.trace", tmp_path / "qmp.sock"
+    out = tmp_path / "rec.strace"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memslot", "record", "-o", str(out), "--", QEMU, "-accel",
+         "kvm", "-machine", "q35", "-m", "128M", "-nographic", "-nodefaults", "-S",
+         "-qmp", f"unix:{qmp},server=on,wait=off", "-trace", "kvm_set_user_memory",
+         "-trace", "kvm_clear_dirty_log", "-D", str(qemu_log)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, cwd=tmp_path,
+    )
+    try:
+        assert qmp_migrate_and_quit(qmp) == "completed"
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    with open(qemu_log) as f:
+        traced = list(parse_qemu_trace(f, str(qemu_log)))
+    return read_trace(str(out)), traced
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("backend", ["model", "kvm"], indirect=True)
+def test_qemu_migration_recording_equals_its_trace_and_replays(
+    qemu_migration: tuple[list[TraceOp], list[TraceOp]], backend: VM
+) -> None:
+    """Dirty logging switched on per slot (FLAGS_ONLY), KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG
+    with QEMU's bitmaps, after KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2) -- all decoded from
+    the argument bytes."""
+    ops, traced = qemu_migration
+
+    def key(op: TraceOp) -> tuple[object, ...]:
+        if isinstance(op, SetRegion):
+            return ("set", op.region, op.expect)
+        assert isinstance(op, ClearDirtyLog)
+        return ("clear", op.slot, op.first_page, op.num_pages)
+
+    clears = [op for op in ops if isinstance(op, ClearDirtyLog)]
+    assert clears and all(op.bitmap for op in clears)
+    assert any(isinstance(op, GetDirtyLog) for op in ops)
+    assert any(isinstance(op, EnableCap) for op in ops)
+    assert [key(op) for op in ops if isinstance(op, SetRegion | ClearDirtyLog)] == \
+        [key(op) for op in traced]
+    assert replay_all(backend, ops) == []
+
+
 TICKING = textwrap.dedent("""
     import sys, time
     from memslot import KvmVM
@@ -229,6 +321,7 @@ def test_record_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
         (("--pid", "1", "--", "true"), "not both"),
         (("--pid", "999999999"), "no such process"),
         (("--hold-ms", "-1", "--", "true"), "must not be negative"),
+        (("--", str(tmp_path / "no-such-vmm")), "command not found"),
     ]:
         done = run_cli("record", "-o", str(tmp_path / "x.strace"), *args)
         assert done.returncode == 2, (args, done.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from typing import TextIO
 
@@ -61,13 +62,15 @@ def run(args: argparse.Namespace) -> int:
             die(f"record: --pid {args.pid}: no such process")
         except PermissionError:
             die(f"record: --pid {args.pid}: not permitted to trace it")
-    path = _output_name(args, command)
-    if os.path.isdir(path):
-        die(f"{path}: is a directory")
     try:
         strace = find_strace()
     except RecordError as exc:
         die(str(exc))
+    if command and shutil.which(command[0]) is None:
+        die(f"record: {command[0]}: command not found (or not executable)")
+    path = _output_name(args, command)
+    if os.path.isdir(path):
+        die(f"{path}: is a directory")
     with _create(path) as out:
         try:
             result = Recorder(out, hold_ms=args.hold_ms, strace=strace).record(

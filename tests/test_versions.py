@@ -215,3 +215,104 @@ def test_detect_matches_the_host_preset() -> None:
     if detected.kernel == "6.18" and not detected.tdp:
         assert differences(detected, PRESETS["x86_64-shadow@6.18"]) == {}
         assert matching_preset(detected) == "x86_64-shadow@6.18"
+
+
+# -- the engine and the arch hooks answer as the version ---------------------------------------
+def test_x86_max_gfn_refusal_arrived_in_5_18() -> None:
+    """5.10 accepts a slot at 2^63 (issue 12, amd64 5.10); 6.1 refuses past MAXPHYADDR."""
+    with memslot.ModelVM("x86_64@5.10") as old, memslot.ModelVM("x86_64@6.1") as new:
+        old.set_user_memory_region(0, 0, 1 << 63, MiB, UA)
+        old.set_user_memory_region(1, 0, (1 << 64) - 2 * MiB, MiB, UA)  # the last MiB wraps
+        with pytest.raises(memslot.KvmError) as exc:
+            new.set_user_memory_region(0, 0, 1 << 63, MiB, UA)
+        assert exc.value.errno == 22 and new.last_result is not None
+        assert new.last_result.rule is not None and new.last_result.rule.code == "x86-max-gfn"
+        assert old.check() == []
+
+
+@pytest.mark.parametrize(("name", "errno_"), [("x86_64@6.1", 25), ("arm64@6.1", 22),
+                                              ("ppc64-hv@6.1", 25), ("arm64@5.10", 22)])
+def test_region2_is_unknown_before_6_8(name: str, errno_: int) -> None:
+    with memslot.ModelVM(name) as vm:
+        assert vm.check_extension(memslot.constants.KVM_CAP_USER_MEMORY2) == 0
+        with pytest.raises(memslot.KvmError) as exc:
+            vm.set_user_memory_region2(0, 0, 0, 1 << 16, UA, guest_memfd=0)
+        assert exc.value.errno == errno_
+        assert vm.last_result is not None and vm.last_result.rule is not None
+        assert vm.last_result.rule.code == "region2-missing"
+        with pytest.raises(memslot.KvmError) as gmem:
+            vm.create_guest_memfd(1 << 16)
+        assert gmem.value.errno == errno_
+        vm.set_user_memory_region(0, 0, 0, 1 << 16, UA)  # v1 works
+
+
+def test_guest_memfd_by_version_on_the_default_x86_vm() -> None:
+    """6.12: the ioctl exists (CONFIG_KVM_PRIVATE_MEM) but the default VM refuses the flag and
+    creation flags; 7.2: guest_memfd slots on every VM, mmap flags."""
+    gmem = memslot.constants.KVM_MEM_GUEST_MEMFD
+    with memslot.ModelVM("x86_64@6.12") as vm:
+        fd = vm.create_guest_memfd(MiB)
+        with pytest.raises(memslot.KvmError) as exc:
+            vm.create_guest_memfd(MiB, 1)
+        assert exc.value.errno == 22
+        with pytest.raises(memslot.KvmError) as exc:
+            vm.set_user_memory_region2(0, gmem, 0, MiB, UA, guest_memfd=fd)
+        assert exc.value.errno == 22
+        vm.set_user_memory_region2(0, 0, 0, MiB, UA, guest_memfd=0)  # plain v2 works
+    with memslot.ModelVM("x86_64@7.2") as vm:
+        fd = vm.create_guest_memfd(MiB, 1)
+        vm.set_user_memory_region2(0, gmem, 0, MiB, UA, guest_memfd=fd)
+
+
+def test_seed_era_5_6_keeps_the_old_arrays_on_move() -> None:
+    """5.6: a MOVE to an unaligned base keeps arrays made for the aligned one: check() names
+    the gfns past their end and the stale disallow marks. 5.7 allocates fresh ones."""
+    def moved(name: str) -> list[str]:
+        with memslot.ModelVM(name) as vm:
+            vm.set_user_memory_region(0, 0, 0xC0000000, 2 * MiB, UA)
+            vm.set_user_memory_region(0, 0, 0xBFFFF000, 2 * MiB, UA)  # MOVE, one page down
+            assert vm.last_result is not None and str(vm.last_result.change) == "MOVE"
+            return vm.check()
+    problems = moved("x86_64@5.6")
+    assert any("past its end" in p for p in problems)
+    assert any("stale disallow marks" in p for p in problems)
+    assert moved("x86_64-shadow@5.6") != []
+    assert moved("x86_64@5.7") == [] and moved("x86_64@6.1") == []
+    # The variant is the same behaviour on any x86 profile.
+    with memslot.ModelVM("x86_64@7.3", variants={"x86-reuse-arch-on-move"}) as vm:
+        vm.set_user_memory_region(0, 0, 0xC0000000, 2 * MiB, UA)
+        vm.set_user_memory_region(0, 0, 0xBFFFF000, 2 * MiB, UA)
+        assert any("past its end" in p for p in vm.check())
+
+
+@pytest.mark.parametrize("name", ["ppc64-hv@6.1", "ppc64-hv@7.3"])
+def test_ppc_realloc_alternative_is_caught_as_a_leak(name: str) -> None:
+    page = PRESETS[name].page_size
+    with memslot.ModelVM(name, variants={"ppc-realloc-rmap-on-move"}) as vm:
+        vm.set_user_memory_region(0, 0, 0, 32 * page, 0x100000000)
+        vm.set_user_memory_region(0, 0, 64 * page, 32 * page, 0x100000000)
+        assert any(p.startswith("leak: ppc_rmap") for p in vm.check())
+    with memslot.ModelVM(name) as vm:
+        vm.set_user_memory_region(0, 0, 0, 32 * page, 0x100000000)
+        vm.set_user_memory_region(0, 0, 64 * page, 32 * page, 0x100000000)
+        assert vm.check() == []
+
+
+def test_compat_region2_needs_6_8() -> None:
+    ops = _ops(MemoryRegion(0, 0, 0, 1 << 16, 0x100000000, 0, 0))
+    by_name = {o.profile.name: o for o in compat.check(ops)}
+    o = by_name["x86_64@6.1"]
+    assert o.refusal is not None and o.refusal.rule == "region2-missing"
+    assert o.refusal.errno == 25 and o.changes_in == "6.8"
+    assert o.summary() == "REGION2 needs 6.8"
+    assert by_name["arm64@6.1"].refusal is not None and by_name["arm64@6.1"].refusal.errno == 22
+    assert by_name["x86_64@6.12"].accepted
+
+
+def test_compat_max_gfn_names_5_18() -> None:
+    ops = _ops(MemoryRegion(0, 0, 1 << 62, MiB, UA))
+    by_name = {o.profile.name: o for o in compat.check(ops)}
+    assert by_name["x86_64@5.10"].accepted
+    o = by_name["x86_64@6.1"]
+    assert o.refusal is not None and o.refusal.rule == "x86-max-gfn"
+    assert o.changes_in == "5.18" and o.summary().endswith("since 5.18")

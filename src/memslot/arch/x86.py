@@ -170,9 +170,12 @@ class X86Arch(ArchHooks):
         super().__init__(profile, ledger, variants)
         p = self.profile
         self.shadow_root_allocated = False
-        self.reuse_on_move = VARIANT_REUSE_ARCH_ON_MOVE in self.variants
+        # Before 5.7 a MOVE kept the arrays made for the old base; the variant is an alias.
+        self.reuse_on_move = (VARIANT_REUSE_ARCH_ON_MOVE in self.variants
+                              or not p.move_reallocates_arch)
         self._page_shift = p.page_shift
-        self._max_gfn = p.max_gfn
+        # kvm_mmu_max_gfn() refusal (5.18); before it every gfn below 2^52 of a u64 gpa passes.
+        self._max_gfn = p.max_gfn if p.max_gfn_check else (1 << 64) - 1
         self._move_refused = p.external_page_tracker
         self._shape_key = (self.have_rmaps, self.write_tracking, p.page_size)
 

@@ -120,9 +120,10 @@ class ModelVM(VM):
     ) -> None:
         """An in-kernel memslot (x86 ``__x86_set_memory_region``: APIC access page, identity
         page table, TSS; ids ``KVM_USER_MEM_SLOTS..KVM_MEM_SLOTS_NUM-1``)."""
-        if not self.profile.user_mem_slots <= slot_id < c.KVM_MEM_SLOTS_NUM:
-            raise ValueError(f"internal slot ids are {self.profile.user_mem_slots}.."
-                             f"{c.KVM_MEM_SLOTS_NUM - 1} on {self.profile.name}")
+        p = self.profile
+        if not p.user_mem_slots <= slot_id < p.mem_slots_num:
+            raise ValueError(f"internal slot ids are {p.user_mem_slots}.."
+                             f"{p.mem_slots_num - 1} on {p.name}")
         region = MemoryRegion((as_id << 16) | slot_id, 0, guest_phys_addr, memory_size,
                               userspace_addr)
         check_region_fields(region)

@@ -48,6 +48,9 @@ E = errno
 # Generic rules, in the order kvm_vm_ioctl / kvm_set_memory_region apply them (6.18).
 OTHER_MM = _r("other-mm", E.EIO, "kvm_vm_ioctl",
               "caller is not the VM's creator mm (forked child?)")
+REGION2_MISSING = _r("region2-missing", E.ENOTTY, "kvm_vm_ioctl",
+                     "KVM_SET_USER_MEMORY_REGION2 is unknown before 6.8 (ENOTTY; EINVAL on "
+                     "arm64 and riscv)")
 V1_FLAGS = _r("v1-flags", E.EINVAL, "kvm_vm_ioctl",
               "KVM_SET_USER_MEMORY_REGION (v1) takes only LOG_DIRTY_PAGES|READONLY")
 USER_SLOT_ID = _r("user-slot-id", E.EINVAL, "kvm_vm_ioctl_set_memory_region",

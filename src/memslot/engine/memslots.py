@@ -22,7 +22,6 @@ from ..constants import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_MAX_NR_PAGES,
     KVM_MEM_READONLY,
-    KVM_MEM_SLOTS_NUM,
     KVM_MEMSLOT_GMEM_ONLY,
     KVM_MEMSLOT_INVALID,
 )
@@ -147,6 +146,11 @@ class Memslots:
         self._page_shift = p.page_shift
         self._page_mask = p.page_size - 1
         self._user_slots = p.user_mem_slots
+        self._mem_slots_num = p.mem_slots_num
+        self._region2 = p.user_memory2
+        # Before 6.8 KVM_SET_USER_MEMORY_REGION2 is an ioctl kvm_arch_vm_ioctl does not know.
+        self._region2_missing = Rule(ch.REGION2_MISSING.code, p.unknown_ioctl_errno,
+                                     ch.REGION2_MISSING.function, ch.REGION2_MISSING.text)
         self._uaddr_limit = p.user_addr_limit
         self._tagged_uaddrs = p.arch == "arm64"
         self._immutable_flags = _IMMUTABLE_FLAGS if p.gmem_toggle_fix else KVM_MEM_READONLY
@@ -226,8 +230,11 @@ class Memslots:
         if self.foreign_caller:
             return ch.OTHER_MM
         if not internal:
-            # kvm_vm_ioctl: the v1 ioctl accepts only the v1 flags.
-            if r.guest_memfd is None and flags & ~_V1_FLAGS:
+            if r.guest_memfd is not None and not self._region2:
+                return self._region2_missing
+            # kvm_vm_ioctl: the v1 ioctl accepts only the v1 flags (since REGION2, 6.8;
+            # before, check_memory_region_flags refuses them with the same EINVAL).
+            if r.guest_memfd is None and flags & ~_V1_FLAGS and self._region2:
                 return ch.V1_FLAGS
             # kvm_vm_ioctl_set_memory_region: user ids, on the low 16 bits only.
             if slot_id >= self._user_slots:
@@ -256,7 +263,7 @@ class Memslots:
             r.guest_memfd_offset & mask or r.guest_memfd_offset + size > ULONG_MAX
         ):
             return ch.GMEM_OFFSET
-        if as_id >= self.nr_as or slot_id >= KVM_MEM_SLOTS_NUM:
+        if as_id >= self.nr_as or slot_id >= self._mem_slots_num:
             return ch.AS_ID
         if gpa + size > ULONG_MAX:
             return ch.GPA_WRAP

@@ -54,6 +54,8 @@ class Outcome:
         if r is None:
             return ""
         text = r.reason
+        if r.rule == "region2-missing" and self.changes_in is not None:
+            return f"REGION2 needs {self.changes_in}"
         if self.changes_in is not None:
             newer = version_tuple(self.changes_in) > version_tuple(self.profile.kernel)
             text += f" {'before' if newer else 'since'} {self.changes_in}"
@@ -185,8 +187,8 @@ def _reason(profile: Profile, op: TraceOp, code: str, rule: Rule | None,
         page = p.page_size
         if code == "user-slot-id":
             return f"slot {r.id} >= {p.user_mem_slots} user slots"
-        if code in ("region2-missing", "v1-flags") and not p.user_memory2:
-            return "KVM_SET_USER_MEMORY_REGION2 needs 6.8"
+        if code == "region2-missing":
+            return "KVM_SET_USER_MEMORY_REGION2 is unknown to this kernel"
         if code == "flags" and r.flags & KVM_MEM_READONLY and not p.readonly_mem:
             return "no read-only memory (KVM_MEM_READONLY) on this arch"
         if code == "flags":

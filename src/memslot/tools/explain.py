@@ -51,6 +51,8 @@ ARCH_FILES = {
 #: What a VMM developer can do about a refusal, by rule code.
 HINTS = {
     "v1-flags": "GUEST_MEMFD and other new flags need KVM_SET_USER_MEMORY_REGION2",
+    "region2-missing": "this kernel predates KVM_SET_USER_MEMORY_REGION2 (6.8): use the v1 "
+                       "ioctl, and check KVM_CAP_USER_MEMORY2 first",
     "user-slot-id": "slot ids run from 0 to KVM_CAP_NR_MEMSLOTS - 1 ({user_slots} here)",
     "flags": "only LOG_DIRTY_PAGES, READONLY (where KVM_CAP_READONLY_MEM) and GUEST_MEMFD "
              "(v2, alone or with nothing else) are valid",

@@ -34,7 +34,10 @@ SIZE = 2 * MiB  # a multiple of every preset's page size and of s390's 1 MiB seg
 UA = 64 * GiB  # 1 MiB aligned, below every preset's user address limit
 
 # "x86_64+root": the TDP preset after its first shadow root (rmaps and write tracking exist).
-PROFILES = [*sorted(memslot.PRESETS), "x86_64+root"]
+# Every preset whose kernel keeps the invariants (5.6's MOVE breaks them by design: that is
+# the seed thread's bug, shown in test_versions.py).
+PROFILES = [*sorted(n for n, p in memslot.PRESETS.items() if p.move_reallocates_arch),
+            "x86_64+root"]
 
 # Rule code reported for a failure of each allocation kind.
 RULE_OF_KIND = {

@@ -218,7 +218,6 @@ def _x86(v: str, kind: str) -> Profile:
         # CONFIG_KVM_PRIVATE_MEM (SEV) gives 6.8..6.17 the ioctl, without mmap flags.
         guest_memfd_ioctl=at_least(v, "6.8"),
         guest_memfd_flags=GMEM_FLAGS_ALL if new_gmem else 0,
-        gmem_toggle_fix=at_least(v, "6.12"),
         vm_types=1 if at_least(v, "6.8") else 0,  # KVM_CAP_VM_TYPES: BIT(KVM_X86_DEFAULT_VM)
         user_addr_limit=LA57_TASK_SIZE_MAX,
     )

@@ -136,7 +136,7 @@ def test_failed_write_gives_bits_back(vm: memslot.ModelVM, tmp_path: Path) -> No
         ram = gm.add_region(0, 16 * PAGE, log_dirty=True)
         gm.snapshot(tmp_path / "full")
         guest_write(vm, ram, 5 * PAGE, b"5")
-        with pytest.raises(OSError):
+        with pytest.raises(SnapshotError, match="cannot write the snapshot: No such file"):
             gm.snapshot(tmp_path / "missing-dir" / "inc", incremental=True)
         assert list(tmp_path.iterdir()) == [tmp_path / "full"]  # no temporary file left
         inc = gm.snapshot(tmp_path / "inc", incremental=True)
@@ -182,10 +182,22 @@ def _chunk_offsets(path: Path) -> list[tuple[int, int, int]]:
     return out
 
 
+#: The snapshot id of the headers the tests reuse: chunk CRCs are seeded with it.
+_SEED = {"id": bytes(16)}
+
+
 def _chunk(kind: int, payload: bytes, length: int | None = None) -> bytes:
+    seed = zlib.crc32(_SEED["id"])
     head = fmt._CHUNK.pack(kind, 0, len(payload) if length is None else length,
-                           zlib.crc32(payload))
-    return head + struct.pack("<I", zlib.crc32(head)) + payload
+                           zlib.crc32(payload, seed))
+    return head + struct.pack("<I", zlib.crc32(head, seed)) + payload
+
+
+def _header_of(path: Path) -> bytes:
+    """The file's header; later ``_chunk`` calls belong to that file."""
+    header = path.read_bytes()[: fmt.HEADER_SIZE]
+    _SEED["id"] = fmt._HEADER.unpack_from(header)[4]
+    return header
 
 
 def test_truncated_files_are_refused(chain: list[Path], tmp_path: Path) -> None:
@@ -216,6 +228,7 @@ def test_corrupted_bytes_are_refused(chain: list[Path], tmp_path: Path) -> None:
 
 def test_trailing_bytes_and_missing_end(chain: list[Path], tmp_path: Path) -> None:
     data = chain[0].read_bytes()
+    _header_of(chain[0])
     bad = tmp_path / "trail"
     bad.write_bytes(data + b"\0")
     _refused([bad], "after the END chunk")
@@ -226,8 +239,8 @@ def test_trailing_bytes_and_missing_end(chain: list[Path], tmp_path: Path) -> No
 
 def test_other_versions_and_kinds(chain: list[Path], tmp_path: Path) -> None:
     data = bytearray(chain[0].read_bytes())
-    for field, value, match in ((1, 2, "format version 2"), (2, 7, "unknown snapshot kind"),
-                                (3, 65536, "page size")):
+    for field, value, match in ((1, 3, "format version 3"), (2, 7, "unknown snapshot kind"),
+                                (3, 65536, "size=16384"), (3, 6000, "page size")):
         fields = list(fmt._HEADER.unpack_from(data))
         fields[field] = value
         head = fmt._HEADER.pack(*fields)
@@ -239,8 +252,7 @@ def test_other_versions_and_kinds(chain: list[Path], tmp_path: Path) -> None:
 
 
 def test_allocation_bombs_are_refused(chain: list[Path], tmp_path: Path) -> None:
-    data = chain[0].read_bytes()
-    header = data[: fmt.HEADER_SIZE]
+    header = _header_of(chain[0])
     bad = tmp_path / "bomb"
     bad.write_bytes(header + _chunk(fmt.CHUNK_LAYOUT, b"{}", length=1 << 60))
     _refused([bad], "more than the format allows")

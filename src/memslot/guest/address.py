@@ -34,22 +34,28 @@ class LayoutError(MemslotError, ValueError):
     alignment, unknown region); the layout is left as it was."""
 
 
-def page_align_down(value: int) -> int:
-    return value & ~(PAGE_SIZE - 1)
+def page_align_down(value: int, page_size: int = PAGE_SIZE) -> int:
+    return value & ~(page_size - 1)
 
 
-def page_align_up(value: int) -> int:
-    return (value + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+def page_align_up(value: int, page_size: int = PAGE_SIZE) -> int:
+    return (value + page_size - 1) & ~(page_size - 1)
 
 
 class GuestAddress(int):
     """A guest-physical address: an ``int`` in ``[0, 2**64)`` that prints in hex and offers
-    vm-memory's checked arithmetic."""
+    vm-memory's checked arithmetic. ``page_size`` is the VM's (``gfn``, ``page_offset``)."""
 
-    def __new__(cls, value: int) -> GuestAddress:
+    page_size: int
+
+    def __new__(cls, value: int, page_size: int = PAGE_SIZE) -> GuestAddress:
         if not 0 <= int(value) < GPA_LIMIT:
             raise ValueError(f"guest address {int(value):#x} is outside [0, 2**64)")
-        return super().__new__(cls, value)
+        if page_size <= 0 or page_size & (page_size - 1):
+            raise ValueError(f"page size {page_size} is not a power of two")
+        self = super().__new__(cls, value)
+        self.page_size = page_size
+        return self
 
     def __repr__(self) -> str:
         return f"GuestAddress({int(self):#x})"
@@ -57,7 +63,7 @@ class GuestAddress(int):
     def checked_add(self, offset: int) -> GuestAddress | None:
         """``self + offset``, or ``None`` past ``2**64 - 1`` (or below 0)."""
         value = int(self) + offset
-        return GuestAddress(value) if 0 <= value < GPA_LIMIT else None
+        return GuestAddress(value, self.page_size) if 0 <= value < GPA_LIMIT else None
 
     def offset_from(self, base: int) -> int:
         """``self - base`` (``ValueError`` when ``base`` is above ``self``)."""
@@ -67,22 +73,25 @@ class GuestAddress(int):
 
     @property
     def gfn(self) -> int:
-        """Guest frame number."""
-        return int(self) // PAGE_SIZE
+        """Guest frame number (of the VM's page size)."""
+        return int(self) // self.page_size
 
     @property
     def page_offset(self) -> int:
-        return int(self) % PAGE_SIZE
+        return int(self) % self.page_size
 
-    def align_down(self, align: int = PAGE_SIZE) -> GuestAddress:
-        return GuestAddress(int(self) & ~(align - 1))
+    def align_down(self, align: int | None = None) -> GuestAddress:
+        """Round down to ``align`` (a power of two; the page size by default)."""
+        step = self.page_size if align is None else align
+        return GuestAddress(int(self) & ~(step - 1), self.page_size)
 
 
 class GuestRegion:
     """One region of a :class:`~memslot.guest.GuestMemory`: a host mapping registered as a
     memslot. Read its fields here; change it through the ``GuestMemory`` methods."""
 
-    __slots__ = ("_dirty", "_gpa", "_label", "_mapping", "_slot", "_untracked", "flags", "uid")
+    __slots__ = ("_dirty", "_gpa", "_label", "_mapping", "_page_size", "_slot", "_untracked",
+                 "flags", "uid")
 
     def __init__(
         self,
@@ -93,8 +102,10 @@ class GuestRegion:
         mapping: HostMapping,
         dirty: DirtyTracker,
         label: str,
+        page_size: int = PAGE_SIZE,
     ) -> None:
         self.uid = uid
+        self._page_size = page_size
         self._slot = slot
         self._gpa = gpa
         self.flags = flags
@@ -107,7 +118,8 @@ class GuestRegion:
     # -- fields ---------------------------------------------------------------------------
     @property
     def gpa(self) -> GuestAddress:
-        return GuestAddress(self._gpa)
+        """Where the region is now (a move changes it)."""
+        return GuestAddress(self._gpa, self._page_size)
 
     @property
     def size(self) -> int:
@@ -120,7 +132,12 @@ class GuestRegion:
 
     @property
     def npages(self) -> int:
-        return self._mapping.size // PAGE_SIZE
+        return self._mapping.size // self._page_size
+
+    @property
+    def page_size(self) -> int:
+        """The VM's page size."""
+        return self._page_size
 
     @property
     def hva(self) -> int:

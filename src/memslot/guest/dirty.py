@@ -15,6 +15,7 @@ consumer's pending bitmap and hands one consumer its own.
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from ..constants import PAGE_SHIFT, PAGE_SIZE
+from ..constants import PAGE_SHIFT
 
 __all__ = [
     "CONSUMER_SNAPSHOT",
@@ -145,33 +146,57 @@ def set_range(words: Words, first: int, count: int) -> None:
         words[w1] |= hi
 
 
-class DirtyTracker:
-    """The host bitmap and the consumers' pending bitmaps of one region of ``npages``."""
+def zeroed_words(nwords_: int) -> tuple[bytearray | mmap.mmap, Words]:
+    """A zeroed bitmap of ``nwords_`` words, as a byte buffer (fast single-bit updates from
+    Python) and a word array over it. Large ones are anonymous mappings: their untouched
+    pages cost no memory."""
+    size = max(nwords_, 1) * 8
+    store: bytearray | mmap.mmap = (
+        mmap.mmap(-1, size) if size > _MMAP_BITMAP else bytearray(size))
+    return store, np.frombuffer(store, dtype="<u8", count=nwords_)
 
-    def __init__(self, npages: int, consumers: tuple[str, ...] = (CONSUMER_USER,)) -> None:
+
+_MMAP_BITMAP: Final = 1 << 16
+
+
+class DirtyTracker:
+    """The host bitmap and the consumers' pending bitmaps of one region of ``npages`` pages of
+    ``1 << shift`` bytes. ``host`` is a byte buffer, bit ``i`` of byte ``j`` = page
+    ``8 j + i`` (the little-endian word layout of KVM's log)."""
+
+    __slots__ = ("host", "hot", "lock", "npages", "nwords", "pending", "shift")
+
+    def __init__(self, npages: int, consumers: tuple[str, ...] = (CONSUMER_USER,),
+                 shift: int = PAGE_SHIFT) -> None:
         self.npages = npages
         self.nwords = nwords(npages)
+        self.shift = shift
         #: Serialises host writes with harvests; hold it to write and mark atomically.
         self.lock = threading.Lock()
-        self.host: Words = np.zeros(self.nwords, dtype=np.uint64)
-        self._host_any = False
+        self.host: bytearray | mmap.mmap = zeroed_words(self.nwords)[0]
+        #: The page of the latest one-page mark, -1 after a harvest: a write to it need not
+        #: mark again (its bit is pending in ``host``).
+        self.hot = -1
         self.pending: dict[str, Words | None] = dict.fromkeys(consumers)
 
     # -- host writes (caller holds ``lock``) -------------------------------------------------
     def mark_range(self, first_page: int, count: int) -> None:
         """Mark pages ``[first_page, first_page + count)`` written by the host."""
+        host = self.host
         if count == 1:
-            self.host[first_page >> 6] |= _ONE << np.uint64(first_page & 63)
+            self.hot = first_page
+        if count <= 16:
+            for page in range(first_page, first_page + count):
+                host[page >> 3] |= 1 << (page & 7)
         else:
-            set_range(self.host, first_page, count)
-        self._host_any = True
+            set_range(np.frombuffer(host, dtype="<u8", count=self.nwords), first_page, count)
 
     def mark_pages(self, pages: npt.NDArray[np.integer]) -> None:
         """Mark an array of page indexes written by the host."""
         if len(pages):
             p = np.asarray(pages, dtype=np.int64)
-            np.bitwise_or.at(self.host, p >> 6, np.left_shift(_ONE, (p & 63).astype(np.uint64)))
-            self._host_any = True
+            words = np.frombuffer(self.host, dtype="<u8", count=self.nwords)
+            np.bitwise_or.at(words, p >> 6, np.left_shift(_ONE, (p & 63).astype(np.uint64)))
 
     # -- harvesting (caller holds ``lock``) --------------------------------------------------
     def add_consumer(self, name: str) -> None:
@@ -182,10 +207,11 @@ class DirtyTracker:
         """Fold the host bitmap and ``kernel`` (the kernel's log, already reset in the kernel)
         into every consumer's pending bitmap and reset the host bitmap."""
         fresh: Words | None = None
-        if self._host_any:
-            fresh = self.host
-            self.host = np.zeros(self.nwords, dtype=np.uint64)
-            self._host_any = False
+        host = np.frombuffer(self.host, dtype="<u8", count=self.nwords)
+        if host.any():
+            fresh = host
+            self.host = zeroed_words(self.nwords)[0]
+            self.hot = -1
         if kernel is not None and kernel.size:
             if kernel.size != self.nwords:
                 raise ValueError(f"kernel log has {kernel.size} words, expected {self.nwords}")
@@ -210,7 +236,7 @@ class DirtyTracker:
         words = self.pending.get(name)
         self.pending[name] = None
         if words is None:
-            return np.zeros(self.nwords, dtype=np.uint64)
+            return zeroed_words(self.nwords)[1]
         return words
 
     def give_back(self, name: str, words: Words) -> None:
@@ -232,6 +258,7 @@ class DirtyBitmap:
     words: Words
     slot: int = -1
     label: str = ""
+    page_shift: int = PAGE_SHIFT
 
     def page_indexes(self) -> Pages:
         """Dirty page indexes within the region, ascending."""
@@ -239,13 +266,13 @@ class DirtyBitmap:
 
     def pages(self) -> npt.NDArray[np.uint64]:
         """Dirty page gpas, ascending."""
-        return (self.page_indexes() << PAGE_SHIFT).astype(np.uint64) + np.uint64(self.gpa)
+        return (self.page_indexes() << self.page_shift).astype(np.uint64) + np.uint64(self.gpa)
 
     def ranges(self) -> list[tuple[int, int]]:
         """Dirty ``(gpa, length)`` runs."""
         firsts, lengths = pages_to_runs(self.page_indexes())
         return [
-            (self.gpa + (int(f) << PAGE_SHIFT), int(n) << PAGE_SHIFT)
+            (self.gpa + (int(f) << self.page_shift), int(n) << self.page_shift)
             for f, n in zip(firsts.tolist(), lengths.tolist(), strict=True)
         ]
 
@@ -259,7 +286,7 @@ class DirtyBitmap:
     @property
     def nbytes(self) -> int:
         """Dirty bytes (pages x page size)."""
-        return self.count() * PAGE_SIZE
+        return self.count() << self.page_shift
 
 
 class DirtySet:

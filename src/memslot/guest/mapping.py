@@ -96,6 +96,8 @@ class HostMapping:
             raise LayoutError(f"align {align:#x} must be a power of two >= {PAGE_SIZE:#x}")
         self.size = size
         self.align = align
+        #: Host writes stay in this process (a read-only file mapped ``MAP_PRIVATE``).
+        self.private = False
         self.fd: int | None = None
         self.path: str | None = None
         self.kind: BackingKind
@@ -117,6 +119,7 @@ class HostMapping:
             self.fd = self._open_file(self.path, size, private)
             if private:
                 flags = mmap.MAP_PRIVATE
+                self.private = True
         else:
             raise LayoutError(f"backing must be 'anon', 'memfd' or a file path, not {backing!r}")
         try:

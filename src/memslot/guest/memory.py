@@ -22,9 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from ..backends.base import VM
-from ..backends.kvm import KvmVM
-from ..backends.model import KVM_HVA_ERR_BAD, KVM_HVA_ERR_RO_BAD
+from ..backends.base import KVM_HVA_ERR_BAD, KVM_HVA_ERR_RO_BAD, VM
 from ..closing import Closing
 from ..constants import (
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
@@ -45,7 +43,7 @@ from .slot_ids import SlotIds
 if TYPE_CHECKING:
     from .snapshot import SnapshotInfo
 
-__all__ = ["GuestMemory", "SnapshotAccess", "vm_page_size"]
+__all__ = ["GuestMemory", "SnapshotAccess"]
 
 CT = TypeVar("CT", bound="ctypes._CData")
 
@@ -54,25 +52,9 @@ _U64 = np.uint64
 _CHUNK = 1 << 15
 
 
-def vm_page_size(vm: VM) -> int:
-    """The VM's page size (the unit of gfns, slot sizes and dirty bitmaps)."""
-    size = getattr(vm, "page_size", None)
-    if size is None:
-        profile = getattr(vm, "profile", None)
-        size = getattr(profile, "page_size", PAGE_SIZE)
-    assert isinstance(size, int)
-    return size
-
-
-def _register(vm: VM, addr: int, size: int) -> None:
-    if isinstance(vm, KvmVM):
-        vm.register_host_mapping(addr, size)
-
-
 def _unregister(vm: VM, addr: int, size: int) -> None:
-    if isinstance(vm, KvmVM):
-        with contextlib.suppress(ValueError):  # unregistered behind our back
-            vm.unregister_host_mapping(addr, size)
+    with contextlib.suppress(ValueError):  # unregistered behind our back
+        vm.unregister_host_mapping(addr, size)
 
 
 class _State:
@@ -120,7 +102,7 @@ class GuestMemory(Closing):
             raise ClosedError("the VM is closed")
         self._vm = vm
         self._manual_protect = manual_protect
-        self._page_size = vm_page_size(vm)
+        self._page_size = vm.page_size
         self._page_shift = self._page_size.bit_length() - 1
         if manual_protect:
             vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
@@ -248,7 +230,7 @@ class GuestMemory(Closing):
             registered = False
             slot_id = -1
             try:
-                _register(vm, mapping.address, size)
+                vm.register_host_mapping(mapping.address, size)
                 registered = True
                 slot_id = self._ids.take(slot)
                 slot_id = self._create_slot(slot_id, flags, gpa, size, mapping.address,

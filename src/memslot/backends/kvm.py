@@ -165,9 +165,12 @@ def kvm_available(path: str = KVM_DEVICE) -> tuple[bool, str]:
 
 class HostMemory:
     """An anonymous mapping owned by a :class:`KvmVM` (unmapped by ``vm.close()``) and
-    registered as guest-backing memory. ``address`` is aligned as requested."""
+    registered as guest-backing memory. ``address`` is aligned as requested. :meth:`close`
+    withdraws the registration before it unmaps, so memory mapped later at the same address is
+    never taken for guest memory."""
 
     def __init__(self, size: int, align: int = PAGE_SIZE, *, hugepages: bool = False) -> None:
+        self._owner: weakref.ref[KvmVM] | None = None
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"size {size:#x} must be a positive multiple of {PAGE_SIZE:#x}")
         if align < PAGE_SIZE or align & (align - 1):
@@ -201,10 +204,18 @@ class HostMemory:
         return self._map is None
 
     def close(self) -> None:
-        """Unmap (idempotent)."""
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        """Unregister from the owning VM, then unmap (idempotent). Raises
+        :class:`UnownedMemoryError` (and keeps the memory) while a vCPU is inside ``KVM_RUN``
+        and a slot lies in this memory."""
+        if self._map is None:
+            return
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None and not owner.closed:
+            with contextlib.suppress(ValueError):  # unregistered by hand already
+                owner.unregister_host_mapping(self.address, self.size)
+        self._owner = None
+        self._map.close()
+        self._map = None
 
     def __enter__(self) -> HostMemory:
         return self
@@ -377,7 +388,10 @@ class KvmVM(VM):
                 region.guest_memfd_offset,
                 region.guest_memfd,
             )
-        with self._lock:
+        with self._lock:  # Vcpu.run() checks ownership and enters under this lock too
+            if region.memory_size and self._running():
+                self._check_owned(region.userspace_addr, region.memory_size,
+                                  f"slot {region.as_id}:{region.id}")
             self.ioctl(request, arg, detail=region.describe())
             self._record(region)
 
@@ -620,14 +634,29 @@ class KvmVM(VM):
             self._ownership_generation += 1
 
     def unregister_host_mapping(self, addr: int, size: int) -> None:
-        """Withdraw a range given to :meth:`register_host_mapping`."""
+        """Withdraw a range given to :meth:`register_host_mapping`. While a vCPU is inside
+        ``KVM_RUN``, a range a slot still lies in is refused (:class:`UnownedMemoryError`):
+        the guest could write whatever is mapped there next."""
         self._check_open()
         with self._lock:
             try:
-                self._mappings.remove((addr, size))
+                index = self._mappings.index((addr, size))
             except ValueError:
                 raise ValueError(f"{addr:#x}+{size:#x} was not registered") from None
+            del self._mappings[index]
             self._ownership_generation += 1
+            if self._running():
+                stranded = [s for s in self.unowned_slots()
+                            if s.userspace_addr < addr + size
+                            and addr < s.userspace_addr + s.memory_size]
+                if stranded:
+                    self._mappings.insert(index, (addr, size))
+                    self._ownership_generation += 1
+                    s = stranded[0]
+                    raise UnownedMemoryError(
+                        f"{addr:#x}+{size:#x} backs slot {s.as_id}:{s.id} while a vCPU is "
+                        "inside KVM_RUN: delete the slot or stop the vCPU first"
+                    )
 
     def host_mappings(self) -> list[tuple[int, int]]:
         """Registered ``(addr, size)`` ranges."""
@@ -644,6 +673,7 @@ class KvmVM(VM):
         memory = HostMemory(size, align, hugepages=hugepages)
         self._res.memories.append(memory)
         self.register_host_mapping(memory.address, memory.size)
+        memory._owner = weakref.ref(self)
         return memory
 
     @property
@@ -664,6 +694,22 @@ class KvmVM(VM):
                 if index < 0 or merged[index][1] < end:
                     bad.append(slot)
             return sorted(bad, key=lambda s: (s.as_id, s.base_gfn))
+
+    def _running(self) -> bool:
+        """Whether a vCPU of this VM is inside (or entering) ``KVM_RUN``."""
+        return any(v._thread is not None for v in list(self._vcpus))
+
+    def _check_owned(self, addr: int, size: int, what: str) -> None:
+        """Raise :class:`UnownedMemoryError` unless ``[addr, addr + size)`` lies inside
+        registered memory (checked on requests made while a vCPU runs)."""
+        merged = _merge(self._mappings)
+        index = bisect.bisect_right([start for start, _ in merged], addr) - 1
+        if index < 0 or merged[index][1] < addr + size:
+            raise UnownedMemoryError(
+                f"{what} at ua {addr:#x}+{size:#x} is not inside memory this process mapped "
+                "for the VM, and a vCPU is inside KVM_RUN: the guest could write there at once; "
+                "refused before the kernel saw it"
+            )
 
     def check_owned_memory(self) -> None:
         """Raise :class:`UnownedMemoryError` unless every slot is backed by registered memory."""

@@ -18,7 +18,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from ..closing import Closing
 from ..errors import ClosedError, MemslotError
@@ -34,6 +34,7 @@ __all__ = [
     "IntrExit",
     "IoExit",
     "MmioExit",
+    "RunView",
     "ShutdownExit",
     "UnknownExit",
     "UnownedMemoryError",
@@ -153,9 +154,76 @@ IoHandler = Callable[[IoExit], bytes | None]
 # --- the vCPU ------------------------------------------------------------------------------
 
 
-def _release(fd: int, run_map: mmap.mmap) -> None:
-    run_map.close()
-    os.close(fd)
+class _RunArea:
+    """The mmap-ed ``kvm_run`` area of one vCPU, shared by the :class:`RunView` objects handed
+    out, so that a view kept past the vCPU raises instead of touching unmapped memory."""
+
+    __slots__ = ("lock", "map", "open")
+
+    def __init__(self, run_map: mmap.mmap) -> None:
+        self.map = run_map
+        self.open = True
+        self.lock = threading.Lock()
+
+    def release(self, fd: int) -> None:
+        with self.lock:
+            self.open = False
+            self.map.close()
+        os.close(fd)
+
+
+_CTYPES_AGGREGATE: Final = (ctypes.Structure, ctypes.Union, ctypes.Array)
+
+
+class RunView:
+    """A checked view of ``struct kvm_run`` or one of its sub-structures (``run.mmio``,
+    ``run.mmio.data``...): every read and write first checks, under the area's lock, that the
+    vCPU still has it mapped, and raises :class:`~memslot.errors.ClosedError` once the vCPU was
+    closed, its VM closed, or it was garbage collected. Scalars come back as Python values,
+    structures and arrays as further views."""
+
+    __slots__ = ("_area", "_obj")
+
+    def __init__(self, obj: Any, area: _RunArea) -> None:
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_area", area)
+
+    def _call(self, fn: Callable[[Any], Any]) -> Any:
+        area = self._area
+        with area.lock:
+            if not area.open:
+                raise ClosedError("the vCPU's kvm_run area was unmapped (the vCPU or its VM "
+                                  "was closed)")
+            value = fn(self._obj)
+            if isinstance(value, _CTYPES_AGGREGATE):
+                return RunView(value, area)
+            if isinstance(value, list):  # a slice of an array
+                return list(value)
+            return value
+
+    def __getattr__(self, name: str) -> Any:
+        return self._call(lambda obj: getattr(obj, name))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._call(lambda obj: setattr(obj, name, value))
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._call(lambda obj: obj[key])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._call(lambda obj: obj.__setitem__(key, value))
+
+    def __len__(self) -> int:
+        length: int = self._call(len)
+        return length
+
+    def __bytes__(self) -> bytes:
+        data: bytes = self._call(bytes)
+        return data
+
+    def __repr__(self) -> str:
+        state = "unmapped" if not self._area.open else type(self._obj).__name__
+        return f"<RunView {state}>"
 
 
 class Vcpu(Closing):
@@ -191,7 +259,8 @@ class Vcpu(Closing):
         # _closed first.
         self._run = uapi.kvm_run.from_address(ctypes.addressof(view))
         del view
-        self._finalizer = weakref.finalize(self, _release, self._fd, self._map)
+        self._area = _RunArea(self._map)
+        self._finalizer = weakref.finalize(self, self._area.release, self._fd)
         self._closed = False
         vm._attach_vcpu(self)
 
@@ -212,10 +281,12 @@ class Vcpu(Closing):
         return self._fd
 
     @property
-    def kvm_run(self) -> uapi.kvm_run:
-        """The shared run area (valid until :meth:`close`)."""
+    def kvm_run(self) -> RunView:
+        """The shared run area, as a checked view: after :meth:`close` (or the VM's close, or
+        garbage collection of this vCPU) touching it raises
+        :class:`~memslot.errors.ClosedError` instead of reading unmapped memory."""
         self._check_open()
-        return self._run
+        return RunView(self._run, self._area)
 
     # -- registers --------------------------------------------------------------------------
     def get_regs(self) -> uapi.kvm_regs:
@@ -295,7 +366,12 @@ class Vcpu(Closing):
                 offset, length = self._pending_io
                 self._map[offset : offset + length] = bytes([self.mmio_fill]) * length
                 self._pending_io = None
-            self._thread = threading.get_ident()
+            # The ownership check and "running" are one step under the VM's lock, which
+            # KvmVM.apply holds too: a slot request either lands before (and this check sees
+            # it) or sees this vCPU running (and must be on owned memory).
+            with self.vm._lock:
+                self._verify_memory()
+                self._thread = threading.get_ident()
             try:
                 return self._enter(run)
             finally:

@@ -26,6 +26,7 @@ import errno as _errno
 import fcntl
 import itertools
 import json
+import mmap
 import os
 import re
 import secrets
@@ -279,6 +280,48 @@ def data_extents(fd: int, size: int, page_size: int) -> list[tuple[int, int]]:
     return out
 
 
+_HOST_PAGE: Final = mmap.PAGESIZE
+_PM_PRESENT_OR_SWAPPED: Final = np.uint64(3 << 62)
+
+
+class _PageMap:
+    """Which pages of anonymous memory were ever touched (``/proc/self/pagemap``: present or
+    swapped). Untouched anonymous memory is zero: a snapshot need not read it, and reading it
+    would map it."""
+
+    def __init__(self) -> None:
+        try:
+            self.fd: int | None = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.fd = None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def touched(self, address: int, first: int, span: int,
+                page_size: int) -> list[tuple[int, int]] | None:
+        """``[first_page, end_page)`` runs of guest pages ``[first, first + span)`` of the
+        mapping at ``address`` with a touched host page; ``None`` when unknown."""
+        if self.fd is None:
+            return None
+        per = page_size // _HOST_PAGE
+        start = (address + first * page_size) // _HOST_PAGE
+        try:
+            raw = os.pread(self.fd, span * per * 8, start * 8)
+        except OSError:
+            return None
+        if len(raw) != span * per * 8:
+            return None
+        entries = np.frombuffer(raw, dtype="<u8").reshape(span, per)
+        touched = (entries & _PM_PRESENT_OR_SWAPPED).any(axis=1)
+        pages = np.flatnonzero(touched).astype(np.int64) + first
+        firsts, lengths = pages_to_runs(pages)
+        return [(int(f), int(f + n)) for f, n in zip(firsts.tolist(), lengths.tolist(),
+                                                        strict=True)]
+
+
 def _nonzero_pages(mem: npt.NDArray[np.uint8], base: int, span: int,
                    extents: list[tuple[int, int]] | None) -> npt.NDArray[np.int64]:
     """Pages of ``[base, base + span)`` (relative to ``base``) that are not all zero, reading
@@ -296,25 +339,30 @@ def _nonzero_pages(mem: npt.NDArray[np.uint8], base: int, span: int,
 
 
 def _write_region(w: _ChunkWriter, index: int, placed: Placed,
-                  pages: npt.NDArray[np.int64] | None) -> None:
+                  pages: npt.NDArray[np.int64] | None, pagemap: _PageMap) -> None:
     """DATA chunks for the non-zero pages among ``pages`` (all pages when ``None``) and, for
-    an incremental list, ZERO chunks for the zero ones."""
+    an incremental list, ZERO chunks for the zero ones. A whole region is read only where it
+    may hold data: a memfd's or shared file's data extents, anonymous memory's touched pages."""
     page_size = w.page_size
     mem = _region_pages(placed, page_size)
     npages = mem.shape[0]
     per_chunk = max_chunk_pages(page_size)
     extents: list[tuple[int, int]] | None = None
     mapping = placed.region.mapping
-    if pages is None and mapping.fd is not None and not mapping.private:
-        extents = data_extents(mapping.fd, placed.size, page_size)
+    anonymous = mapping.fd is None
+    if pages is None and not anonymous and not mapping.private:
+        extents = data_extents(mapping.fd, placed.size, page_size)  # type: ignore[arg-type]
     for base in range(0, npages, WINDOW_PAGES):
         span = min(WINDOW_PAGES, npages - base)
         zero_rel: npt.NDArray[np.int64] | None = None
         if pages is None:
-            if extents is not None and not any(lo < base + span and hi > base
-                                               for lo, hi in extents):
+            window = extents
+            if anonymous:
+                window = pagemap.touched(mapping.address, base, span, page_size)
+            if window is not None and not any(lo < base + span and hi > base
+                                              for lo, hi in window):
                 continue
-            rel = _nonzero_pages(mem, base, span, extents)
+            rel = _nonzero_pages(mem, base, span, window)
         else:
             lo, hi = np.searchsorted(pages, [base, base + span])
             if lo == hi:
@@ -423,10 +471,15 @@ def write_snapshot(access: SnapshotAccess, path: str | os.PathLike[str], *,
                 layout_json = {"next_uid": access.next_uid,
                                "regions": [rec.layout_dict() for rec in records]}
                 w.chunk(CHUNK_LAYOUT, json.dumps(layout_json, sort_keys=True).encode())
-                for index, ((placed, words), full) in enumerate(
-                    zip(harvested, complete, strict=True)
-                ):
-                    _write_region(w, index, placed, None if full else bitmap_pages(words))
+                pagemap = _PageMap()
+                try:
+                    for index, ((placed, words), full) in enumerate(
+                        zip(harvested, complete, strict=True)
+                    ):
+                        _write_region(w, index, placed, None if full else bitmap_pages(words),
+                                      pagemap)
+                finally:
+                    pagemap.close()
                 w.chunk(CHUNK_END, _END.pack(w.chunks, w.data_pages, w.zero_pages))
                 os.fsync(fd)
                 os.replace(tmp, target)

@@ -31,4 +31,5 @@ ALL: list[Command] = [
     compat_cmd.COMMAND,
     record_cmd.COMMAND,
     lab_cmd.COMMAND,
+    snapshot_cmd.EXPORT_COMMAND,
 ]

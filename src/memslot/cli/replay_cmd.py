@@ -8,12 +8,13 @@ import time
 from typing import Any
 
 from ..backends.base import VM
+from ..backends.budget import KernelMemoryBudget, KernelMemoryLimitError
 from ..backends.model import ModelVM
 from ..engine.slot import MemorySlot
 from ..harness.replay import Replayer, ReplayStep, describe_op
 from ..trace.reader import FORMATS
 from .backends import add_profile_options, make_vm, resolve_profile
-from .common import EXIT_MISMATCH, EXIT_OK, Command, emit_json, human_bytes, table
+from .common import EXIT_MISMATCH, EXIT_OK, Command, die, emit_json, human_bytes, table
 from .trace_input import read_trace_or_die
 
 
@@ -28,6 +29,19 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-going", action="store_true",
                    help="skip malformed lines (reported) instead of refusing the whole file")
     p.add_argument("-q", "--quiet", action="store_true", help="only the final table and totals")
+    p.add_argument("--kernel-memory-limit", metavar="SIZE", type=_size, default=None,
+                   help="with --backend kvm/both, refuse a request whose memslot metadata the "
+                        "model predicts would take the kernel past SIZE (e.g. 8G; default: an "
+                        "eighth of this machine's memory)")
+
+
+def _size(text: str) -> int:
+    from ..backends.budget import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _slot_rows(vm: VM) -> list[MemorySlot]:
@@ -65,11 +79,17 @@ def run(args: argparse.Namespace) -> int:
     vm = make_vm(args.backend, profile, args.variant)
     steps: list[ReplayStep] = []
     show_progress = not args.json and sys.stderr.isatty() and len(ops) > 2000
-    replayer = Replayer(vm, check=args.check)
+    budget = None
+    if args.backend != "model":
+        budget = KernelMemoryBudget(profile, args.kernel_memory_limit)
+    replayer = Replayer(vm, check=args.check, budget=budget)
     try:
         start = time.monotonic()
         for i, op in enumerate(ops):
-            step = replayer.step(op)
+            try:
+                step = replayer.step(op)
+            except KernelMemoryLimitError as exc:
+                die(f"{args.file}:{op.line or i + 1}: {exc}")
             steps.append(step)
             if not args.json and not args.quiet:
                 print(format_step(step))
@@ -87,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         replayer.close()
         vm.close()
+        if budget is not None:
+            budget.close()
     return EXIT_MISMATCH if mismatches else EXIT_OK
 
 

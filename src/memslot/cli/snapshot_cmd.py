@@ -1,5 +1,7 @@
 """``memslot snapshot-info FILE...``: a guest-memory snapshot's header, layout and dirty
-statistics, every checksum verified (several files are also checked as one chain)."""
+statistics, every checksum verified (several files are also checked as one chain).
+``memslot snapshot export --elf OUT FILE...``: a snapshot chain as an ELF64 core file (one
+``PT_LOAD`` per region at its gpa), the format QEMU's ``dump-guest-memory`` writes."""
 
 from __future__ import annotations
 
@@ -30,20 +32,34 @@ def _percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.2f}%" if whole else "-"
 
 
+def printable(text: str) -> str:
+    """``text`` from a file, safe for a terminal: control characters (escape sequences) and
+    lone surrogates are shown escaped."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _created(ns: int) -> str:
+    try:
+        when = datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"at {ns} ns since the epoch"
+    return f"{when:%Y-%m-%d %H:%M:%S} UTC"
+
+
 def print_info(info: SnapshotInfo) -> None:
-    created = datetime.datetime.fromtimestamp(info.created_ns / 1e9, datetime.UTC)
-    print(f"{info.path}: memslot snapshot v{info.version}, {info.kind}"
+    print(f"{printable(info.path)}: memslot snapshot v{info.version}, {info.kind}"
           + (f" #{info.sequence}" if info.kind == "incremental" else ""))
     print(f"  id {info.snapshot_id.hex()}"
           + (f", parent {info.parent_id.hex()}" if info.kind == "incremental" else ""))
-    print(f"  created {created:%Y-%m-%d %H:%M:%S} UTC, {human_bytes(info.file_size)} in "
+    print(f"  created {_created(info.created_ns)}, {human_bytes(info.file_size)} in "
           f"{info.chunks + 1} chunks, page size {info.page_size}")
     rows = []
     for r in info.regions:
         written = r.data_pages + r.zero_pages
         rows.append([
             str(r.slot), f"{r.gpa:#x}", human_bytes(r.size), flag_names(r.flags), r.backing,
-            r.label, "complete" if r.complete else "dirty only", str(r.data_pages),
+            printable(r.label), "complete" if r.complete else "dirty only", str(r.data_pages),
             str(r.zero_pages), str(r.runs), _percent(written, r.npages),
         ])
     print()
@@ -79,11 +95,65 @@ def run(args: argparse.Namespace) -> int:
             print_info(info)
         if chain is not None:
             print()
-            print("chain: ok" if chain["ok"] else f"chain: BROKEN: {chain['error']}")
+            print("chain: ok" if chain["ok"] else f"chain: BROKEN: {printable(chain['error'])}")
     if chain is not None and not chain["ok"]:
-        die(chain["error"])
+        die(printable(chain["error"]))
     return EXIT_OK
 
 
 COMMAND = Command("snapshot-info", "print a guest-memory snapshot's layout and dirty statistics "
                   "(verifying its checksums)", configure, run)
+
+
+# --- memslot snapshot export ---------------------------------------------------------------
+
+#: A model profile per page size to rebuild a chain on, and ``e_machine`` per --machine.
+_PROFILE_BY_PAGE_SIZE = {4096: "x86_64", 65536: "ppc64-hv"}
+_MACHINES = ("x86_64", "ppc64", "arm64", "riscv64", "s390x")
+
+
+def configure_snapshot(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = sub.add_parser("export", help="write a snapshot chain as another format",
+                            description="Write the guest memory a snapshot chain holds as an "
+                            "ELF64 core file: one PT_LOAD per region with p_paddr = its gpa "
+                            "(QEMU dump-guest-memory's format; Volatility, crash, drgn read "
+                            "it). Zero pages stay holes of a sparse file.")
+    export.add_argument("--elf", metavar="OUT", required=True, help="the core file to write")
+    export.add_argument("files", metavar="SNAPSHOT", nargs="+",
+                        help="a full snapshot, then its incremental ones in order")
+    export.add_argument("--machine", choices=_MACHINES, default=None,
+                        help="e_machine of the core file (default: x86_64, or ppc64 for a "
+                             "64 KiB page size)")
+
+
+def run_snapshot(args: argparse.Namespace) -> int:
+    from ..backends.model import ModelVM
+    from ..guest.elfcore import MACHINES
+    from ..guest.memory import GuestMemory
+
+    infos = [_load(path) for path in args.files]
+    try:
+        verify_chain(infos)
+    except SnapshotError as exc:
+        die(printable(str(exc)))
+    page_size = infos[-1].page_size
+    profile = _PROFILE_BY_PAGE_SIZE.get(page_size)
+    if profile is None:
+        die(f"no profile with a {page_size}-byte page to rebuild the snapshot on")
+    machine = args.machine or ("ppc64" if page_size == 65536 else "x86_64")
+    try:
+        with ModelVM(profile) as vm, GuestMemory.restore(args.files, vm) as gm:
+            gm.export_elf(args.elf, machine=MACHINES[machine])
+            regions = len(gm)
+    except SnapshotError as exc:
+        die(printable(str(exc)))
+    except OSError as exc:
+        die(f"{printable(args.elf)}: cannot write the core file: {exc.strerror or exc}")
+    print(f"{printable(args.elf)}: ELF64 core, {regions} PT_LOAD segments "
+          f"({human_bytes(sum(r.size for r in infos[-1].regions))} of guest memory)")
+    return EXIT_OK
+
+
+EXPORT_COMMAND = Command("snapshot", "export a guest-memory snapshot chain (snapshot export "
+                         "--elf OUT FILE...)", configure_snapshot, run_snapshot)

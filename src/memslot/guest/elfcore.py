@@ -24,9 +24,22 @@ EM_PPC64: Final = 21
 EM_AARCH64: Final = 183
 EM_RISCV: Final = 243
 EM_S390: Final = 22
-#: ``e_machine`` by memslot profile arch.
-MACHINES: Final = {"x86": EM_X86_64, "x86_64": EM_X86_64, "ppc64": EM_PPC64,
-                   "arm64": EM_AARCH64, "riscv": EM_RISCV, "s390": EM_S390}
+#: ``e_machine`` by machine name (``uname -m`` style) and by memslot profile arch.
+MACHINES: Final = {"x86_64": EM_X86_64, "ppc64": EM_PPC64, "ppc64le": EM_PPC64,
+                   "arm64": EM_AARCH64, "aarch64": EM_AARCH64, "riscv64": EM_RISCV,
+                   "s390x": EM_S390, "x86": EM_X86_64, "ppc-hv": EM_PPC64, "ppc-pr": EM_PPC64,
+                   "riscv": EM_RISCV, "s390": EM_S390}
+
+
+def machine_of(vm: object) -> int:
+    """``e_machine`` for a VM: its profile's arch (the model), else this host's."""
+    import platform
+
+    profile = getattr(vm, "profile", None)
+    arch = getattr(profile, "arch", None)
+    if isinstance(arch, str) and arch in MACHINES:
+        return MACHINES[arch]
+    return MACHINES.get(platform.machine(), EM_X86_64)
 
 _ET_CORE: Final = 4
 _PT_LOAD: Final = 1
@@ -64,8 +77,16 @@ def write_elf_core(path: str | os.PathLike[str], regions: Sequence[tuple[int, me
             data = np.frombuffer(buf, dtype=np.uint8)
             for pos in range(0, data.size, _STEP):
                 part = data[pos : pos + _STEP]
-                if part.any():
-                    _pwrite_all(fd, part.data, start + pos)
+                if not part.any():
+                    continue
+                pages = part[: part.size - part.size % _ALIGN].reshape(-1, _ALIGN)
+                used = np.flatnonzero(pages.view(np.uint64).any(axis=1))
+                if part.size % _ALIGN:  # a tail shorter than a page: write it as it is
+                    used = np.append(used, pages.shape[0])
+                breaks = np.flatnonzero(np.diff(used) != 1) + 1
+                for run in np.split(used, breaks):
+                    lo, hi = int(run[0]) * _ALIGN, (int(run[-1]) + 1) * _ALIGN
+                    _pwrite_all(fd, part[lo:hi].data, start + pos + lo)
         os.ftruncate(fd, offset)
         os.fsync(fd)
         os.replace(tmp, target)

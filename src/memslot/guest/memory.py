@@ -668,14 +668,17 @@ class GuestMemory(Closing):
             raise
         return gm
 
-    def export_elf(self, path: str | os.PathLike[str]) -> None:
+    def export_elf(self, path: str | os.PathLike[str], *, machine: int | None = None) -> None:
         """Write the guest's memory as an ELF64 core file (one ``PT_LOAD`` per region,
-        ``p_paddr`` = its gpa), the format QEMU's ``dump-guest-memory`` writes."""
-        from .elfcore import write_elf_core
+        ``p_paddr`` = its gpa), the format QEMU's ``dump-guest-memory`` writes and Volatility,
+        crash or drgn read. ``machine`` is ``e_machine`` (default: the VM's arch). Zero pages
+        are left as holes of a sparse file."""
+        from .elfcore import machine_of, write_elf_core
 
         with self._lock:
             self._check_open()
-            write_elf_core(path, [(p.start, p.buf) for p in self._index.placed()])
+            write_elf_core(path, [(p.start, p.buf) for p in self._index.placed()],
+                           machine_of(self._vm) if machine is None else machine)
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:

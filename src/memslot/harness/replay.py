@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import VM, FaultInjection
+from ..backends.budget import KernelMemoryBudget
 from ..backends.model import ModelVM
 from ..engine.dirty import dirty_bitmap_bytes
 from ..engine.result import OpResult
@@ -78,9 +79,11 @@ class Replayer:
     """Apply operations one by one to ``vm``; with ``check=True`` (model only) run
     ``vm.check()`` after every operation and report violations as problems."""
 
-    def __init__(self, vm: VM, check: bool = False) -> None:
+    def __init__(self, vm: VM, check: bool = False,
+                 budget: KernelMemoryBudget | None = None) -> None:
         self.vm = vm
         self.check = check
+        self.budget = budget  # bounds what a non-model backend's kernel is asked to allocate
         self.index = 0
         self.vms: dict[int, VM] = {0: vm}
         self._gmem: dict[tuple[int, int], int] = {}
@@ -134,7 +137,13 @@ class Replayer:
             if isinstance(vm, ModelVM):
                 result = vm.submit(region)
                 return ReplayStep(index, op, result.errno, result)
-            return self._call(index, op, lambda: vm.apply(region))
+            if self.budget is None:
+                return self._call(index, op, lambda: vm.apply(region))
+            cost = self.budget.admit(region)  # raises KernelMemoryLimitError
+            step = self._call(index, op, lambda: vm.apply(region))
+            if step.errno == 0:
+                self.budget.record(region, cost, owner=op.vm)
+            return step
         if isinstance(op, GetDirtyLog):
             step = self._call(index, op, lambda: vm.get_dirty_log(op.slot))
             if (

@@ -71,3 +71,76 @@ def test_replay_refuses_before_the_kernel_allocates(tmp_path: Path, backend: str
                  "--kernel-memory-limit", "1G", str(path)]) in (0, 1)
     capsys.readouterr()
     assert main(["replay", "--kernel-memory-limit", "lots", str(path)]) == 2
+
+
+# --- the model and the replay stay bounded on hostile lines ---------------------------------------
+
+
+def _run_measuring_peak(argv: list[str]) -> tuple[int, int]:
+    """Exit status of ``memslot ARGV`` in a child and its peak RSS growth (bytes) over a
+    bare start."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, sys\n"
+        "from memslot.cli.main import main\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "code = main(sys.argv[1:])\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "sys.stderr.write(f'\\nPEAK {(peak - base) * 1024}\\n')\n"
+        "sys.exit(code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True,
+                          text=True, timeout=600, check=False)
+    peak = int(proc.stderr.rsplit("PEAK ", 1)[1].split()[0])
+    return proc.returncode, peak
+
+
+def test_clear_dirty_log_of_2_32_pages_allocates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "clear.jsonl"
+    lines = [
+        {"op": "enable_cap", "cap": "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", "args": [1]},
+        {"slot": 0, "flags": 1, "guest_phys_addr": "0x0", "memory_size": hex(GiB),
+         "userspace_addr": "0x7f0000000000"},
+        {"op": "clear_dirty_log", "slot": 0, "first_page": 0, "num_pages": (1 << 32) - 1,
+         "bitmap": "all", "expect": "EINVAL"},
+        {"op": "clear_dirty_log", "slot": 0, "first_page": 0, "num_pages": GiB // 4096,
+         "bitmap": "all", "expect": 0},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, peak = _run_measuring_peak(["replay", "-q", str(path)])
+    assert code == 0
+    assert peak < 64 << 20, peak  # not the 512 MiB mask of 2^32 pages
+
+
+def test_keep_going_keeps_a_bounded_sample(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"slot": 0, "flags": 0, "guest_phys_addr": "0x0",
+                       "memory_size": "0x1000", "userspace_addr": "0x7f0000000000"})
+    bad = "".join('{"slot": "x%d", "note": "%s"}\n' % (i, "y" * 200) for i in range(60_000))
+    path.write_text(good + "\n" + bad)
+    code, peak = _run_measuring_peak(["replay", "-q", "--keep-going", str(path)])
+    assert code == 0
+    assert peak < 40 << 20, peak  # 60,000 bad lines: no longer 1.4 KB each
+    assert main(["replay", "-q", "--keep-going", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped malformed line") == 101
+    assert "59900 more malformed lines" in out
+
+
+def test_notes_from_input_are_printable(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "notes.jsonl"
+    region = {"slot": 0, "flags": 0, "guest_phys_addr": "0x0", "memory_size": "0x1000",
+              "userspace_addr": "0x7f0000000000"}
+    raw = json.dumps({**region, "note": "evil \x1b[2J\x1b]0;pwned\x07 here"})
+    lone = json.dumps({**region, "slot": 1, "guest_phys_addr": "0x1000",
+                       "note": "bad \udcff\udcfe surrogates"})  # JSON escapes: lone surrogates
+    path.write_text(raw + "\n" + lone + "\n")
+    for argv in (["replay", str(path)], ["explain", str(path)]):
+        assert main(argv) == 0, argv
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\x07" not in out
+        assert "\\x1b[2J" in out and "bad \\udcff\\udcfe surrogates" in out

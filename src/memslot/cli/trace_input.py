@@ -14,7 +14,11 @@ def read_trace_or_die(path: str, fmt: str, keep_going: bool) -> tuple[list[Trace
         ops, errors = load_trace(path, fmt, keep_going)
     except TraceFormatError as exc:
         die(str(exc))
-    return ops, [str(e) for e in errors]
+    lines = [str(e) for e in errors]
+    omitted = getattr(errors, "omitted", 0)
+    if omitted:
+        lines.append(f"{path}: {omitted} more malformed lines (not listed)")
+    return ops, lines
 
 
 def at_or_die(text: str | None, ops: list[TraceOp]) -> int | None:

@@ -158,8 +158,8 @@ class Replayer:
             return step
         if isinstance(op, ClearDirtyLog):
             bitmap = op.bitmap
-            if bitmap == b"":
-                bitmap = b"\xff" * dirty_bitmap_bytes(op.num_pages)
+            if bitmap == b"":  # "all": as many mask bytes as the kernel can read, no more
+                bitmap = b"\xff" * dirty_bitmap_bytes(_readable_pages(vm, op))
             return self._call(
                 index, op, lambda: vm.clear_dirty_log(op.slot, op.first_page, op.num_pages, bitmap)
             )
@@ -200,6 +200,21 @@ class Replayer:
         if isinstance(value, bytes):
             return ReplayStep(index, op, 0, data=value)
         return ReplayStep(index, op, 0, value=value if isinstance(value, int) else None)
+
+
+def _readable_pages(vm: VM, op: ClearDirtyLog) -> int:
+    """Pages of mask ``KVM_CLEAR_DIRTY_LOG`` can read for ``op``: the kernel validates the
+    range against the slot before it copies the mask (``kvm_clear_dirty_log_protect``), so a
+    request past the slot (2^32 - 1 pages...) needs no mask at all, and a memory bomb in a
+    trace line allocates nothing."""
+    as_id, slot_id = op.slot >> 16, op.slot & 0xFFFF
+    try:
+        slot = vm.memslot(slot_id, as_id) if as_id < vm.nr_address_spaces else None
+    except (ValueError, KvmError):
+        slot = None
+    if slot is None or op.first_page > slot.npages:
+        return 0
+    return min(op.num_pages, slot.npages - op.first_page)
 
 
 def describe_op(op: TraceOp) -> str:

@@ -22,9 +22,30 @@ def load_trace(
     Raises :class:`TraceFormatError` on the first malformed line; with ``keep_going`` such
     lines are skipped and returned as the second item instead.
     """
-    errors: list[TraceFormatError] = []
+    errors = ErrorSample()
     ops = list(iter_trace(path, fmt, errors if keep_going else None))
     return ops, errors
+
+
+class ErrorSample(list[TraceFormatError]):
+    """What ``--keep-going`` keeps of the malformed lines: the first ``limit`` errors (without
+    their tracebacks, which hold the parser's frames) and the count of all, so a file of bad
+    lines costs bounded memory."""
+
+    def __init__(self, limit: int = 100) -> None:
+        super().__init__()
+        self.limit = limit
+        self.total = 0
+
+    def append(self, error: TraceFormatError) -> None:
+        self.total += 1
+        if len(self) < self.limit:
+            super().append(error.with_traceback(None))
+
+    @property
+    def omitted(self) -> int:
+        """Malformed lines counted but not kept."""
+        return self.total - len(self)
 
 
 def parse_at(text: str, ops: list[TraceOp]) -> int:

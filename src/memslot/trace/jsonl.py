@@ -103,6 +103,15 @@ def _expect(obj: dict[str, Any]) -> int | None:
         raise _LineError(str(exc)) from None
 
 
+def printable(text: str) -> str:
+    """Text from input made safe to print: lone surrogates (undecodable bytes) and control
+    characters (terminal escape sequences) are shown escaped."""
+    if text.isprintable():
+        return text
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _bitmap(obj: dict[str, Any], key: str = "bitmap") -> bytes | None:
     value = obj.get(key)
     if value is None:
@@ -144,6 +153,7 @@ def parse_object(obj: Any, line: int = 0) -> TraceOp:
     note = obj.get("note", "")
     if not isinstance(note, str):
         raise _LineError("field 'note' must be a string")
+    note = printable(note)
     expect = _expect(obj)
     vm = _int(obj, "vm", 0, 0xFFFFFFFF)
     if op == "set":

@@ -119,7 +119,7 @@ def test_keep_going_keeps_a_bounded_sample(tmp_path: Path,
     path = tmp_path / "bad.jsonl"
     good = json.dumps({"slot": 0, "flags": 0, "guest_phys_addr": "0x0",
                        "memory_size": "0x1000", "userspace_addr": "0x7f0000000000"})
-    bad = "".join('{"slot": "x%d", "note": "%s"}\n' % (i, "y" * 200) for i in range(60_000))
+    bad = "".join(json.dumps({"slot": f"x{i}", "note": "y" * 200}) + "\n" for i in range(60_000))
     path.write_text(good + "\n" + bad)
     code, peak = _run_measuring_peak(["replay", "-q", "--keep-going", str(path)])
     assert code == 0

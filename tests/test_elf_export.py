@@ -77,7 +77,7 @@ def test_cli_exports_a_snapshot_chain(vm: memslot.ModelVM, tmp_path: Path,
 
 
 def test_export_on_64k_pages(tmp_path: Path) -> None:
-    with memslot.ModelVM("ppc64-hv") as vm, GuestMemory(vm) as gm:
+    with memslot.ModelVM("ppc64-pr") as vm, GuestMemory(vm) as gm:
         gm.add_region(0, 16 * 65536, align=MiB)
         gm.write(5 * 65536 + 3, b"ppc")
         gm.snapshot(tmp_path / "s")

@@ -107,9 +107,18 @@ COMMAND = Command("snapshot-info", "print a guest-memory snapshot's layout and d
 
 # --- memslot snapshot export ---------------------------------------------------------------
 
-#: A model profile per page size to rebuild a chain on, and ``e_machine`` per --machine.
-_PROFILE_BY_PAGE_SIZE = {4096: "x86_64", 65536: "ppc64-hv"}
 _MACHINES = ("x86_64", "ppc64", "arm64", "riscv64", "s390x")
+#: The default --machine by page size (the arch whose profiles have it).
+_MACHINE_BY_PAGE_SIZE = {4096: "x86_64", 16384: "arm64", 65536: "ppc64"}
+
+
+def _profile_for(page_size: int) -> str | None:
+    """A model profile with this page size to rebuild a chain on (x86_64 for 4 KiB)."""
+    from ..profile import PRESETS
+
+    if page_size == PRESETS["x86_64"].page_size:
+        return "x86_64"
+    return next((name for name, p in PRESETS.items() if p.page_size == page_size), None)
 
 
 def configure_snapshot(p: argparse.ArgumentParser) -> None:
@@ -123,8 +132,8 @@ def configure_snapshot(p: argparse.ArgumentParser) -> None:
     export.add_argument("files", metavar="SNAPSHOT", nargs="+",
                         help="a full snapshot, then its incremental ones in order")
     export.add_argument("--machine", choices=_MACHINES, default=None,
-                        help="e_machine of the core file (default: x86_64, or ppc64 for a "
-                             "64 KiB page size)")
+                        help="e_machine of the core file (default by page size: x86_64 for "
+                             "4 KiB, arm64 for 16 KiB, ppc64 for 64 KiB)")
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
@@ -138,10 +147,10 @@ def run_snapshot(args: argparse.Namespace) -> int:
     except SnapshotError as exc:
         die(printable(str(exc)))
     page_size = infos[-1].page_size
-    profile = _PROFILE_BY_PAGE_SIZE.get(page_size)
+    profile = _profile_for(page_size)
     if profile is None:
         die(f"no profile with a {page_size}-byte page to rebuild the snapshot on")
-    machine = args.machine or ("ppc64" if page_size == 65536 else "x86_64")
+    machine = args.machine or _MACHINE_BY_PAGE_SIZE.get(page_size, "x86_64")
     try:
         with ModelVM(profile) as vm, GuestMemory.restore(args.files, vm) as gm:
             gm.export_elf(args.elf, machine=MACHINES[machine])

@@ -26,6 +26,7 @@ __all__ = ["HostMapping", "mapping_exists"]
 _PROT_NONE: Final = 0
 _MAP_FIXED: Final = 0x10
 _MAP_NORESERVE: Final = 0x4000
+_MAP_FIXED_NOREPLACE: Final = 0x100000
 _MAP_FAILED: Final = (1 << 64) - 1
 _MFD_CLOEXEC: Final = 1
 
@@ -78,7 +79,7 @@ class HostMapping:
     passed to another process) or a file path (``MAP_SHARED`` over the file's first ``size``
     bytes; with ``private=True`` the file is opened read-only and mapped ``MAP_PRIVATE``, so
     host writes never reach it). ``align`` (a power of two) makes
-    ``address % align == gpa % align``."""
+    ``address % align == gpa % align``; ``below`` keeps the whole mapping under that address."""
 
     def __init__(
         self,
@@ -89,6 +90,7 @@ class HostMapping:
         gpa: int = 0,
         name: str = "memslot-guest",
         private: bool = False,
+        below: int | None = None,
     ) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise LayoutError(f"size {size:#x} must be a positive multiple of {PAGE_SIZE:#x}")
@@ -123,7 +125,7 @@ class HostMapping:
         else:
             raise LayoutError(f"backing must be 'anon', 'memfd' or a file path, not {backing!r}")
         try:
-            self.address = self._place(size, flags, align, gpa)
+            self.address = self._place(size, flags, align, gpa, below)
         except BaseException:
             if self.fd is not None:
                 os.close(self.fd)
@@ -148,17 +150,14 @@ class HostMapping:
             )
         return fd
 
-    def _place(self, size: int, flags: int, align: int | None, gpa: int) -> int:
+    def _place(self, size: int, flags: int, align: int | None, gpa: int,
+               below: int | None) -> int:
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         fd = -1 if self.fd is None else self.fd
-        if align is None or align <= PAGE_SIZE:
-            return _mmap(None, size, prot, flags, fd)
-        span = size + align
-        reserve = _mmap(
-            None, span, _PROT_NONE,
-            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
-        )
-        target = reserve + ((gpa - reserve) % align)
+        step = align if align is not None and align > PAGE_SIZE else PAGE_SIZE
+        span = size + (step if step > PAGE_SIZE else 0)
+        reserve = self._reserve(span, below)
+        target = reserve + ((gpa - reserve) % step)
         try:
             _mmap(target, size, prot, flags | _MAP_FIXED, fd)
         except BaseException:
@@ -167,6 +166,28 @@ class HostMapping:
         _munmap(reserve, target - reserve)
         _munmap(target + size, reserve + span - target - size)
         return target
+
+    @staticmethod
+    def _reserve(span: int, below: int | None) -> int:
+        """An inaccessible reservation of ``span`` bytes, ending at or below ``below`` (the
+        VM's user address limit: a 64-bit host maps near 2^47, ppc64's KVM takes 2^46)."""
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+        reserve = _mmap(None, span, _PROT_NONE, flags)
+        if below is None or reserve + span <= below:
+            return reserve
+        _munmap(reserve, span)
+        hint = (below - span - (1 << 30)) & ~((1 << 21) - 1)
+        for _ in range(64):
+            if hint <= 1 << 32:
+                break
+            try:
+                return _mmap(hint, span, _PROT_NONE, flags | _MAP_FIXED_NOREPLACE)
+            except OSError as exc:
+                if exc.errno != _errno.EEXIST:
+                    raise
+            hint -= span + (1 << 30)
+        raise LayoutError(f"no free host address range of {span:#x} bytes below {below:#x} "
+                          "(the VM's user address limit)")
 
     # -- access ---------------------------------------------------------------------------
     @property

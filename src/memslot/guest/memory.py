@@ -57,6 +57,13 @@ def _unregister(vm: VM, addr: int, size: int) -> None:
         vm.unregister_host_mapping(addr, size)
 
 
+def _user_addr_limit(vm: VM) -> int | None:
+    """Where the VM's user address space ends, when it says (a model's profile): host
+    mappings are placed below it, since a 64-bit host maps near 2^47 and ppc64 stops at 2^46."""
+    limit = getattr(getattr(vm, "profile", None), "user_addr_limit", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 class _State:
     """What a GuestMemory must release, apart from it so a finalizer can release it: the
     slots are deleted first, then the mappings unregistered and dropped."""
@@ -104,6 +111,7 @@ class GuestMemory(Closing):
         self._manual_protect = manual_protect
         self._page_size = vm.page_size
         self._page_shift = self._page_size.bit_length() - 1
+        self._addr_limit = _user_addr_limit(vm)
         if manual_protect:
             vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
         self._lock = threading.RLock()
@@ -225,7 +233,8 @@ class GuestMemory(Closing):
             self._check_free(gpa, size)
             private = readonly and backing not in ("anon", "memfd")
             mapping = HostMapping(size, backing=backing, align=align, gpa=gpa,
-                                  name=label or f"memslot-{gpa:#x}", private=private)
+                                  name=label or f"memslot-{gpa:#x}", private=private,
+                                  below=self._addr_limit)
             vm = self._vm
             registered = False
             slot_id = -1

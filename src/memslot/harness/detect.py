@@ -87,10 +87,23 @@ def _x86_gpa_limit(make_vm: Callable[[], VM], page: int) -> tuple[bool, int]:
     """(max-gfn refusal present, B) where B bounds the last gfn: ``2^(B-12) - 1``.
 
     Kernels before 5.18 accept any gpa below 2^64 (the last page ends at 2^64 - page,
-    since gpa + size must not wrap); a slot ending there tells them apart."""
+    since gpa + size must not wrap); a slot ending there tells them apart, and MAXPHYADDR
+    then comes from /proc/cpuinfo."""
     if _slot_ending_at(make_vm, (1 << 64) - page, page):
-        return False, 52
+        return False, _cpuinfo_phys_bits()
     return True, _largest_bits(lambda b: _slot_ending_at(make_vm, 1 << b, page), 32, 63)
+
+
+def _cpuinfo_phys_bits() -> int:
+    """``address sizes : N bits physical`` of /proc/cpuinfo (52 when absent)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("address sizes"):
+                    return int(line.split(":")[1].split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 52
 
 
 def _guest_addr_bits(make_vm: Callable[[], VM], page: int) -> int:

@@ -270,6 +270,8 @@ class KvmVM(VM):
         self._gmem_fds: set[int] = set()
         self._mappings: list[tuple[int, int]] = []
         self._ownership_generation = 0
+        #: Starts and merged ranges of the registered host memory (None: to rebuild).
+        self._merged: tuple[list[int], list[tuple[int, int]]] | None = None
         self._vcpus: weakref.WeakSet[Vcpu] = weakref.WeakSet()
         self._vcpu_fds: dict[int, int] = {}  # vcpu id -> open fd, for create_vcpu()
         self._vcpu_ids: set[int] = set()  # every id create_vcpu() made (a vCPU outlives its fd)
@@ -632,6 +634,7 @@ class KvmVM(VM):
         with self._lock:
             self._mappings.append((addr, size))
             self._ownership_generation += 1
+            self._merged = None
 
     def unregister_host_mapping(self, addr: int, size: int) -> None:
         """Withdraw a range given to :meth:`register_host_mapping`. While a vCPU is inside
@@ -645,6 +648,7 @@ class KvmVM(VM):
                 raise ValueError(f"{addr:#x}+{size:#x} was not registered") from None
             del self._mappings[index]
             self._ownership_generation += 1
+            self._merged = None
             if self._running():
                 stranded = [s for s in self.unowned_slots()
                             if s.userspace_addr < addr + size
@@ -652,6 +656,7 @@ class KvmVM(VM):
                 if stranded:
                     self._mappings.insert(index, (addr, size))
                     self._ownership_generation += 1
+                    self._merged = None
                     s = stranded[0]
                     raise UnownedMemoryError(
                         f"{addr:#x}+{size:#x} backs slot {s.as_id}:{s.id} while a vCPU is "
@@ -702,8 +707,12 @@ class KvmVM(VM):
     def _check_owned(self, addr: int, size: int, what: str) -> None:
         """Raise :class:`UnownedMemoryError` unless ``[addr, addr + size)`` lies inside
         registered memory (checked on requests made while a vCPU runs)."""
-        merged = _merge(self._mappings)
-        index = bisect.bisect_right([start for start, _ in merged], addr) - 1
+        cached = self._merged
+        if cached is None:  # rebuilt after a host mapping was (un)registered
+            merged = _merge(self._mappings)
+            cached = self._merged = ([start for start, _ in merged], merged)
+        starts, merged = cached
+        index = bisect.bisect_right(starts, addr) - 1
         if index < 0 or merged[index][1] < addr + size:
             raise UnownedMemoryError(
                 f"{what} at ua {addr:#x}+{size:#x} is not inside memory this process mapped "

@@ -316,3 +316,31 @@ def test_compat_max_gfn_names_5_18() -> None:
     o = by_name["x86_64@6.1"]
     assert o.refusal is not None and o.refusal.rule == "x86-max-gfn"
     assert o.changes_in == "5.18" and o.summary().endswith("since 5.18")
+
+
+# -- detect's probes, run against the model of every preset -------------------------------------
+@pytest.mark.parametrize("name", sorted(VERSIONED_PRESETS))
+def test_detect_probes_recover_each_presets_facts(name: str) -> None:
+    """The probes detect_profile() runs on /dev/kvm, run on the model instead, find the
+    facts the preset carries: the access_ok limit, the x86 max-gfn refusal and MAXPHYADDR,
+    the arm64 IPA / riscv G-stage size, REGION2's errno, the guest_memfd ioctl and flags."""
+    from memslot.harness import detect
+
+    p = VERSIONED_PRESETS[name]
+    page = p.page_size
+
+    def make_vm() -> memslot.ModelVM:
+        return memslot.ModelVM(p)
+
+    assert detect._user_addr_limit(make_vm, page) == p.user_addr_limit
+    if p.arch == "x86":
+        check, bits = detect._x86_gpa_limit(make_vm, page)
+        assert check == p.max_gfn_check
+        if check:
+            assert bits == (p.phys_bits if p.tdp else 52)
+    if p.arch in ("arm64", "riscv"):
+        assert detect._guest_addr_bits(make_vm, page) == p.ipa_bits
+    if not p.user_memory2:
+        assert detect._unknown_ioctl_errno(make_vm, page) == p.unknown_ioctl_errno
+    assert detect._guest_memfd_ioctl(make_vm, page) == (p.guest_memfd_ioctl,
+                                                         p.guest_memfd_flags)

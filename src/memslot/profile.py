@@ -219,12 +219,19 @@ def _x86(v: str, kind: str) -> Profile:
         guest_memfd_ioctl=at_least(v, "6.8"),
         guest_memfd_flags=GMEM_FLAGS_ALL if new_gmem else 0,
         vm_types=1 if at_least(v, "6.8") else 0,  # KVM_CAP_VM_TYPES: BIT(KVM_X86_DEFAULT_VM)
-        user_addr_limit=LA57_TASK_SIZE_MAX,
+        # Debian's 5.10 runs user space with 4-level paging; 6.1 and later with 5-level.
+        user_addr_limit=LA57_TASK_SIZE_MAX if at_least(v, "6.1") else L4_TASK_SIZE_MAX,
+        # KVM_MAX_VCPUS 288 and KVM_MAX_VCPU_ID 1023 until "KVM: x86: Bump KVM_MAX_VCPUS to
+        # 1024" (5.15); then 1024 and KVM_MAX_VCPU_IDS = 4 * 1024.
+        max_vcpus=1024 if at_least(v, "5.15") else 288,
+        max_vcpu_ids=4096 if at_least(v, "5.15") else 1023,
     )
     era = {"5.6": " (the seed's era: MOVE keeps the arrays made for the old base)",
            "5.7": " (the MOVE fix: fresh arrays for the new base)"}.get(v, "")
+    levels = 5 if at_least(v, "6.1") else 4
     host = ("TDP (NPT) host with SMM: the lab's QEMU q35 -cpu max guest (MAXPHYADDR 40, "
-            "5-level paging)" if tdp else "shadow paging with SMM (two address spaces)")
+            f"{levels}-level paging)" if tdp
+            else f"shadow paging with SMM (two address spaces), {levels}-level paging")
     return Profile(name=f"x86_64{'-' + kind if kind else ''}@{v}",
                    description=f"Linux {v} x86-64, {host}{era}", **f)
 

@@ -107,8 +107,10 @@ class Profile:
     nr_vcpus: int = 8
     #: KVM_CAP_MAX_VCPUS (``KVM_MAX_VCPUS``; ``kvm->max_vcpus`` of a new VM).
     max_vcpus: int = 1024
-    #: KVM_CAP_MAX_VCPU_ID (``KVM_MAX_VCPU_IDS``): vCPU ids must be below it.
+    #: ``KVM_MAX_VCPU_IDS``: vCPU ids must be below it.
     max_vcpu_ids: int = 4096
+    #: The arch answers KVM_CAP_MAX_VCPU_ID (with ``max_vcpu_ids``); riscv does not (0).
+    max_vcpu_id_cap: bool = True
     #: ``KVM_CHECK_EXTENSION`` answers the model does not derive, as ``(cap, VM fd answer,
     #: /dev/kvm answer)``: ``detect_profile()`` records them; presets state none (0).
     extensions: tuple[tuple[int, int, int], ...] = ()
@@ -261,6 +263,9 @@ def _arm64(v: str, kind: str) -> Profile:
         dirty_ring_acq_rel=ring,
         dirty_ring_with_bitmap=ring,
         guest_memfd=gmem,
+        # KVM_MAX_VCPUS = VGIC_V3_MAX_CPUS; both caps answer kvm->max_vcpus (GICv3: 512).
+        max_vcpus=512,
+        max_vcpu_ids=512,
     )
     return Profile(name=f"arm64{'-' + kind if kind else ''}@{v}",
                    description=f"Linux {v} arm64, {'16' if kind == '16k' else '4'} KiB pages, "
@@ -274,7 +279,12 @@ def _riscv(v: str) -> Profile:
         arch="riscv",
         unknown_ioctl_errno=errno.EINVAL,
         ipa_bits=59,
-        user_addr_limit=1 << 56,
+        # TASK_SIZE follows the paging mode the kernel picked at boot: Sv57 on the lab's
+        # 6.12, Sv48 on its 7.2 (both measured).
+        user_addr_limit=1 << (47 if at_least(v, "7.2") else 56),
+        max_vcpus=1024,  # KVM_MAX_VCPUS
+        max_vcpu_ids=1024,  # KVM_MAX_VCPU_IDS defaults to KVM_MAX_VCPUS
+        max_vcpu_id_cap=False,  # kvm_vm_ioctl_check_extension has no KVM_CAP_MAX_VCPU_ID
         manual_dirty_log_caps=3 if at_least(v, "7.2") else 1,
         dirty_ring_acq_rel=at_least(v, "7.2"),
     )

@@ -91,7 +91,7 @@ def _derived(p: Profile, cap: int, on_vm: bool) -> int:
     if cap == KVM_CAP_MAX_VCPUS:
         return p.max_vcpus
     if cap == KVM_CAP_MAX_VCPU_ID:
-        return p.max_vcpu_ids
+        return p.max_vcpu_ids if p.max_vcpu_id_cap else 0
     if cap == KVM_CAP_VM_TYPES:
         return p.vm_types
     raise AssertionError(cap)  # pragma: no cover - DERIVED and this function disagree

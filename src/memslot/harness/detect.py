@@ -215,6 +215,9 @@ def detect_profile(name: str = "detected") -> Profile:
             max_vcpus=cap(c.KVM_CAP_MAX_VCPUS),
             max_vcpu_ids=cap(c.KVM_CAP_MAX_VCPU_ID),
         )
+        if not vcpus["max_vcpu_ids"]:
+            # riscv does not answer KVM_CAP_MAX_VCPU_ID; KVM_MAX_VCPU_IDS is KVM_MAX_VCPUS.
+            vcpus.update(max_vcpu_ids=vcpus["max_vcpus"], max_vcpu_id_cap=False)
         answers = ((n, _answer(cap, n), _answer(vm.check_system_extension, n))
                    for n in range(CAP_SCAN_LIMIT) if n not in DERIVED)
         extensions = tuple(a for a in answers if a[1] or a[2])

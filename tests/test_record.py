@@ -4,6 +4,7 @@ also equal what QEMU's own ``-trace kvm_set_user_memory`` printed in the same ru
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -332,3 +333,19 @@ def test_record_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
     assert done.stderr == ("memslot: error: strace is not installed (Debian: apt-get install "
                            "strace, or `make deps-record` in the memslot sources)\n")
     assert not (tmp_path / "x.strace").exists() and not (tmp_path / "y.strace").exists()
+
+
+def test_a_thread_not_held_at_the_call_is_never_read() -> None:
+    """The recorder reads a struct only from a thread stopped at that very ioctl: a running
+    or sleeping thread, or one in another call, gives nothing rather than a wrong value."""
+    from memslot.harness.record import read_held
+
+    data = bytearray(b"\x01" * 64)
+    address = ctypes.addressof((ctypes.c_char * 64).from_buffer(data))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for tid in (os.getpid(), sleeper.pid):
+            assert read_held(tid, 4, 0xC040AED4, address) is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -32,7 +32,8 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TextIO
@@ -101,7 +102,7 @@ def _switches(tid: int) -> tuple[str, str] | None:
     for line in text.splitlines():
         if line.startswith("State:"):
             state = line.split()[1]
-        elif line.endswith("ctxt_switches:") or "ctxt_switches:" in line:
+        elif "ctxt_switches:" in line:
             switches.append(line.split()[-1])
     return state, ",".join(switches)
 
@@ -155,7 +156,9 @@ class Recorder:
         self.strace = strace or find_strace()
         self.result = Recording()
         self._calls = CallReader()
-        self._buffer = b""
+        self._fd: int | None = None
+        self._buffer = b""  # a line strace has not finished
+        self._queue: deque[bytes] = deque()  # lines read, not handled yet
 
     # -- the log ----------------------------------------------------------------------------
     def _emit(self, text: str) -> None:
@@ -176,6 +179,8 @@ class Recorder:
             return
         fd, request, address = found
         data = read_held(call.tid, fd, request, address) if address else None
+        if data is not None and self._moved_on(call.tid):
+            data = None  # held, but at a later call: its line is already out
         if data is None:
             self.result.missed.append(self.result.lines)
             return
@@ -183,11 +188,30 @@ class Recorder:
             self._emit(dump)
         self.result.dumped += 1
 
-    def _feed(self, chunk: bytes) -> None:
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for raw in lines:
-            self._line(raw.decode("utf-8", "surrogateescape") + "\n")
+    def _pull(self) -> None:
+        """Queue what strace has written so far, without handling it."""
+        while self._fd is not None:
+            try:
+                chunk = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:
+                return
+            self._buffer += chunk
+            *lines, self._buffer = self._buffer.split(b"\n")
+            self._queue.extend(lines)
+
+    def _moved_on(self, tid: int) -> bool:
+        """Whether strace has written a later line of thread ``tid`` (it writes a call's line
+        before holding it, so a thread held at a later call shows that line by now)."""
+        self._pull()
+        prefix = f"{tid} ".encode()
+        return self._buffer.startswith(prefix) or any(x.startswith(prefix) for x in self._queue)
+
+    def _drain(self) -> None:
+        self._pull()
+        while self._queue:
+            self._line(self._queue.popleft().decode("utf-8", "surrogateescape") + "\n")
         self.out.flush()
 
     # -- running ----------------------------------------------------------------------------
@@ -197,7 +221,7 @@ class Recorder:
         fifo = os.path.join(workdir, "strace.fifo")
         os.mkfifo(fifo, 0o600)
         # Read and write ends both ours: opening never blocks, and the end is strace's exit.
-        fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        fd = self._fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
         try:
             try:
                 proc = subprocess.Popen(strace_command(self.strace, fifo, self.hold_ms, target))
@@ -205,6 +229,7 @@ class Recorder:
                 raise RecordError(f"cannot run strace: {exc.strerror or exc}") from None
             self._loop(proc, fd, target)
         finally:
+            self._fd = None
             os.close(fd)
             os.unlink(fifo)
             os.rmdir(workdir)
@@ -226,16 +251,14 @@ class Recorder:
                 deadline.append(time.monotonic() + self.grace)
             self._stop(proc, target, signum, force=not first)
 
-        handlers: dict[signal.Signals, Handler] = {signal.SIGINT: on_signal,
-                                                   signal.SIGTERM: on_signal}
-        previous = _install(dict(handlers))
+        previous = _install({signal.SIGINT: on_signal, signal.SIGTERM: on_signal})
         try:
             while True:
                 ready, _, _ = select.select([fd], [], [], 0.1)
                 if ready:
-                    self._drain(fd)
+                    self._drain()
                 if proc.poll() is not None:
-                    self._drain(fd)
+                    self._drain()
                     break
                 if deadline and time.monotonic() > deadline[0]:
                     deadline.clear()
@@ -246,16 +269,6 @@ class Recorder:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-
-    def _drain(self, fd: int) -> None:
-        while True:
-            try:
-                chunk = os.read(fd, 1 << 16)
-            except BlockingIOError:
-                return
-            if not chunk:
-                return
-            self._feed(chunk)
 
     def _stop(self, proc: subprocess.Popen[bytes], target: Sequence[str] | int, signum: int,
               force: bool) -> None:
@@ -279,9 +292,6 @@ class Recorder:
 def _children(pid: int) -> list[int]:
     text = _proc(pid, f"task/{pid}/children")
     return [int(p) for p in text.split()] if text else []
-
-
-Handler = Callable[[int, FrameType | None], None]
 
 
 def _install(handlers: dict[signal.Signals, Any]) -> dict[signal.Signals, Any]:

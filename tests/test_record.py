@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,8 +22,15 @@ from memslot import KvmVM, ModelVM, detect_profile
 from memslot.backends.base import VM
 from memslot.harness.replay import Replayer
 from memslot.trace.qemu import parse_qemu_trace
-from memslot.trace.reader import read_trace
-from memslot.trace.records import ClearDirtyLog, EnableCap, GetDirtyLog, SetRegion, TraceOp
+from memslot.trace.reader import iter_trace, read_trace
+from memslot.trace.records import (
+    ClearDirtyLog,
+    EnableCap,
+    GetDirtyLog,
+    SetRegion,
+    TraceFormatError,
+    TraceOp,
+)
 
 STRACE = shutil.which("strace")
 QEMU = shutil.which("qemu-system-x86_64")
@@ -210,17 +218,19 @@ def qmp_migrate_and_quit(path: Path, timeout: float = 120.0) -> str:
 
 @pytest.fixture(scope="module")
 def qemu_migration(tmp_path_factory: pytest.TempPathFactory,
-                   ) -> tuple[list[TraceOp], list[TraceOp]]:
+                   ) -> tuple[list[TraceOp], list[TraceOp], int]:
     """QEMU q35 migrated (paused) to /dev/null over QMP, then quit, recorded once:
-    (recording, QEMU's kvm_set_user_memory + kvm_clear_dirty_log trace)."""
+    (recording, QEMU's kvm_set_user_memory + kvm_clear_dirty_log trace, calls missed)."""
     if STRACE is None or QEMU is None:
         pytest.skip("strace and qemu-system-x86_64 needed (make deps-record)")
     tmp_path = tmp_path_factory.mktemp("qemu-migrate")
     qemu_log, qmp = tmp_path / "qemu.trace", tmp_path / "qmp.sock"
     out = tmp_path / "rec.strace"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "memslot", "record", "-o", str(out), "--", QEMU, "-accel",
-         "kvm", "-machine", "q35", "-m", "128M", "-nographic", "-nodefaults", "-S",
+        # a migration holds ~320 ioctls; 100 ms each keeps reads in time on a host as busy
+        # as this project's (load 15-20 on 2 CPUs while the suites run)
+        [sys.executable, "-m", "memslot", "record", "--hold-ms", "100", "-o", str(out), "--",
+         QEMU, "-accel", "kvm", "-machine", "q35", "-m", "128M", "-nographic", "-nodefaults", "-S",
          "-qmp", f"unix:{qmp},server=on,wait=off", "-trace", "kvm_set_user_memory",
          "-trace", "kvm_clear_dirty_log", "-D", str(qemu_log)],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -233,21 +243,28 @@ def qemu_migration(tmp_path_factory: pytest.TempPathFactory,
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 0, stderr
+    # On a host this busy a few reads may come late: they must be named, never guessed.
+    missed = re.search(r"(\d+) call\(s\) ran on before their arguments were read", stderr)
+    assert proc.returncode == (1 if missed else 0), stderr
+    errors: list[TraceFormatError] = []
+    ops = list(iter_trace(str(out), "auto", errors))
+    assert len(errors) == (int(missed.group(1)) if missed else 0), stderr
+    assert all("argument bytes are not in the log" in e.message for e in errors)
+    assert len(errors) <= 5, stderr
     with open(qemu_log) as f:
         traced = list(parse_qemu_trace(f, str(qemu_log)))
-    return read_trace(str(out)), traced
+    return ops, traced, len(errors)
 
 
 @pytest.mark.kvm
 @pytest.mark.parametrize("backend", ["model", "kvm"], indirect=True)
 def test_qemu_migration_recording_equals_its_trace_and_replays(
-    qemu_migration: tuple[list[TraceOp], list[TraceOp]], backend: VM
+    qemu_migration: tuple[list[TraceOp], list[TraceOp], int], backend: VM
 ) -> None:
     """Dirty logging switched on per slot (FLAGS_ONLY), KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG
     with QEMU's bitmaps, after KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2) -- all decoded from
     the argument bytes."""
-    ops, traced = qemu_migration
+    ops, traced, missed = qemu_migration
 
     def key(op: TraceOp) -> tuple[object, ...]:
         if isinstance(op, SetRegion):
@@ -259,8 +276,14 @@ def test_qemu_migration_recording_equals_its_trace_and_replays(
     assert clears and all(op.bitmap for op in clears)
     assert any(isinstance(op, GetDirtyLog) for op in ops)
     assert any(isinstance(op, EnableCap) for op in ops)
-    assert [key(op) for op in ops if isinstance(op, SetRegion | ClearDirtyLog)] == \
-        [key(op) for op in traced]
+    recorded = [key(op) for op in ops if isinstance(op, SetRegion | ClearDirtyLog)]
+    expected = [key(op) for op in traced]
+    if not missed:
+        assert recorded == expected
+    else:  # the calls named as missed are the only ones absent
+        rest = iter(expected)
+        assert all(any(k == e for e in rest) for k in recorded)
+        assert len(expected) - len(recorded) == missed
     assert replay_all(backend, ops) == []
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import select
 import shutil
 import signal
@@ -49,6 +50,9 @@ from ..trace.strace import RAW_REQUESTS, CallReader, LineError, format_dump, ioc
 TRACED = ("ioctl", "open", "openat", "close", "close_range", "dup", "dup2", "dup3", "fcntl",
           "clone", "clone3", "fork", "vfork", "execve")
 DEFAULT_HOLD_MS = 50.0
+#: ``__NR_ioctl`` of the host (/proc/TID/syscall names the call by number); unknown: not checked.
+NR_IOCTL = {"x86_64": 16, "aarch64": 29, "riscv64": 29, "ppc64le": 54, "ppc64": 54,
+            "s390x": 54}.get(platform.machine())
 MAX_BITMAP = 1 << 20
 
 
@@ -116,7 +120,7 @@ def _in_call(tid: int, fd: int, request: int, address: int) -> bool:
     if text is None:
         return False
     parts = text.split()
-    if len(parts) < 4 or parts[0] != "16":  # __NR_ioctl on x86-64
+    if len(parts) < 4 or (NR_IOCTL is not None and parts[0] != str(NR_IOCTL)):
         return False
     try:
         return (int(parts[1], 16) & 0xFFFFFFFF == fd & 0xFFFFFFFF

@@ -10,6 +10,7 @@ import json
 import lzma
 import os
 import stat
+import subprocess
 import sys
 import textwrap
 import time
@@ -677,3 +678,76 @@ def test_matrix_saves_raw_results(tmp_path: Path) -> None:
     assert "EINVAL vs EEXIST" in (d / "fuzz-detected-divergences.txt").read_text()
     assert json.loads((d / "summary.json").read_text())["state"] == "DIVERGES"
     assert (d / "console.log").read_text() == "console line\n"
+    loaded = matrix.load_rows(tmp_path)
+    assert [r.target for r in loaded] == ["amd64:7.2"]
+    assert loaded[0].fuzz_cell("detected") == row.fuzz_cell("detected")
+    assert loaded[0].measure_cell() == "1/2"
+
+
+def test_matrix_from_saved_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    matrix._save(matrix.rows_from(get_target("amd64:7.2"), _result(False), []), [],
+                 matrix.MatrixOptions(results_dir=tmp_path), None)
+    out = tmp_path / "m.md"
+    assert main(["lab", "matrix", "--from-results", str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| amd64:7.2 | 7.2.13+deb14-amd64 | 20,000 |" in text
+    assert "| arm64:6.1 | - | - | - | - | - | - | - | not run |" in text
+    assert main(["lab", "matrix", "--from-results", str(tmp_path / "none")]) == 2
+    assert "no saved matrix rows" in capsys.readouterr().err
+
+
+def _wait_for(path: Path, seconds: float = 20) -> int:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return int(path.read_text().split()[0])
+        time.sleep(0.05)
+    raise AssertionError(f"nothing wrote {path}")
+
+
+def test_a_killed_lab_takes_its_guest_with_it(fake_qemu: Path, tmp_path: Path) -> None:
+    """Even SIGKILL of the lab's process ends QEMU (PR_SET_PDEATHSIG)."""
+    pids = tmp_path / "pids"
+    script = ("import sys; from memslot.lab import qemu\n"
+              f"qemu.boot([{str(fake_qemu)!r}], qemu.Deadlines(60, 60), print)\n")
+    env = {**os.environ, "FAKE_QEMU_MODE": "hang", "FAKE_QEMU_PIDS": str(pids)}
+    lab = subprocess.Popen([sys.executable, "-c", script], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        guest = _wait_for(pids)
+        lab.kill()
+        lab.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(guest) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(guest)
+    finally:
+        lab.kill()
+        lab.wait(10)
+
+
+def test_a_terminated_lab_run_ends_its_guest(fake_qemu: Path, tmp_path: Path) -> None:
+    """SIGTERM to 'memslot lab run': the guest is ended in the finally, one-line message."""
+    cache = _fake_cache(tmp_path, "amd64:7.2")
+    (cache / "host-python" / "amd64").mkdir(parents=True)
+    (cache / "host-python" / "amd64" / ".complete").touch()  # no host Python: guest compiles
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "qemu-system-x86_64").symlink_to(fake_qemu)
+    pids = tmp_path / "pids"
+    env = {**os.environ, "MEMSLOT_LAB_CACHE": str(cache), "FAKE_QEMU_MODE": "hang",
+           "FAKE_QEMU_PIDS": str(pids), "PATH": f"{bindir}:{os.environ['PATH']}"}
+    lab = subprocess.Popen([sys.executable, "-m", "memslot", "lab", "run", "amd64:7.2",
+                            "--", "profiles"], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        guest = _wait_for(pids)
+        time.sleep(0.3)
+        lab.terminate()
+        _, err = lab.communicate(timeout=20)
+        assert lab.returncode == 130
+        assert "interrupted" in err
+        assert not _alive(guest)
+    finally:
+        lab.kill()
+        lab.wait(10)

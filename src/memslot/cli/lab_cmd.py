@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -65,12 +66,18 @@ def configure(p: argparse.ArgumentParser) -> None:
                         help="skip the VmallocUsed measurements")
     matrix.add_argument("--no-guest-checks", action="store_true",
                         help="skip the real-guest checks on amd64")
-    matrix.add_argument("--out", metavar="FILE", help="write the markdown table to FILE")
+    matrix.add_argument("--out", metavar="FILE",
+                        help="write the markdown table to FILE (rewritten after each target)")
+    matrix.add_argument("--from-results", metavar="DIR",
+                        help="run nothing: write the table from the rows saved in DIR by "
+                             "earlier runs (--results DIR)")
     matrix.add_argument("--results", metavar="DIR",
                         help="raw results per target into DIR/TARGET/ (JSON)")
     matrix.add_argument("--skip-unavailable", action="store_true",
                         help="a target the archive cannot serve, or that hangs twice, is "
                              "reported loudly and skipped instead of failing the run (CI)")
+    matrix.add_argument("-v", "--verbose", action="store_true",
+                        help="show the guests' output as it arrives")
     matrix.add_argument("--json", action="store_true", help="machine-readable summary")
     matrix.set_defaults(_lab=_matrix)
 
@@ -78,11 +85,19 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..lab.errors import LabError
 
+    # A terminated lab ends its guests first (their QEMU is killed in a finally).
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         status: int = args._lab(args)
     except LabError as exc:
         die(str(exc))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return status
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _log(message: str) -> None:
@@ -171,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _matrix(args: argparse.Namespace) -> int:
-    from ..lab.matrix import MatrixOptions, run_matrix, write_markdown
+    from ..lab.matrix import MatrixOptions, Row, load_rows, run_matrix, write_markdown
     from ..lab.targets import all_targets
 
     targets = all_targets() if not args.targets else _targets(args.targets)
@@ -179,12 +194,30 @@ def _matrix(args: argparse.Namespace) -> int:
                          measure=not args.no_measure, guest_checks=not args.no_guest_checks,
                          preset=not args.no_preset,
                          results_dir=Path(args.results) if args.results else None,
-                         skip_unavailable=args.skip_unavailable)
+                         skip_unavailable=args.skip_unavailable, verbose=args.verbose)
     if min(args.ops, args.ops_amd64) < 1:
         die("--ops and --ops-amd64 must be positive")
-    rows = run_matrix(targets, opts, log=_log)
-    if args.out:
-        write_markdown(rows, Path(args.out), opts)
+    if args.from_results:
+        rows = load_rows(Path(args.from_results))
+        if not rows:
+            die(f"no saved matrix rows in {args.from_results}")
+        names = {r.target for r in rows}
+        pending = tuple(t.name for t in targets if t.name not in names)
+        if args.out:
+            write_markdown(rows, Path(args.out), opts, pending=pending)
+        for r in rows:
+            print(r.summary())
+        return EXIT_OK
+    start = time.monotonic()
+    done: list[Row] = []
+
+    def progress(row: Row) -> None:
+        done.append(row)
+        if args.out:
+            write_markdown(done, Path(args.out), opts, time.monotonic() - start,
+                           pending=tuple(t.name for t in targets[len(done):]))
+
+    rows = run_matrix(targets, opts, log=_log, on_row=progress)
     if args.json:
         emit_json({"rows": [r.as_dict() for r in rows]})
     else:

@@ -5,6 +5,7 @@ model's metadata for every measured shape and, on amd64, the real-guest checks; 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArchiveUnreachable, GuestHang, LabError, PackageMissing
+from .guest import RESULT
 from .overlay import memslot_dir
 from .session import RunResult, run_job
 from .targets import Target
@@ -39,6 +41,7 @@ class MatrixOptions:
     results_dir: Path | None = None
     skip_unavailable: bool = False
     repeats: int = 3
+    verbose: bool = False  # pass the guest's console output to the log as it arrives
 
     def ops_for(self, target: Target) -> int:
         return self.ops_amd64 if target.machine.name == "amd64" else self.ops
@@ -139,11 +142,17 @@ def run_target(target: Target, opts: MatrixOptions, log: Log | None = None) -> R
         "pytest": sorted(f"/lab/{t}" for t in GUEST_TESTS if f"/lab/{t}" in extra),
     }
     console: list[str] = []
+
+    def take(line: str) -> None:
+        console.append(line)
+        if opts.verbose and not line.startswith(RESULT):
+            say(f"  | {line}")
+
     start = time.monotonic()
     # Generous: TCG under a shared host; a hang is caught by this limit and retried once.
     timeout = target.machine.slowness * (900 + 0.03 * ops + (600 if opts.measure else 0))
     try:
-        result = run_job(target, job, on_output=console.append, timeout=timeout, retries=1,
+        result = run_job(target, job, on_output=take, timeout=timeout, retries=1,
                          log=say, extra_files=extra)
     except (ArchiveUnreachable, PackageMissing) as exc:
         row = Row(target.name, "unavailable", note=str(exc))
@@ -213,6 +222,7 @@ def _save(row: Row, console: list[str], opts: MatrixOptions, result: RunResult |
     out.mkdir(parents=True, exist_ok=True)
     (out / "console.log").write_text("\n".join(console) + "\n")
     (out / "summary.json").write_text(json.dumps(row.as_dict(), indent=1) + "\n")
+    (out / "row.json").write_text(json.dumps(dataclasses.asdict(row)) + "\n")
     if row.detected is not None:
         (out / "detect.json").write_text(json.dumps(row.detected, indent=1) + "\n")
     for f in row.fuzz:
@@ -227,6 +237,21 @@ def _save(row: Row, console: list[str], opts: MatrixOptions, result: RunResult |
         (out / "measure.json").write_text(json.dumps(row.measure, indent=1) + "\n")
     if row.guest_checks is not None:
         (out / "guest-checks.json").write_text(json.dumps(row.guest_checks, indent=1) + "\n")
+
+
+def load_rows(results: Path) -> list[Row]:
+    """The rows saved under a results directory (one per target, newest run), in the lab's
+    target order: a matrix assembled from several runs."""
+    from .targets import TARGET_NAMES
+
+    rows = []
+    for path in results.glob("*/row.json"):
+        try:
+            rows.append(Row(**json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError):
+            continue
+    order = {name: i for i, name in enumerate(TARGET_NAMES)}
+    return sorted(rows, key=lambda r: order.get(r.target, len(order)))
 
 
 def run_matrix(targets: list[Target], opts: MatrixOptions, log: Log | None = None,
@@ -248,9 +273,11 @@ def run_matrix(targets: list[Target], opts: MatrixOptions, log: Log | None = Non
 
 
 def write_markdown(rows: list[Row], path: Path, opts: MatrixOptions,
-                   total_seconds: float | None = None) -> None:
-    """docs/kernel-matrix.md: the table, then every divergence and hang."""
+                   total_seconds: float | None = None, pending: tuple[str, ...] = ()) -> None:
+    """docs/kernel-matrix.md: the table, then every divergence and hang; ``pending`` targets
+    are listed as not run (yet)."""
     total = total_seconds if total_seconds is not None else sum(r.seconds for r in rows)
+    rows = rows + [Row(name, "not run") for name in pending]
     lines = [
         "# Kernel matrix",
         "",
@@ -272,7 +299,7 @@ def write_markdown(rows: list[Row], path: Path, opts: MatrixOptions,
     for r in rows:
         det_n, det = r.fuzz_cell("detected")
         _, pre = r.fuzz_cell("preset")
-        state = r.state if r.state != "impossible" else f"impossible: {r.note}"
+        state = f"impossible: {r.note}" if r.state == "impossible" else r.state
         lines.append(f"| {r.target} | {r.kernel} | {det_n} | {det} | {pre} | "
                      f"{r.measure_cell()} | {r.guest_cell()} | "
                      f"{_minutes(r.seconds) if r.seconds else '-'} | {state} |")

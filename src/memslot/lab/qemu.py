@@ -11,12 +11,14 @@ EXIT marker, or whose kernel reports a lockup or panic is a :class:`~.errors.Gue
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import selectors
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -115,7 +117,8 @@ def boot(cmd: list[str], deadlines: Deadlines, on_output: Callable[[str], None],
     guest that ends without the EXIT marker."""
     con = console or Console()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_die_with_parent)
     try:
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
@@ -163,6 +166,15 @@ def boot(cmd: list[str], deadlines: Deadlines, on_output: Callable[[str], None],
         return con.status, con
     finally:
         stop(proc)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if the lab's process dies, even by SIGKILL
+    (prctl PR_SET_PDEATHSIG; kept across exec)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _trouble(con: Console) -> str:

@@ -10,6 +10,7 @@ unpacked where QEMU cannot boot Debian's packaging of it (gzip, EFI zboot).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import lzma
 import os
@@ -26,7 +27,7 @@ from .archive import Archive, Package
 from .bytecode import compile_tree, host_python
 from .cpio import CpioWriter
 from .errors import ImageError, ToolMissing
-from .resolve import fetch_kernel, fetch_userland
+from .resolve import USERLAND_ROOTS, USERLAND_SKIP, fetch_kernel, fetch_userland
 from .targets import USERLAND_SUITE, Target, cache_dir
 from .unpack import extract, need
 
@@ -59,7 +60,12 @@ class KernelImage:
 
 
 def userland_path(arch: str, cache: Path | None = None) -> Path:
-    return (cache or cache_dir()) / "images" / f"userland-{arch}.cpio"
+    """The architecture's userland archive; its name changes with what goes into it, so a
+    changed recipe builds a new one."""
+    recipe = repr((USERLAND_ROOTS, sorted(USERLAND_SKIP), USERLAND_EXCLUDE, _EXCLUDE_PARTS,
+                   _MERGED, USERLAND_SUITE)).encode()
+    tag = hashlib.sha256(recipe).hexdigest()[:10]
+    return (cache or cache_dir()) / "images" / f"userland-{arch}-{tag}.cpio"
 
 
 def built(target: Target, cache: Path | None = None) -> KernelImage | None:

@@ -118,9 +118,13 @@ def preset_candidates(target: Target) -> list[str]:
 
 
 def guest_test_files() -> dict[str, bytes]:
-    """The real-guest test files and their conftest, from the source tree (empty when memslot
-    runs from an installation without its tests)."""
-    root = memslot_dir().parent.parent
+    """The real-guest test files and their conftest, from the source tree (the working
+    directory's, else the one memslot runs from; empty where there is none)."""
+    roots = [r for r in (Path.cwd(), memslot_dir().parent.parent)
+             if (r / GUEST_TESTS[0]).is_file()]
+    if not roots:
+        return {}
+    root = roots[0]
     out: dict[str, bytes] = {}
     for rel in (*GUEST_TESTS, "tests/conftest.py", "tests/guest_helpers.py"):
         path = root / rel

@@ -23,8 +23,9 @@ from .debversion import compare, in_series
 from .errors import PackageMissing
 from .targets import Target
 
+#: pytest runs the real-guest checks (tests/test_vcpu_guest.py) inside amd64 guests.
 USERLAND_ROOTS = ("busybox-static", "python3.13-minimal", "libpython3.13-stdlib",
-                  "python3-numpy")
+                  "python3-numpy", "python3-pytest")
 #: Dependencies of the roots that a guest running one Python program does not need.
 USERLAND_SKIP = frozenset({"python3", "python3-minimal", "python3.13", "dpkg", "debconf",
                            "tzdata", "media-types", "mime-support", "netbase", "readline-common",

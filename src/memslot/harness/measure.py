@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import mmap
 import statistics
 from collections import Counter
 from collections.abc import Callable, Hashable
@@ -51,7 +52,7 @@ def kvm_vmalloc_used() -> int | None:
             continue
         if any(name in fields[2] for name in _KVM_CALLERS):
             pages += int(fields[3][6:])
-    return pages * 4096 if lines else None
+    return pages * mmap.PAGESIZE if lines else None  # pages= counts the kernel's pages
 
 
 def vmalloc_reader() -> Callable[[], int]:
@@ -113,17 +114,32 @@ class Measurement:
 Step = tuple[str, int, int, int]  # (label, flags, gpa, size); size 0 = DELETE
 
 
-def shape_steps(npages: int, base_gfn: int, dirty: bool, page: int) -> list[Step]:
+def moved_gfn(profile: Profile) -> int:
+    """Where the MOVE step goes: gfn 2^28+1 (unaligned at every large-page level), or the
+    middle of the guest physical space plus one where that is smaller (a 40-bit arm64 IPA
+    with 4 KiB pages ends at gfn 2^28; TCG's x86 MAXPHYADDR is 40 bits)."""
+    if profile.arch == "x86":
+        top = profile.max_gfn + 1
+    elif profile.ipa_bits:
+        top = 1 << (profile.ipa_bits - profile.page_shift)
+    else:
+        top = 1 << 52
+    return min(1 << 28, top // 4) + 1
+
+
+def shape_steps(npages: int, base_gfn: int, dirty: bool, page: int,
+                moved_gfn: int = (1 << 28) + 1) -> list[Step]:
     """CREATE, dirty logging on and off (FLAGS_ONLY), a MOVE to an unaligned base, DELETE."""
     size = npages * page
     flags = KVM_MEM_LOG_DIRTY_PAGES if dirty else 0
     gpa = base_gfn * page
-    moved = ((1 << 28) + 1) * page
+    moved = moved_gfn * page
+    label = "MOVE to gfn 2^28+1" if moved_gfn == (1 << 28) + 1 else f"MOVE to gfn {moved_gfn:#x}"
     steps: list[Step] = [("CREATE", flags, gpa, size)]
     if not dirty:
         steps.append(("FLAGS_ONLY dirty on", KVM_MEM_LOG_DIRTY_PAGES, gpa, size))
         steps.append(("FLAGS_ONLY dirty off", 0, gpa, size))
-    steps.append(("MOVE to gfn 2^28+1", flags, moved, size))
+    steps.append((label, flags, moved, size))
     steps.append(("DELETE", flags, moved, 0))
     return steps
 
@@ -180,7 +196,7 @@ def measure(
                 shape = f"{npages} pages at gfn {base_gfn}{' +dirty' if dirty else ''}"
                 if progress is not None:
                     progress(shape)
-                steps = shape_steps(npages, base_gfn, dirty, page)
+                steps = shape_steps(npages, base_gfn, dirty, page, moved_gfn(profile))
                 runs = [_run_once(steps) for _ in range(repeats)]
                 while len(runs) < max_passes and not all(
                     _agreement(_valid(runs, i)) >= agree for i in range(len(steps))

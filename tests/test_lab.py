@@ -250,7 +250,9 @@ def test_kernel_resolution_follows_the_split_packages() -> None:
 class FakeArchive:
     """An archive whose pool lacks some versions (404) or is unreachable."""
 
-    def __init__(self, idx: PackageIndex, lagging: set[str]) -> None:
+    def __init__(self, idx: PackageIndex, lagging: set[str], suite: str = "sid") -> None:
+        self.suite = suite
+        self.arch = "amd64"
         self.idx = idx
         self.lagging = lagging
         self.messages: list[str] = []
@@ -338,6 +340,20 @@ def test_userland_closure_skips_what_a_guest_never_reads() -> None:
                    "zlib1g", "python3-numpy", "libopenblas0"}
     with pytest.raises(PackageMissing, match="busybox-static"):
         resolve.userland_closure(idx, ("busybox-static",))
+
+
+def test_userland_falls_back_to_a_newer_suite_when_the_pool_lags(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    trixie = FakeArchive(_index(USERLAND), lagging={"libc6"}, suite="trixie")
+    sid = FakeArchive(_index(USERLAND.replace("2.41-12", "2.42-1")), set(), suite="sid")
+    monkeypatch.setattr(resolve, "USERLAND_ROOTS", ("python3.13-minimal", "python3-numpy"))
+    got = {p.name: p.version
+           for p, _ in resolve.fetch_userland(trixie, [sid])}  # type: ignore[arg-type]
+    assert got["libc6"] == "2.42-1" and got["zlib1g"] == "1:1.3"
+    assert any("libc6 2.41-12 is not in the trixie pool" in m for m in trixie.messages)
+    sid.lagging = {"libc6"}
+    with pytest.raises(PackageMissing, match=r"tried 2\.41-12 \(trixie\), 2\.42-1 \(sid\)"):
+        resolve.fetch_userland(trixie, [sid])  # type: ignore[arg-type]
 
 
 # --- the image -------------------------------------------------------------------------------

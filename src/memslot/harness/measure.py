@@ -216,7 +216,7 @@ def _valid(runs: list[list[int | None]], i: int) -> tuple[int, ...]:
 def _agreement(samples: tuple[int, ...]) -> int:
     """The count of the most frequent value, or 0 unless it leads every other value by two
     (a disturbance seldom repeats; one that repeats twice must still be outvoted twice)."""
-    counts = [*sorted((samples.count(v) for v in set(samples)), reverse=True), 0]
+    counts = [*sorted((samples.count(v) for v in set(samples)), reverse=True), 0, 0]
     return counts[0] if counts[0] >= counts[1] + 2 else 0
 
 

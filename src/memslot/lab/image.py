@@ -28,7 +28,7 @@ from .bytecode import compile_tree, host_python
 from .cpio import CpioWriter
 from .errors import ImageError, ToolMissing
 from .resolve import USERLAND_ROOTS, USERLAND_SKIP, fetch_kernel, fetch_userland
-from .targets import USERLAND_SUITE, Target, cache_dir
+from .targets import USERLAND_FALLBACKS, USERLAND_SUITE, Target, cache_dir
 from .unpack import extract, need
 
 Log = Callable[[str], None]
@@ -96,7 +96,8 @@ def build(target: Target, cache: Path | None = None, log: Log | None = None,
     arch = target.machine.debian_arch
     userland = userland_path(arch, cache)
     if force or not userland.is_file():
-        debs = fetch_userland(Archive(USERLAND_SUITE, arch, cache, log=say))
+        debs = fetch_userland(Archive(USERLAND_SUITE, arch, cache, log=say),
+                              [Archive(s, arch, cache, log=say) for s in USERLAND_FALLBACKS])
         python = host_python(cache, say)
         say(f"image: building the {arch} userland ({len(debs)} packages"
             f"{', byte-compiled on the host' if python else ''})")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,10 +98,11 @@ def _kernel_source(source: str) -> bool:
     return source == "linux" or source.startswith("linux-signed")
 
 
-def userland_closure(index: PackageIndex, roots: tuple[str, ...] = USERLAND_ROOTS
+def userland_closure(index: PackageIndex, roots: tuple[str, ...] | None = None
                      ) -> list[Package]:
     """The roots and, recursively, their dependencies outside :data:`USERLAND_SKIP` (first
     alternative the index has, a virtual name through its first provider)."""
+    roots = USERLAND_ROOTS if roots is None else roots
     out: dict[str, Package] = {}
     todo = list(roots)
     while todo:
@@ -157,19 +159,28 @@ def fetch_kernel(archive: Archive, target: Target) -> list[tuple[Package, Path]]
                          f"({', '.join(lagging)}: 404)")
 
 
-def fetch_userland(archive: Archive) -> list[tuple[Package, Path]]:
+def fetch_userland(archive: Archive, fallbacks: Sequence[Archive] = ()
+                   ) -> list[tuple[Package, Path]]:
+    """Download the userland closure. A package whose listed versions the pool does not serve
+    (404) is taken from the first fallback suite that serves it (a newer suite: its libraries
+    stay compatible with what was built against the older ones)."""
     index = archive.index()
     out = []
     for pkg in userland_closure(index):
-        try:
-            out.append((pkg, archive.download(pkg)))
-        except PoolLag:
-            for other in index.versions(pkg.name)[1:]:
-                try:
-                    out.append((other, archive.download(other)))
-                    break
-                except PoolLag:
-                    continue
-            else:
-                raise
+        out.append(_download_any(archive, pkg, fallbacks))
     return out
+
+
+def _download_any(archive: Archive, pkg: Package, fallbacks: Sequence[Archive]
+                  ) -> tuple[Package, Path]:
+    tried = []
+    for source in (archive, *fallbacks):
+        for candidate in source.index().versions(pkg.name):
+            try:
+                return candidate, source.download(candidate)
+            except PoolLag:
+                tried.append(f"{candidate.version} ({source.suite})")
+                archive.log(f"apt: {pkg.name} {candidate.version} is not in the "
+                            f"{source.suite} pool (404); trying another version")
+    raise PackageMissing(f"the pool serves no listed version of {pkg.name} for "
+                         f"{archive.arch}: tried {', '.join(tried)}")

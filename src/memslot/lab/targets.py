@@ -26,6 +26,8 @@ SUITES: dict[str, str] = {
 }
 #: Suite of every guest's userland (busybox, Python 3.13, numpy): one for all kernels.
 USERLAND_SUITE = "trixie"
+#: Where a userland package comes from when the pool does not serve its trixie version.
+USERLAND_FALLBACKS = ("sid",)
 
 
 @dataclass(frozen=True)

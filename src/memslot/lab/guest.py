@@ -143,14 +143,17 @@ def _pytest(files: list[str]) -> int:
 def _measure(profile: Any, params: dict[str, Any]) -> int:
     from memslot.harness import measure as m
 
-    refresh_vmstat()
-    original = m.vmalloc_used
+    # The guest runs nothing else, so VmallocUsed is exact once the per-CPU vmstat deltas are
+    # folded in; /proc/vmallocinfo names kvmalloc's wrapper, not KVM, as the caller on some
+    # kernels, so it is not used here.
+    original_used, original_reader = m.vmalloc_used, m.vmalloc_reader
 
     def refreshed() -> int:
         refresh_vmstat()
-        return original()
+        return original_used()
 
     m.vmalloc_used = refreshed
+    m.vmalloc_reader = lambda: refreshed
     start = time.monotonic()
     sizes = tuple(int(s) for s in params.get("sizes", m.DEFAULT_SIZES))
     try:
@@ -159,7 +162,7 @@ def _measure(profile: Any, params: dict[str, Any]) -> int:
         emit("error", {"what": "measure", "error": traceback.format_exc(limit=4)})
         return 1
     finally:
-        m.vmalloc_used = original
+        m.vmalloc_used, m.vmalloc_reader = original_used, original_reader
     emit("measure", {"measurements": [r.as_dict() for r in results],
                      "seconds": round(time.monotonic() - start, 2)})
     return 0 if all(r.match for r in results) else 1

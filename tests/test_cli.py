@@ -115,8 +115,9 @@ def test_keep_going_skips_bad_lines(tmp_path: Path) -> None:
         (["replay", str(EXAMPLE), "--variant", "bogus"], "unknown variant"),
         (["replay", str(EXAMPLE), "--variant", "ppc-realloc-rmap-on-move"], "is for ppc-hv"),
         (["frobnicate"], "invalid choice"),
-        ([], "required"),
         (["replay"], "required"),
+        (["replay", "--format", "x", "t"],
+         "memslot: error: replay: argument --format: invalid choice"),
     ],
 )
 def test_usage_errors(args: list[str], message: str) -> None:
@@ -124,6 +125,14 @@ def test_usage_errors(args: list[str], message: str) -> None:
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert "memslot: error: memslot" not in proc.stderr
+
+
+def test_no_arguments_prints_usage() -> None:
+    proc = memslot()
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("usage: memslot")
+    assert "replay" in proc.stderr and "error" not in proc.stderr
 
 
 def test_binary_input_is_refused(tmp_path: Path) -> None:

@@ -89,15 +89,17 @@ def test_dual_vm_compares_errno_and_bytes() -> None:
 
 def test_fuzz_reproducer_replays_on_both(tmp_path: Path) -> None:
     """A divergence (forced with a profile that is wrong for this host) yields a JSON-lines
-    reproducer; replaying it with --backend both shows the same mismatch (exit 1), and with
-    the detected profile it replays cleanly."""
+    reproducer; replay refuses --backend both with that profile up front (it could only
+    diverge), and with the detected profile it replays cleanly."""
     report = run_fuzz(2000, seed=5, profile=memslot.get_profile("x86_64"), backend="both")
     assert report.divergences, "the SMM address space must show up as a divergence"
     _, lines = report.divergences[0]
     trace = tmp_path / "repro.jsonl"
     trace.write_text("\n".join(lines) + "\n")
     wrong = _cli("replay", "--backend", "both", "--profile", "x86_64", str(trace))
-    assert wrong.returncode == 1 and "divergence" in wrong.stdout
+    assert wrong.returncode == 2 and wrong.stdout == ""
+    assert "profile x86_64 cannot match this host (nr_address_spaces 2 != 1" in wrong.stderr
+    assert "use --profile detect (this host is detected (x86_64-shadow))" in wrong.stderr
     right = _cli("replay", "--backend", "both", "--profile", "detect", str(trace))
     assert right.returncode == 0, right.stdout[-2000:]
 

@@ -11,7 +11,8 @@ import pytest
 import memslot
 
 ROOT = pathlib.Path(memslot.__file__).parent
-FOUNDATION = {"constants", "errors", "request", "profile", "versions", "closing", "build_info"}
+FOUNDATION = {"constants", "errors", "request", "profile", "versions", "closing", "build_info",
+              "units"}
 
 #: package -> what it may import besides itself (the foundation imports only the foundation).
 ALLOWED: dict[str, set[str]] = {

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from memslot.constants import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 from memslot.request import MemoryRegion
-from memslot.trace.qemu import MAX_LINE, detect_format, parse_qemu_trace, read_trace
+from memslot.trace.qemu import MAX_LINE, parse_qemu_trace
+from memslot.trace.reader import read_trace, sniff_format
 from memslot.trace.records import ClearDirtyLog, SetRegion, TraceFormatError, TraceOp
 
 TRACES = Path(__file__).resolve().parent.parent / "examples" / "traces"
@@ -368,15 +369,23 @@ def test_binary_files_give_trace_format_error(data: bytes, line: int) -> None:
         os.unlink(name)
 
 
-def test_detect_format() -> None:
-    assert detect_format(['{"slot": 0, "flags": 0}\n']) == "jsonl"
-    assert detect_format(["\n", '  {"op": "set"}']) == "jsonl"
-    assert detect_format([]) == "jsonl"
-    assert detect_format(["qemu-system-x86_64: warning: x\n", v1()]) == "qemu"
-    assert detect_format(["12@1.0:" + v1()]) == "qemu"
+def test_sniff_format() -> None:
+    assert sniff_format(['{"slot": 0, "flags": 0}\n']) == "jsonl"
+    assert sniff_format(["\n", '  {"op": "set"}']) == "jsonl"
+    assert sniff_format([]) == "none"
+    assert sniff_format(["qemu-system-x86_64: warning: x\n", v1()]) == "qemu"
+    assert sniff_format(["12@1.0:" + v1()]) == "qemu"
     clear = "kvm_clear_dirty_log slot#0 start 0x0 size 0x1\n"
-    assert detect_format(["# comment\n", clear]) == "qemu"
-    assert detect_format(["hello\n", "world\n"]) == "jsonl"  # neither: JSON errors, line 1
+    assert sniff_format(["# comment\n", clear]) == "qemu"
+    assert sniff_format(["hello\n", "world\n"]) == "none"  # neither: no operation at all
+
+
+def test_gpa_wider_than_64_bits_is_too_large() -> None:
+    line = v1().replace("gpa=0x", "gpa=0x1" + "0" * 16 + "", 1)
+    with pytest.raises(TraceFormatError, match=r"gpa='0x10000000000000000.* is too large"):
+        parse([line])
+    with pytest.raises(TraceFormatError, match="is not 0x<hex>"):
+        parse([v1().replace("gpa=0x", "gpa=0xg", 1)])
 
 
 def test_read_trace_jsonl_and_qemu_agree(tmp_path: Path) -> None:

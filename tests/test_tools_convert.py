@@ -74,7 +74,7 @@ def test_bad_line_writes_nothing(tmp_path: Path) -> None:
     assert out.read_text() == "previous\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.trace", "out.jsonl"]
     code, stdout, err = cli("convert", str(src), "-o", str(out), "--keep-going")
-    assert code == 0 and "1 malformed line(s) skipped" in stdout
+    assert code == 0 and "1 malformed line skipped" in stdout
     assert f"skipped malformed line: {src}:2:" in err
     assert len(out.read_text().splitlines()) == 2
 

@@ -114,7 +114,7 @@ def test_request_against_a_trace_file_exists() -> None:
     code, out, err = cli("explain", PC128, "--request", "slot=20", "gpa=0x1000",
                          "size=4K", "ua=0x7f0000000000")
     assert code == 0, err
-    assert "after 37 operation(s)" in out
+    assert "after 37 operations" in out
     assert "EEXIST (errno 17)" in out and "kvm_check_memslot_overlap" in out
     # FILE after the fields, and --at: the state after operation 1 (slot 0 covers gpa 0)
     code, data = explain_json("--request", "slot=0", "size=0", PC128, "--at", "1")
@@ -157,7 +157,7 @@ def test_mismatch_exits_1(tmp_path: Path) -> None:
     (("--request", "slot=0", "gpa=-1"), "is negative"),
     (("--request", "slot=0", "gpa=0x1ffffffffffffffff"), "too large"),
     (("--request", "slot=70000:1"), "below 65536"),
-    ((BOOT, "--at", "31"), "--at 31: the trace has 30 operation(s)"),
+    ((BOOT, "--at", "31"), "--at 31: the trace has 30 operations"),
     ((BOOT, "--at", "L999"), "no operation comes from line 999"),
     ((BOOT, "--at", "x"), "expected N or LN"),
     (("/nonexistent.jsonl",), "/nonexistent.jsonl: no such file"),

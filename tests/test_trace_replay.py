@@ -1,7 +1,8 @@
 """Every committed trace replays: on the model (x86_64-shadow, the host's shape) and, where
 /dev/kvm works, on the model and the kernel side by side. Every recorded ret must match,
 except in the two synthesized format samples, whose requests for address space 1 (x86 SMM)
-and for an fd-27 guest_memfd cannot succeed on a one-address-space host without that fd."""
+cannot succeed on a one-address-space host. The recorded guest_memfd (fd 27) is re-created by
+the replay."""
 
 from __future__ import annotations
 
@@ -19,14 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TRACES = sorted((ROOT / "examples" / "traces").glob("*.trace"))
 RECORDED = [t for t in TRACES if t.name.startswith("qemu72-")]
 
-#: Lines whose recorded ret cannot hold on a host with one address space and no fd 27.
+#: Lines whose recorded ret cannot hold on a host with one address space.
 ONE_AS_MISMATCHES = {
     "format-qemu62.trace": {5, 7, 15},  # Slot#65536+: address space 1 -> EINVAL
-    # AddrSpace#1 lines -> EINVAL; the guest_memfd=27 CREATE -> EBADF, so its DELETE -> EINVAL
-    "format-qemu9.trace": {6, 8, 11, 13, 18},
+    "format-qemu9.trace": {6, 13, 18},  # AddrSpace#1 lines -> EINVAL
 }
-#: With SMM (two address spaces) only the guest_memfd pair remains.
-TWO_AS_MISMATCHES = {"format-qemu9.trace": {8, 11}}
+#: With SMM (two address spaces) every recorded ret holds.
+TWO_AS_MISMATCHES: dict[str, set[int]] = {}
 
 
 def cli(*args: str) -> tuple[int, str, str]:

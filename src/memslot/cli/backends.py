@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
+from ..arch import ALL_VARIANTS
 from ..backends.base import VM
 from ..backends.model import ModelVM
 from ..errors import KvmUnavailable
@@ -11,21 +13,31 @@ from ..profile import PRESETS, Profile, get_profile
 from .common import die
 
 BACKENDS = ("model", "kvm", "both")
+#: Profile fields that only name or describe it, and the host's RAM size (a preset carries a
+#: nominal one; it bounds only the ppc64 HV rmap check): a host matches whatever they say.
+_LABELS = {"name", "description", "kernel", "totalram_pages"}
+
+
+def variant_help() -> str:
+    """The ``--variant`` help, listing the variants the arch hooks declare."""
+    names = ", ".join(f"{v} ({arch})" for v, arch in sorted(ALL_VARIANTS.items()))
+    return f"run an alternative kernel behaviour: {names}; repeatable"
 
 
 def add_profile_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
-    p.add_argument("--profile", default="x86_64", metavar="P",
+    p.add_argument("--profile", default=None, metavar="P",
                    help=f"host profile: {', '.join(PRESETS)}, or 'detect' for the running "
-                        "kernel (default x86_64)")
+                        "kernel (default x86_64 on the model, detect with --backend kvm/both)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME",
-                   help="run an alternative kernel behaviour (x86-reuse-arch-on-move, "
-                        "ppc-realloc-rmap-on-move); repeatable")
+                   help=variant_help())
     if backend:
         p.add_argument("--backend", choices=BACKENDS, default="model",
                        help="model (default), kvm (/dev/kvm), or both (differential)")
 
 
-def resolve_profile(name: str) -> Profile:
+def resolve_profile(name: str | None) -> Profile:
+    if name is None:
+        name = "x86_64"
     if name == "detect":
         from ..harness.detect import detect_profile
 
@@ -37,6 +49,53 @@ def resolve_profile(name: str) -> Profile:
         return get_profile(name)
     except KeyError as exc:
         die(str(exc.args[0]))
+
+
+def resolve_backend_profile(backend: str, name: str | None) -> Profile:
+    """The profile for ``backend``: with the real kernel involved, the running kernel's, and
+    a named one only when it describes this host (else the model could never agree)."""
+    if backend == "model":
+        return resolve_profile(name)
+    if name is None or name == "detect":
+        return resolve_profile("detect")
+    wanted = resolve_profile(name)
+    if backend == "kvm":
+        return wanted  # the model is not involved: the profile only labels the output
+    host = resolve_profile("detect")
+    differs = profile_differences(wanted, host)
+    if differs:
+        shown = ", ".join(differs[:4]) + (f" and {len(differs) - 4} more" if len(differs) > 4
+                                         else "")
+        die(f"--backend both: profile {wanted.name} cannot match this host ({shown}); use "
+            f"--profile detect (this host is {profile_label(host)})")
+    return wanted
+
+
+def profile_label(profile: Profile) -> str:
+    """A profile's name, and for a detected one the preset it equals (``detected
+    (x86_64-shadow)``)."""
+    if profile.name in PRESETS:
+        return profile.name
+    same = [name for name, preset in PRESETS.items() if not profile_differences(preset, profile)]
+    return f"{profile.name} ({same[0]})" if same else profile.name
+
+
+def profile_differences(a: Profile, b: Profile) -> list[str]:
+    """The facts on which two profiles differ, as ``field a != b`` texts."""
+    out = []
+    for f in dataclasses.fields(Profile):
+        if f.name in _LABELS:
+            continue
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if x != y:
+            out.append(f"{f.name} {_show(x)} != {_show(y)}")
+    return out
+
+
+def _show(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 4096:
+        return f"{value:#x}"
+    return str(value)
 
 
 def make_vm(backend: str, profile: Profile, variants: list[str]) -> VM:

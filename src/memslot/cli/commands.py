@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import (
     compat_cmd,
+    completion_cmd,
     convert_cmd,
     explain_cmd,
     fuzz_cmd,
@@ -32,4 +33,5 @@ ALL: list[Command] = [
     record_cmd.COMMAND,
     lab_cmd.COMMAND,
     snapshot_cmd.EXPORT_COMMAND,
+    completion_cmd.COMMAND,
 ]

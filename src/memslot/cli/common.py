@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TextIO
 
+from ..units import human_bytes as human_bytes  # the commands' one size formatter
+
 EXIT_OK = 0
 EXIT_MISMATCH = 1  # a recorded expectation did not hold, or a lint finding with --strict
 EXIT_USAGE = 2  # bad input: missing file, malformed line, bad option
@@ -46,11 +48,12 @@ def die(message: str) -> NoReturn:
 
 
 def emit_json(data: Any, out: TextIO | None = None) -> None:
-    json.dump(data, out or sys.stdout, indent=2, default=_json_default)
+    json.dump(data, out or sys.stdout, indent=2, default=json_default)
     (out or sys.stdout).write("\n")
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """What JSON output makes of values JSON has no type for."""
     if isinstance(obj, bytes):
         return obj.hex()
     if isinstance(obj, set | frozenset | tuple):
@@ -58,16 +61,6 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "as_dict"):
         return obj.as_dict()
     return str(obj)
-
-
-def human_bytes(n: int) -> str:
-    """1536 -> '1.5 KiB'; exact bytes below 1 KiB."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(value) < 1024 or unit == "PiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 def table(rows: list[list[str]], headers: list[str], out: TextIO | None = None) -> None:

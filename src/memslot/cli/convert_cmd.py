@@ -3,81 +3,87 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-import tempfile
-from typing import Any
+from typing import TextIO
 
 from ..trace.jsonl import dumps, to_object
-from ..trace.reader import FORMATS, sniff_format
+from ..units import plural
 from . import render
 from .common import EXIT_OK, Command, die, emit_json
-from .trace_input import read_trace_or_die
+from .outfile import write_atomic
+from .trace_input import Input, add_input_options
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", metavar="FILE",
-                   help="trace: a QEMU -trace kvm_set_user_memory log or JSON lines ('-' for "
-                        "stdin)")
+    add_input_options(p, file_help="trace: a QEMU -trace kvm_set_user_memory log or JSON lines "
+                                   "('-' for standard input, converted as lines arrive)")
     p.add_argument("-o", "--output", metavar="OUT",
                    help="write the JSON lines to OUT (written whole, only when every line was "
                         "read; default stdout)")
-    p.add_argument("--format", choices=FORMATS, default="auto", help="input format")
-    p.add_argument("--keep-going", action="store_true",
-                   help="skip malformed lines (reported on stderr) instead of refusing the file")
     p.add_argument("--json", action="store_true",
                    help="print a JSON summary (with the operations themselves when there is no "
                         "-o)")
 
 
-def _detect(path: str, fmt: str) -> str:
-    if fmt != "auto" or path == "-":
-        return fmt
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            head = [f.readline(1 << 20) for _ in range(1000)]
-    except OSError:
-        return fmt
-    return sniff_format(head)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".memslot-convert-", dir=directory)
-    except OSError as exc:
-        die(f"{path}: cannot write: {exc.strerror or exc}")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        os.unlink(tmp)
-        die(f"{path}: cannot write: {exc.strerror or exc}")
-
-
 def run(args: argparse.Namespace) -> int:
-    fmt = _detect(args.file, args.format)
-    ops, errors = read_trace_or_die(args.file, args.format, args.keep_going)
     if args.output is not None and os.path.isdir(args.output):
         die(f"{args.output}: is a directory")
-    lines = [dumps(op) for op in ops]
+    source = Input(args, validate=args.output is None)
+    count = 0
+
+    def convert(out: TextIO) -> None:
+        nonlocal count
+        first = True
+        for op in source:
+            if args.json:
+                out.write(("\n    " if first else ",\n    ")
+                          + json.dumps(to_object(op, keep_line=True)))
+            else:
+                out.write(dumps(op, keep_line=True) + "\n")
+            if source.streaming:
+                out.flush()
+            first = False
+            count += 1
+
     if args.output is not None:
-        _write_atomic(args.output, "".join(line + "\n" for line in lines))
-    for e in errors:
-        render.line(f"memslot: skipped malformed line: {e}", "yellow", out=sys.stderr)
-    if args.json:
-        out: dict[str, Any] = {"input": args.file, "format": fmt, "output": args.output,
-                               "operations": len(ops),
-                               "malformed_lines": errors}
-        if args.output is None:
-            out["trace"] = [to_object(op) for op in ops]
-        emit_json(out)
-    elif args.output is None:
-        sys.stdout.write("".join(line + "\n" for line in lines))
+        def fill(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                saved, args.json = args.json, False
+                try:
+                    convert(f)
+                finally:
+                    args.json = saved
+
+        write_atomic(args.output, fill)
+    elif args.json:
+        sys.stdout.write(f'{{\n  "input": {json.dumps(source.path)},\n  "trace": [')
+        convert(sys.stdout)
+        sys.stdout.write("\n  ]" if count else "]")
     else:
-        print(f"{args.file} ({fmt}): {len(ops)} operation(s) written to {args.output}"
-              + (f", {len(errors)} malformed line(s) skipped" if errors else ""))
+        convert(sys.stdout)
+    for e in source.malformed:
+        render.line(f"memslot: skipped malformed line: {e}", "yellow", out=sys.stderr)
+    fmt = source.reader.format
+    notice = source.notice(count)
+    if args.json:
+        summary = {"input": source.path, "format": fmt, "output": args.output,
+                   "operations": count, "malformed_lines": source.malformed, "notice": notice}
+        if args.output is None:
+            del summary["input"]
+            body = json.dumps(summary, indent=2)
+            sys.stdout.write(",\n" + body[2:] + "\n")
+        else:
+            emit_json(summary)
+    else:
+        if notice is not None:
+            render.line(f"memslot: {notice}", "yellow", out=sys.stderr)
+        if args.output is not None:
+            print(f"{source.path} ({fmt}): {plural(count, 'operation')} written to "
+                  f"{args.output}"
+                  + (f", {plural(len(source.errors), 'malformed line')} skipped"
+                     if source.errors else ""))
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
+from ..trace.records import TraceFormatError
 from .common import EXIT_CODES_HELP, EXIT_USAGE, CliError, Command
 
 
@@ -19,8 +20,10 @@ def _commands() -> list[Command]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        # argparse prints usage and exits 2; keep it to one line like every other error.
-        raise CliError(f"{self.prog}: {message}")
+        # argparse prints usage and exits 2; keep it to one line like every other error,
+        # naming the subcommand (``memslot: error: replay: ...``).
+        command = self.prog.removeprefix("memslot").strip()
+        raise CliError(f"{command}: {message}" if command else message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,10 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 mismatch, 2 bad input)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not args_list:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(args_list)
         status: int = args._run(args)
         return status
+    except TraceFormatError as exc:  # a bad line met while streaming
+        print(f"memslot: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except CliError as exc:
         print(f"memslot: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -53,6 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("memslot: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        # the reader went away (``| head``): stop quietly, and let the exit not flush again
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return 0
 
 

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
                           progress=None if args.json else _progress)
     except KvmUnavailable as exc:
         die(str(exc))
-    if not args.json:
+    if not args.json and sys.stderr.isatty():  # clear the progress line; no CR in a log
         sys.stderr.write("\r" + " " * 50 + "\r")
     mismatches = [m for m in results if not m.match]
     if args.json:

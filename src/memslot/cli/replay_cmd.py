@@ -1,34 +1,42 @@
-"""``memslot replay FILE``: replay a trace and compare each result with the recorded one."""
+"""``memslot replay FILE``: replay a trace and compare each result with the recorded one.
+
+The trace is a stream: each line is applied as it is read (from a file, from standard input as
+lines arrive, or ``--follow`` a growing log) and nothing is kept but counts, so memory is the
+live state's, whatever the length of the trace.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
 
-from ..backends.base import VM
+from ..backends.base import VM, ModelIntrospection
 from ..backends.budget import KernelMemoryBudget, KernelMemoryLimitError
-from ..backends.model import ModelVM
 from ..engine.slot import MemorySlot
-from ..harness.replay import Replayer, ReplayStep, describe_op
-from ..trace.reader import FORMATS
-from .backends import add_profile_options, make_vm, resolve_profile
-from .common import EXIT_MISMATCH, EXIT_OK, Command, die, emit_json, human_bytes, table
-from .trace_input import read_trace_or_die
+from ..harness.replay import Replayer, ReplayStep, Tally, describe_op
+from ..trace.records import TraceOp
+from ..units import human_bytes
+from . import render
+from .backends import add_profile_options, make_vm, resolve_backend_profile
+from .common import EXIT_MISMATCH, EXIT_OK, Command, die, json_default
+from .filters import StepFilter, add_filter_options
+from .trace_input import Input, add_input_options
+
+EXIT_INTERRUPTED = 130
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", metavar="FILE", help="trace: memslot JSON lines or a QEMU "
-                   "kvm_set_user_memory log ('-' for stdin)")
+    add_input_options(p, follow=True)
     add_profile_options(p)
-    p.add_argument("--format", choices=FORMATS, default="auto", help="input format")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_output_options(p)
     p.add_argument("--check", action="store_true",
                    help="run the model's integrity check after every request")
-    p.add_argument("--keep-going", action="store_true",
-                   help="skip malformed lines (reported) instead of refusing the whole file")
-    p.add_argument("-q", "--quiet", action="store_true", help="only the final table and totals")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 also when the input holds no operation")
+    add_filter_options(p)
     p.add_argument("--kernel-memory-limit", metavar="SIZE", type=_size, default=None,
                    help="with --backend kvm/both, refuse a request whose memslot metadata the "
                         "model predicts would take the kernel past SIZE (e.g. 8G; default: an "
@@ -44,72 +52,183 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _slot_rows(vm: VM) -> list[MemorySlot]:
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true",
+                     help="one JSON document (streamed: the steps as they happen, then the "
+                          "summary)")
+    out.add_argument("--json-lines", action="store_true",
+                     help="events, one JSON object per line, flushed: a 'step' per request, "
+                          "'malformed' per skipped line, a 'summary' at the end")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no per-request output: only the summary (text, --json or "
+                        "--json-lines)")
+
+
+def _model(vm: VM) -> ModelIntrospection | None:
+    """The model's introspection, when the backend has it (``None`` otherwise)."""
+    return vm if isinstance(vm, ModelIntrospection) else None
+
+
+def _all_slots(vm: VM) -> list[MemorySlot]:
     return [s for as_id in range(vm.nr_address_spaces) for s in vm.memslots(as_id)]
 
 
 def slot_table_rows(vm: VM) -> tuple[list[list[str]], list[str]]:
+    from ..constants import flag_names
+
     headers = ["as", "id", "gpa", "size", "userspace_addr", "flags"]
-    model = isinstance(vm, ModelVM)
-    if model:
+    model = _model(vm)
+    if model is not None:
         headers += ["metadata", "vmalloc"]
     rows = []
-    for s in _slot_rows(vm):
-        from ..constants import flag_names
-
+    for s in _all_slots(vm):
         row = [str(s.as_id), str(s.id), f"{s.guest_phys_addr:#x}", human_bytes(s.memory_size),
                f"{s.userspace_addr:#x}", flag_names(s.flags)]
-        if model:
-            assert isinstance(vm, ModelVM)
-            d = vm.describe_metadata(s)
+        if model is not None:
+            d = model.describe_metadata(s)
             row += [human_bytes(d["bytes"]), human_bytes(d["vmalloc_bytes"])]
         rows.append(row)
     return rows, headers
 
 
-def _progress(done: int, total: int, start: float) -> None:
-    rate = done / max(time.monotonic() - start, 1e-6)
-    sys.stderr.write(f"\r  replaying {done}/{total} ({rate:,.0f} ops/s)")
-    sys.stderr.flush()
+class _Output:
+    """Where per-request results go, in the chosen form."""
+
+    def __init__(self, args: argparse.Namespace, streaming: bool, out: TextIO) -> None:
+        self.args = args
+        self.out = out
+        self.flush = streaming or args.json_lines
+        self.width = render.width(out)
+        self.colour = render.fancy(out)
+        self.steps_open = False
+
+    def begin(self, head: dict[str, Any]) -> None:
+        if self.args.json:
+            text = json.dumps(head, indent=2, default=json_default)
+            self.out.write(text[:-2])  # the object left open: steps and the summary follow
+            if not self.args.quiet:
+                self.out.write(',\n  "steps": [')
+                self.steps_open = True
+            self._flush()
+
+    def step(self, step: ReplayStep, first: bool) -> None:
+        if self.args.json:
+            self.out.write(("\n    " if first else ",\n    ")
+                           + json.dumps(step.as_dict(), default=json_default))
+        elif self.args.json_lines:
+            self.out.write(json.dumps({"event": "step", **step.as_dict()},
+                                      default=json_default) + "\n")
+        elif self.colour:
+            render.line("\n".join(format_step(step, self.width)), _style(step), self.out)
+        else:
+            self.out.write("\n".join(format_step(step, self.width)) + "\n")
+        self._flush()
+
+    def malformed(self, text: str) -> None:
+        if self.args.json_lines:
+            self.out.write(json.dumps({"event": "malformed", "error": text}) + "\n")
+            self._flush()
+
+    def end(self, summary: dict[str, Any]) -> None:
+        if self.args.json:
+            if self.steps_open:
+                self.out.write("\n  ]")
+            body = json.dumps(summary, indent=2, default=json_default)
+            self.out.write(",\n" + body[2:] + "\n" if summary else "\n}\n")
+        elif self.args.json_lines:
+            self.out.write(json.dumps({"event": "summary", **summary}, default=json_default)
+                           + "\n")
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.flush:
+            self.out.flush()
+
+
+def _style(step: ReplayStep) -> str:
+    if step.problems:
+        return "red"
+    if step.errno:
+        return "yellow"
+    return "" if step.errno is None else "green"
 
 
 def run(args: argparse.Namespace) -> int:
-    profile = resolve_profile(args.profile)
-    ops, bad_lines = read_trace_or_die(args.file, args.format, args.keep_going)
+    per_request = not args.quiet
+    source = Input(args, validate=per_request)
+    profile = resolve_backend_profile(args.backend, args.profile)
     vm = make_vm(args.backend, profile, args.variant)
-    steps: list[ReplayStep] = []
-    show_progress = not args.json and sys.stderr.isatty() and len(ops) > 2000
+    out = _Output(args, source.streaming, sys.stdout)
+    show = StepFilter(args)
+    tally = Tally()
+    interrupted = False
     budget = None
     if args.backend != "model":
         budget = KernelMemoryBudget(profile, args.kernel_memory_limit)
     replayer = Replayer(vm, check=args.check, budget=budget)
+    current: list[TraceOp | None] = [None]
     try:
-        start = time.monotonic()
-        for i, op in enumerate(ops):
-            try:
-                step = replayer.step(op)
-            except KernelMemoryLimitError as exc:
-                die(f"{args.file}:{op.line or i + 1}: {exc}")
-            steps.append(step)
-            if not args.json and not args.quiet:
-                print(format_step(step))
-            if show_progress and i % 1000 == 0:
-                _progress(i, len(ops), start)
-        if show_progress:
-            sys.stderr.write("\r" + " " * 60 + "\r")
-        variant_problems = vm.check() if isinstance(vm, ModelVM) else []
-        mismatches = [s for s in steps if s.mismatch]
-        if args.json:
-            emit_json(_report(vm, profile.name, args, steps, mismatches, bad_lines,
-                              variant_problems))
+        out.begin({"file": source.path, "profile": profile.name, "backend": args.backend,
+                   "variants": args.variant})
+        seen_errors = 0
+        shown = 0
+
+        def on_step(step: ReplayStep) -> None:
+            nonlocal seen_errors, shown
+            if len(source.errors) > seen_errors:
+                for text in source.malformed[seen_errors:]:
+                    out.malformed(text)
+                seen_errors = len(source.errors)
+            if show(step):
+                out.step(step, shown == 0)
+                shown += 1
+
+        handler: Callable[[ReplayStep], None] | None = on_step if per_request else None
+        try:
+            with render.progress(source.size() or 0, "replaying",
+                                 not (args.json or args.json_lines or source.streaming),
+                                 unit="bytes") as update:
+                ops = render.tracked(_current(iter(source), current),
+                                     lambda: update(source.position()))
+                replayer.replay(ops, handler, tally)
+        except KernelMemoryLimitError as exc:
+            op = current[0]
+            die(f"{source.path}:{op.line if op is not None else 0}: {exc}")
+        except KeyboardInterrupt:
+            if source.follow is None and source.path != "-":
+                raise
+            interrupted = True
+            source.stopped = "interrupted"
+        problems = _check(vm)
+        notice = source.notice(tally.operations)
+        if args.json or args.json_lines:
+            out.end(_summary(vm, tally, source, problems, notice))
         else:
-            print_summary(vm, steps, mismatches, bad_lines, variant_problems)
+            print_summary(vm, tally, source.malformed, problems, notice, out.width,
+                          source.stopped if source.follow is not None else None)
     finally:
         replayer.close()
         vm.close()
         if budget is not None:
             budget.close()
-    return EXIT_MISMATCH if mismatches else EXIT_OK
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if tally.mismatches or problems or (args.strict and tally.operations == 0):
+        return EXIT_MISMATCH
+    return EXIT_OK
+
+
+def _current(ops: Iterator[TraceOp], current: list[TraceOp | None]) -> Iterator[TraceOp]:
+    """``ops``, keeping the one being applied in ``current[0]`` (to name its line)."""
+    for op in ops:
+        current[0] = op
+        yield op
+
+
+def _check(vm: VM) -> list[str]:
+    model = _model(vm)
+    return model.check() if model is not None else []
 
 
 _KIND = {"get_dirty_log": "GET_LOG", "clear_dirty_log": "CLEAR_LOG",
@@ -117,7 +236,10 @@ _KIND = {"get_dirty_log": "GET_LOG", "clear_dirty_log": "CLEAR_LOG",
          "check_extension": "CHECK_EXT", "create_guest_memfd": "GMEM"}
 
 
-def format_step(step: ReplayStep) -> str:
+def format_step(step: ReplayStep, limit: int | None = None) -> list[str]:
+    """One request as text: where, change, outcome and the request on the first line; the
+    metadata allocated and freed, the failing rule and the note after it (on further lines
+    when ``limit`` columns do not hold them)."""
     op = step.op
     where = f"L{op.line}" if op.line else f"#{step.index}"
     details = describe_op(op)
@@ -127,20 +249,22 @@ def format_step(step: ReplayStep) -> str:
         kind = _KIND[op.op]
         details = details.split(" ", 1)[1] if " " in details else details
     status = "skipped" if step.skipped else ("ok" if not step.errno else _name(step.errno or 0))
-    text = f"{where:>6}  {kind:<10} {status:<7} {details}"
+    head = f"{where:>6}  {kind:<10} {status:<7} {details}"
+    parts = []
     r = step.result
     if r is not None:
         if r.bytes_allocated or r.bytes_freed:
-            text += f"  [+{human_bytes(r.bytes_allocated)} -{human_bytes(r.bytes_freed)}]"
+            parts.append(f"[+{human_bytes(r.bytes_allocated)} -{human_bytes(r.bytes_freed)}]")
         if r.errno and r.rule is not None:
-            text += f"  <- {r.rule.function}: {r.rule.text}"
+            parts.append(f"<- {r.rule.function}: {r.rule.text}")
     elif step.errno and step.message:
-        text += f"  <- {step.message}"
+        parts.append(f"<- {step.message}")
     if op.note:
-        text += f"  # {op.note}"
+        parts.append(f"# {op.note}")
+    lines = render.fit(head, parts, limit)
     for problem in step.problems:
-        text += f"\n        MISMATCH: {problem}"
-    return text
+        lines += render.fit(f"        MISMATCH: {problem}", [], limit)
+    return lines
 
 
 def _name(err: int) -> str:
@@ -149,76 +273,90 @@ def _name(err: int) -> str:
     return errno_name(err)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def print_summary(
     vm: VM,
-    steps: list[ReplayStep],
-    mismatches: list[ReplayStep],
+    tally: Tally,
     bad_lines: list[str],
-    variant_problems: list[str],
+    problems: list[str],
+    notice: str | None = None,
+    limit: int | None = None,
+    stopped: str | None = None,
 ) -> None:
     rows, headers = slot_table_rows(vm)
+    if stopped:
+        render.line(f"stopped following: {stopped}", "yellow")
+    if notice:
+        render.line(notice, "yellow")
     print()
-    print(f"final slots ({len(rows)}):")
-    table(rows, headers)
-    ok = sum(1 for s in steps if s.errno == 0)
-    failed = sum(1 for s in steps if s.errno)
-    skipped = sum(1 for s in steps if s.skipped)
+    render.print_table(rows, headers, title=f"final slots ({len(rows)}):",
+                       right={3, 6, 7} if len(headers) > 6 else {3})
     print()
-    print(f"{len(steps)} operations: {ok} succeeded, {failed} refused, {skipped} skipped, "
-          f"{len(mismatches)} mismatched expectations")
-    if isinstance(vm, ModelVM):
-        print(f"metadata: {human_bytes(vm.metadata_bytes())} live "
-              f"({vm.metadata_bytes()} bytes), VmallocUsed {human_bytes(vm.vmalloc_bytes())}, "
-              f"nr_memslot_pages {vm.nr_memslot_pages}, "
-              + ", ".join(f"generation[{i}] {vm.generation(i)}"
-                          for i in range(vm.nr_address_spaces)))
+    print("\n".join(render.fit(
+        f"{_plural(tally.operations, 'operation')}: {tally.ok} succeeded, {tally.refused} "
+        f"refused, {tally.skipped} skipped, {tally.mismatches} mismatched "
+        f"{'expectation' if tally.mismatches == 1 else 'expectations'}", [], limit)))
+    model = _model(vm)
+    if model is not None:
+        print("\n".join(render.fit(
+            f"metadata: {human_bytes(model.metadata_bytes())} live "
+            f"({_plural(model.metadata_bytes(), 'byte')}), VmallocUsed "
+            f"{human_bytes(model.vmalloc_bytes())}, nr_memslot_pages "
+            f"{_pages(vm)}, "
+            + ", ".join(f"generation[{i}] {model.generation(i)}"
+                        for i in range(vm.nr_address_spaces)), [], limit)))
     for line in bad_lines:
-        print(f"skipped malformed line: {line}")
-    if variant_problems:
-        print(f"check() found {len(variant_problems)} problem(s):")
-        for problem in variant_problems:
+        render.line(f"skipped malformed line: {line}", "yellow")
+    if problems:
+        render.line(f"check() found {_plural(len(problems), 'problem')}:", "red")
+        for problem in problems:
             print(f"  - {problem}")
-    for step in mismatches:
-        print(f"MISMATCH at {'line ' + str(step.op.line) if step.op.line else step.index}: "
-              + "; ".join(step.problems))
+    for step in tally.mismatched:
+        render.line(f"MISMATCH at {'line ' + str(step.op.line) if step.op.line else step.index}: "
+                    + "; ".join(step.problems), "red")
+    if tally.mismatches > len(tally.mismatched):
+        print(f"... and {tally.mismatches - len(tally.mismatched)} more mismatches")
 
 
-def _report(
-    vm: VM,
-    profile: str,
-    args: argparse.Namespace,
-    steps: list[ReplayStep],
-    mismatches: list[ReplayStep],
-    bad_lines: list[str],
-    variant_problems: list[str],
+def _pages(vm: VM) -> int:
+    """``kvm->nr_memslot_pages``: the pages of every slot."""
+    return sum(s.npages for s in _all_slots(vm))
+
+
+def _summary(
+    vm: VM, tally: Tally, source: Input, problems: list[str], notice: str | None
 ) -> dict[str, Any]:
+    model = _model(vm)
     slots = []
-    for s in _slot_rows(vm):
+    for s in _all_slots(vm):
         entry: dict[str, Any] = {
             "as_id": s.as_id, "id": s.id, "base_gfn": s.base_gfn, "npages": s.npages,
             "guest_phys_addr": s.guest_phys_addr, "memory_size": s.memory_size,
             "userspace_addr": s.userspace_addr, "flags": s.flags,
         }
-        if isinstance(vm, ModelVM):
-            entry["metadata"] = vm.describe_metadata(s)
+        if model is not None:
+            entry["metadata"] = model.describe_metadata(s)
         slots.append(entry)
     out: dict[str, Any] = {
-        "file": args.file,
-        "profile": profile,
-        "backend": args.backend,
-        "variants": args.variant,
-        "steps": [s.as_dict() for s in steps],
         "slots": slots,
-        "mismatches": len(mismatches),
-        "malformed_lines": bad_lines,
-        "check": variant_problems,
+        "operations": tally.operations,
+        "outcomes": {"ok": tally.ok, "refused": tally.refused, "skipped": tally.skipped},
+        "mismatches": tally.mismatches,
+        "malformed_lines": source.malformed,
+        "check": problems,
+        "notice": notice,
     }
-    if isinstance(vm, ModelVM):
+    if source.follow is not None:
+        out["stopped"] = source.stopped
+    if model is not None:
         out["totals"] = {
-            "metadata_bytes": vm.metadata_bytes(),
-            "vmalloc_bytes": vm.vmalloc_bytes(),
-            "nr_memslot_pages": vm.nr_memslot_pages,
-            "generations": [vm.generation(i) for i in range(vm.nr_address_spaces)],
+            "metadata_bytes": model.metadata_bytes(),
+            "vmalloc_bytes": model.vmalloc_bytes(),
+            "nr_memslot_pages": _pages(vm),
+            "generations": [model.generation(i) for i in range(vm.nr_address_spaces)],
         }
     return out
 

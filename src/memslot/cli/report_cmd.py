@@ -7,15 +7,15 @@ import argparse
 from typing import Any
 
 from ..tools.report import COMPARE_PROFILES, report_trace, warnings
-from ..trace.reader import FORMATS
+from ..units import plural
 from . import render
 from .backends import resolve_profile
-from .common import EXIT_MISMATCH, EXIT_OK, Command, emit_json, human_bytes
-from .trace_input import at_or_die, read_trace_or_die
+from .common import EXIT_MISMATCH, EXIT_OK, Command, die, emit_json, human_bytes
+from .trace_input import Input, add_input_options, at_or_die
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", metavar="FILE", help="trace (JSON lines or QEMU log, '-' for stdin)")
+    add_input_options(p)
     p.add_argument("--profile", action="append", default=[], metavar="P",
                    help="host profile; repeat to compare side by side (default x86_64; "
                         "'detect' for the running kernel)")
@@ -28,10 +28,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true",
                    help="exit 1 on findings: slots whose gpa/hva misalignment disables large "
                         "pages, slots near KVM_MEM_MAX_NR_PAGES, slot headroom below 10%%, "
-                        "results that differ from the trace")
-    p.add_argument("--format", choices=FORMATS, default="auto", help="input format")
-    p.add_argument("--keep-going", action="store_true",
-                   help="skip malformed lines (reported) instead of refusing the whole file")
+                        "results that differ from the trace, an input without operations")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -50,28 +47,30 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         names += [n for n in COMPARE_PROFILES if n not in names]
     profiles = [resolve_profile(n) for n in (names or ["x86_64"])]
-    ops, errors = read_trace_or_die(args.file, args.format, args.keep_going)
-    at = at_or_die(args.at, ops)
-    total = (len(ops) if at is None else at) * len(profiles)
-    with render.progress(total, "replaying", not args.json) as update:
-        done = [0]
-
-        def advance(n: int) -> None:
-            update(done[0] + n)
-
-        reports = []
-        for p in profiles:
-            reports.extend(report_trace(ops, [p], at, advance))
-            done[0] += len(ops) if at is None else at
-    bad = errors
+    at = at_or_die(args.at)
+    source = Input(args)
+    with render.progress(source.size() or 0, "replaying", not (args.json or source.streaming),
+                         unit="bytes") as update:
+        try:
+            reports = report_trace(source, profiles, at,
+                                   lambda n: update(source.position()))
+        except ValueError as exc:  # --at past the end
+            die(str(exc))
+    bad = source.malformed
+    notice = source.notice(reports[0]["operations"])
+    if notice is not None:
+        for r in reports:
+            r["findings"].insert(0, {"code": "no-operations", "severity": "warning",
+                                     "slot": None, "text": notice})
+    found = warnings(reports)
     if args.json:
-        emit_json({"file": args.file, "at": at, "reports": reports, "malformed_lines": bad,
-                   "warnings": warnings(reports)})
+        emit_json({"file": source.path, "at": args.at, "reports": reports,
+                   "malformed_lines": bad, "warnings": found, "notice": notice})
     else:
-        print_reports(args.file, reports, args.arrays)
+        print_reports(source.path, reports, args.arrays)
         for text in bad:
             render.line(f"skipped malformed line: {text}", "yellow")
-    return EXIT_MISMATCH if args.strict and warnings(reports) else EXIT_OK
+    return EXIT_MISMATCH if args.strict and found else EXIT_OK
 
 
 def _huge_cell(h: dict[str, Any]) -> str:
@@ -106,24 +105,25 @@ def print_slots(r: dict[str, Any], arrays: bool) -> None:
                               "of max pages"], right={2, 8, 9, 10, 11})
     if arrays:
         for s in r["slots"]:
-            print(f"  slot {s['as_id']}:{s['id']}: " + ", ".join(
+            render.line(f"  slot {s['as_id']}:{s['id']}: " + ", ".join(
                 f"{a['array']} {a['entries']} = {human_bytes(a['bytes'])}" for a in s["arrays"]))
 
 
 def print_totals(r: dict[str, Any]) -> None:
     t = r["totals"]
     est = "" if t["huge_source"] == "lpage_info" else " (estimate)"
-    print(f"guest memory {human_bytes(t['guest_bytes'])} in {t['slots']} slot(s); mappable with "
+    render.line(f"guest memory {human_bytes(t['guest_bytes'])} in {plural(t['slots'], 'slot')}; "
+          "mappable with "
           f"2M pages {_pct(t['huge_share']['2M'])}, 1G pages {_pct(t['huge_share']['1G'])}{est}")
-    print(f"metadata {human_bytes(t['metadata_bytes'])} ({t['metadata_bytes']} B), "
+    render.line(f"metadata {human_bytes(t['metadata_bytes'])} ({t['metadata_bytes']} B), "
           f"VmallocUsed {human_bytes(t['vmalloc_bytes'])}; dirty bitmaps now "
           f"{human_bytes(t['dirty_bitmap_bytes'])}, with logging on every slot "
           f"{human_bytes(t['dirty_bitmap_if_logging_bytes'])} (VmallocUsed "
           f"{human_bytes(t['dirty_bitmap_if_logging_vmalloc_bytes'])})")
     spaces = "; ".join(
-        f"address space {a['as_id']}: {a['slots']} of {a['limit']} slots, headroom "
+        f"address space {a['as_id']}: {a['slots']} of {plural(a['limit'], 'slot')}, headroom "
         f"{_pct(a['headroom_share'])}" for a in r["address_spaces"])
-    print(f"limits: {spaces}; largest slot {t['largest_slot_pages']} pages = "
+    render.line(f"limits: {spaces}; largest slot {plural(t['largest_slot_pages'], 'page')} = "
           f"{_pct(t['largest_slot_pages'] / t['max_nr_pages'])} of KVM_MEM_MAX_NR_PAGES")
 
 
@@ -151,7 +151,7 @@ def print_reports(path: str, reports: list[dict[str, Any]], arrays: bool) -> Non
         if n:
             print()
         render.heading(f"{path} under {r['profile']} ({r['arch']}): after {r['applied']} of "
-                       f"{r['operations']} operation(s): {_outcome(r)} from the trace")
+                       f"{plural(r['operations'], 'operation')}: {_outcome(r)} from the trace")
         print_slots(r, arrays)
         print_totals(r)
         print_findings(r)

@@ -34,6 +34,7 @@ from ..constants import (
     flag_names,
 )
 from ..errors import ClosedError, GuestAddressError, KvmError
+from ..units import human_bytes
 from .address import GPA_LIMIT, GuestRegion, LayoutError
 from .dirty import CONSUMER_SNAPSHOT, CONSUMER_USER, DirtyBitmap, DirtySet, DirtyTracker
 from .index import LayoutIndex, Placed
@@ -380,8 +381,8 @@ class GuestMemory(Closing):
         """The layout as a text table."""
         headers = ["slot", "gpa", "end", "size", "hva", "flags", "backing", "label"]
         rows = [
-            [str(r.slot), f"{p.start:#x}", f"{p.end:#x}", _size(p.size), f"{r.hva:#x}",
-             flag_names(p.flags), r.backing, r.label]
+            [str(r.slot), f"{p.start:#x}", f"{p.end:#x}", human_bytes(p.size, exact=True),
+             f"{r.hva:#x}", flag_names(p.flags), r.backing, r.label]
             for p in self._index.placed()
             for r in (p.region,)
         ]
@@ -788,10 +789,3 @@ class SnapshotAccess:
     def set_chain(self, chain_id: bytes, seq: int) -> None:
         self.chain.id = chain_id
         self.chain.seq = seq
-
-
-def _size(n: int) -> str:
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n:#x}"

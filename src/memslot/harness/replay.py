@@ -1,22 +1,30 @@
 """Replay trace operations on any backend and compare each outcome with what was recorded.
 
+:meth:`Replayer.step` performs one operation and returns its :class:`ReplayStep`;
+:meth:`Replayer.replay` runs a whole stream of them keeping only counts (a :class:`Tally`), so
+that memory does not grow with the trace, and builds a step only for the caller's ``on_step``
+or for a result that differs from the trace.
+
 A trace may act on several VMs (``op.vm``): the VM given is number 0, others are made on
 first use as fresh VMs of the same backend (closed by :meth:`Replayer.close`). guest_memfd
 descriptors the trace recorded (``CreateGuestMemfd.fd``) are mapped to the ones the replay
-gets, per VM."""
+gets, per VM; a guest_memfd the trace names without its creation (a QEMU trace) is created on
+first use."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends.base import VM, FaultInjection
+from ..backends.base import VM, FaultInjection, ModelIntrospection
 from ..backends.budget import KernelMemoryBudget
+from ..backends.dual import Divergence
 from ..backends.model import ModelVM
 from ..engine.dirty import dirty_bitmap_bytes
 from ..engine.result import OpResult
 from ..errors import KvmError, errno_name
+from ..request import MemoryRegion
 from ..trace.jsonl import to_object
 from ..trace.records import (
     CheckExtension,
@@ -75,9 +83,53 @@ class ReplayStep:
         return out
 
 
+#: Steps that differ from the trace kept by a :class:`Tally` (the rest are only counted).
+KEEP_MISMATCHES = 100
+
+
+@dataclass
+class Tally:
+    """Counts of a replay: operations, their outcomes, and the first mismatched steps."""
+
+    operations: int = 0
+    ok: int = 0
+    refused: int = 0
+    skipped: int = 0
+    mismatches: int = 0
+    mismatched: list[ReplayStep] = field(default_factory=list)
+
+    def add(self, step: ReplayStep) -> None:
+        self.operations += 1
+        if step.errno is None:
+            self.skipped += 1
+        elif step.errno:
+            self.refused += 1
+        else:
+            self.ok += 1
+        if step.problems:
+            self.mismatches += 1
+            if len(self.mismatched) < KEEP_MISMATCHES:
+                self.mismatched.append(step)
+
+
+StepHandler = Callable[[ReplayStep], None]
+
+
+#: Size of a guest_memfd created for one a trace names without its creation (the trace does
+#: not say its size; the file is sparse, and the model keeps no memory for it).
+GMEM_REPLAY_SIZE = 1 << 46
+
+
 class Replayer:
-    """Apply operations one by one to ``vm``; with ``check=True`` (model only) run
-    ``vm.check()`` after every operation and report violations as problems."""
+    """Apply operations one by one to ``vm``; with ``check=True`` (a VM that can check its
+    own invariants: the model) run ``vm.check()`` after every operation and report violations
+    as problems.
+
+    A QEMU trace names a VMM's guest_memfd fd numbers without their creation: the first request
+    naming one creates a guest_memfd in the VM (``KVM_CREATE_GUEST_MEMFD``, sparse,
+    :data:`GMEM_REPLAY_SIZE` bytes; closed with the VM) and every request naming it uses that
+    one instead.
+    """
 
     def __init__(self, vm: VM, check: bool = False,
                  budget: KernelMemoryBudget | None = None) -> None:
@@ -115,13 +167,64 @@ class Replayer:
         self.index += 1
         step = self._perform(op)
         if op.expect is not None and step.errno is not None and step.errno != op.expect:
-            step.problems.append(
-                f"expected {errno_name(op.expect)}, got {errno_name(step.errno)}"
-            )
-        vm = self.vms.get(op.vm)
-        if self.check and isinstance(vm, ModelVM):
-            step.problems.extend(f"check: {p}" for p in vm.check())
+            step.problems.append(_differs(op.expect, step.errno))
+        if self.check:
+            model = _introspection(self.vms.get(op.vm))
+            if model is not None:
+                step.problems.extend(f"check: {p}" for p in model.check())
         return step
+
+    def replay(
+        self,
+        ops: Iterable[TraceOp],
+        on_step: StepHandler | None = None,
+        tally: Tally | None = None,
+    ) -> Tally:
+        """Apply every operation of ``ops`` (a stream: nothing is kept but counts), calling
+        ``on_step`` with each step when given."""
+        tally = tally if tally is not None else Tally()
+        model = self.vm if isinstance(self.vm, ModelIntrospection) else None
+        if model is None or on_step is not None or self.check or self.budget is not None:
+            for op in ops:
+                step = self.step(op)
+                tally.add(step)
+                if on_step is not None:
+                    on_step(step)
+            return tally
+        # The lean loop: a v1 request on the first VM whose result is what the trace recorded
+        # is counted, not kept; anything else goes through step().
+        submit = model.submit
+        index = self.index
+        ok = refused = 0
+        try:
+            for op in ops:
+                if type(op) is SetRegion and op.vm == 0 and op.region.guest_memfd is None:
+                    index += 1
+                    try:
+                        result = submit(op.region)
+                    except (KvmError, Divergence) as exc:
+                        tally.add(_failed(index, op, exc))
+                        continue
+                    err = result.errno
+                    if op.expect is None or err == op.expect:
+                        if err:
+                            refused += 1
+                        else:
+                            ok += 1
+                        continue
+                    step = ReplayStep(index, op, err, result)
+                    step.problems.append(_differs(op.expect, err))
+                    tally.add(step)
+                    continue
+                self.index = index
+                tally.add(self.step(op))
+                index = self.index
+        finally:
+            self.index = index
+            tally.operations += ok + refused
+            tally.ok += ok
+            tally.refused += refused
+        return tally
 
     def _perform(self, op: TraceOp) -> ReplayStep:
         index = self.index
@@ -130,18 +233,14 @@ class Replayer:
             return ReplayStep(index, op, None, message=f"cannot make VM {op.vm} of the trace")
         vm = found
         if isinstance(op, SetRegion):
-            region = op.region
-            if region.guest_memfd is not None:
-                fd = self._gmem.get((op.vm, region.guest_memfd), region.guest_memfd)
-                region = region._replace(guest_memfd=fd)
-            if isinstance(vm, ModelVM):
-                result = vm.submit(region)
-                return ReplayStep(index, op, result.errno, result)
-            if self.budget is None:
-                return self._call(index, op, lambda: vm.apply(region))
-            cost = self.budget.admit(region)  # raises KernelMemoryLimitError
-            step = self._call(index, op, lambda: vm.apply(region))
-            if step.errno == 0:
+            region = op.region if op.region.guest_memfd is None else self._gmem_for(op, vm)
+            cost = self.budget.admit(region) if self.budget is not None else 0  # may raise
+            if isinstance(vm, ModelIntrospection):
+                model = vm
+                step = self._call(index, op, lambda: model.submit(region))
+            else:
+                step = self._call(index, op, lambda: vm.apply(region))
+            if self.budget is not None and step.errno == 0:
                 self.budget.record(region, cost, owner=op.vm)
             return step
         if isinstance(op, GetDirtyLog):
@@ -186,17 +285,30 @@ class Replayer:
             return self._call(index, op, lambda: vm.mark_page_dirty(op.gfn, op.as_id))
         raise TypeError(f"not a trace operation: {op!r}")
 
+    def _gmem_for(self, op: SetRegion, vm: VM) -> MemoryRegion:
+        """``op.region`` with its recorded guest_memfd replaced by the VM's own: the one the
+        trace created (``CreateGuestMemfd``), or one created now for a trace that names the fd
+        only (when that fails the request goes as recorded, and fails as it must)."""
+        region = op.region
+        recorded = region.guest_memfd
+        assert recorded is not None
+        fd = self._gmem.get((op.vm, recorded))
+        if fd is None:
+            try:
+                fd = vm.create_guest_memfd(GMEM_REPLAY_SIZE)
+            except (KvmError, ValueError):
+                return region
+            self._gmem[(op.vm, recorded)] = fd
+        return region._replace(guest_memfd=fd)
+
     @staticmethod
     def _call(index: int, op: TraceOp, fn: Any) -> ReplayStep:
-        from ..backends.dual import Divergence
-
         try:
             value = fn()
-        except KvmError as exc:
-            return ReplayStep(index, op, exc.errno or 0, message=exc.rule or str(exc))
-        except Divergence as exc:
-            err = exc.kernel_errno if exc.kernel_errno is not None else 0
-            return ReplayStep(index, op, err, problems=[f"divergence: {exc}"], message=str(exc))
+        except (KvmError, Divergence) as exc:
+            return _failed(index, op, exc)
+        if isinstance(value, OpResult):
+            return ReplayStep(index, op, value.errno, value)
         if isinstance(value, bytes):
             return ReplayStep(index, op, 0, data=value)
         return ReplayStep(index, op, 0, value=value if isinstance(value, int) else None)
@@ -215,6 +327,42 @@ def _readable_pages(vm: VM, op: ClearDirtyLog) -> int:
     if slot is None or op.first_page > slot.npages:
         return 0
     return min(op.num_pages, slot.npages - op.first_page)
+
+
+def _introspection(vm: VM | None) -> ModelIntrospection | None:
+    """The model's introspection of ``vm``, when it has one."""
+    return vm if isinstance(vm, ModelIntrospection) else None
+
+
+def _failed(index: int, op: TraceOp, exc: KvmError | Divergence) -> ReplayStep:
+    """The step of an operation that raised: the kernel's refusal, or a divergence between
+    model and kernel (a problem, whatever the errno)."""
+    if isinstance(exc, KvmError):
+        return ReplayStep(index, op, exc.errno or 0, message=exc.rule or str(exc))
+    err = exc.kernel_errno if exc.kernel_errno is not None else 0
+    text = describe_divergence(exc)
+    return ReplayStep(index, op, err, problems=[f"divergence: {text}"], message=text)
+
+
+def describe_divergence(exc: Divergence) -> str:
+    """A divergence as text; two slot sets as the slots only one side has, each as
+    ``as:id gfn+npages flags ua`` rather than raw tuples."""
+    m, k = exc.model, exc.kernel
+    if isinstance(m, list) and isinstance(k, list) and all(
+            isinstance(t, tuple) and len(t) == 6 for t in m + k):
+        only_m = [t for t in m if t not in k]
+        only_k = [t for t in k if t not in m]
+
+        def show(slots: list[Any]) -> str:
+            return ", ".join(f"{a}:{i} gfn {g:#x}+{n:#x} flags {f:#x} ua {u:#x}"
+                             for a, i, g, n, f, u in slots) or "nothing"
+
+        return f"{exc.what}: only the model has {show(only_m)}; only the kernel has {show(only_k)}"
+    return str(exc)
+
+
+def _differs(expect: int, got: int) -> str:
+    return f"expected {errno_name(expect)}, got {errno_name(got)}"
 
 
 def describe_op(op: TraceOp) -> str:

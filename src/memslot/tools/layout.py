@@ -17,10 +17,13 @@ from xml.sax.saxutils import escape
 
 from ..backends.model import ModelVM
 from ..constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, flag_names
+from ..units import human_bytes, plural
 
 FOUR_GIB = 1 << 32
 #: At most this many rows per address space; more segments are condensed into groups.
 MAX_ROWS = 64
+#: The most rows per address space a caller may ask for (taller pictures are not readable).
+MAX_ROWS_LIMIT = 2048
 
 # Geometry (pixels).
 MARGIN = 20
@@ -82,6 +85,19 @@ class Segment:
                     "covered": self.covered, "readonly": self.readonly,
                     "logging": self.logging}
         return out
+
+
+def clip(rows: list[Segment], start: int, end: int) -> list[Segment]:
+    """The segments that meet ``[start, end)``; holes are cut to it, slots and groups stay
+    whole (their labels name them whole)."""
+    out = []
+    for seg in rows:
+        if seg.end <= start or seg.start >= end:
+            continue
+        if seg.kind == "hole":
+            seg = Segment("hole", max(seg.start, start), min(seg.end, end))
+        out.append(seg)
+    return out
 
 
 def address_map(vm: ModelVM) -> list[list[Segment]]:
@@ -202,16 +218,6 @@ class Scene:
     rows: list[list[dict[str, Any]]]  # per address space: row dicts with y and height
 
 
-def human(n: int) -> str:
-    """Sizes as the CLI prints them (1536 -> '1.5 KiB')."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if value < 1024 or unit == "PiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
 def row_height(seg: Segment, page_size: int) -> float:
     """Log-scaled: 22 px for one page, +2.5 px per doubling; holes at 60%, groups >= 40."""
     pages = max(seg.size // page_size, 1)
@@ -249,7 +255,10 @@ def build_scene(
 ) -> Scene:
     """Lay the condensed maps out, one column per address space."""
     shapes: list[Shape] = []
-    widths = [COL_W if segs else EMPTY_COL_W for segs in maps] or [EMPTY_COL_W]
+    # An address space without slots gets no column, only a word under the title.
+    columns = [col for col, segs in enumerate(maps) if segs] or [0]
+    empty = [col for col, segs in enumerate(maps) if not segs and col not in columns]
+    widths = [COL_W if maps and maps[col] else EMPTY_COL_W for col in columns]
     width = max(MARGIN * 2 + sum(widths), 900)
     shapes.append(Text(MARGIN, 26, title, 16, INK, bold=True))
     if subtitle:
@@ -258,6 +267,8 @@ def build_scene(
     for fill, label in ((RAM, "slot"), (READONLY, "read-only slot"), (GROUP, "group of slots"),
                         (HOLE, "hole (no slot)")):
         shapes.append(Rect(lx, 56, 14, 12, fill, "#999999"))
+        if fill == GROUP:  # as drawn: the group's band with its slots' coverage in it
+            shapes.append(Rect(lx + 2, 58, 7, 8, GROUP_FILL))
         shapes.append(Text(lx + 18, 66, label, SMALL, INK))
         lx += 30 + 7 * len(label)
     shapes.append(Rect(lx, 56, 5, 12, LOGGING))
@@ -266,10 +277,15 @@ def build_scene(
     shapes.append(Line(lx, 62, lx + 24, 62, BOUNDARY, 1.5, True))
     shapes.append(Text(lx + 30, 66, "4 GiB boundary", SMALL, INK))
 
-    all_rows: list[list[dict[str, Any]]] = []
+    if empty:
+        lx += 120
+        names = ", ".join(str(col) for col in empty)
+        shapes.append(Text(lx, 66, f"address space {names}: no slots", SMALL, MUTED))
+    all_rows: list[list[dict[str, Any]]] = [[] for _ in maps]
     bottom = TITLE_H
-    for col, segs in enumerate(maps):
-        x0 = MARGIN + sum(widths[:col])
+    for n, col in enumerate(columns):
+        segs = maps[col] if maps else []
+        x0 = MARGIN + sum(widths[:n])
         bx = x0 + AXIS_W
         y = TITLE_H + 24.0
         nslots = sum(1 if s.kind == "slot" else s.slots for s in segs)
@@ -279,7 +295,8 @@ def build_scene(
             where = ", all below 4 GiB"
         elif segs and first >= FOUR_GIB:
             where = ", all above 4 GiB"
-        shapes.append(Text(x0, TITLE_H + 10, f"address space {col}: {nslots} slot(s){where}",
+        shapes.append(Text(x0, TITLE_H + 10,
+                           f"address space {col}: {plural(nslots, 'slot')}{where}",
                            13, INK, bold=True))
         rows: list[dict[str, Any]] = []
         if not segs:
@@ -293,7 +310,8 @@ def build_scene(
         if segs:
             shapes.append(Text(bx - 8, y + 4, f"{segs[-1].end:#x}", SMALL, MUTED, "end"))
             shapes.extend(_boundary(segs, rows, x0, bx))
-        all_rows.append(rows)
+        if maps:
+            all_rows[col] = rows
         bottom = max(bottom, int(y))
     height = bottom + BOTTOM
     return Scene(width, height, shapes, all_rows)
@@ -309,7 +327,7 @@ def _draw_row(seg: Segment, x0: float, bx: float, y: float, h: float) -> list[Sh
     if seg.kind == "hole":
         out.append(Rect(bx, y, BAND_W, h, HOLE))
         out.extend(_hatch(bx, y, BAND_W, h))
-        out.append(Text(lx, y + h / 2 + 4, f"hole  {human(seg.size)}", SMALL, MUTED))
+        out.append(Text(lx, y + h / 2 + 4, f"hole  {human_bytes(seg.size)}", SMALL, MUTED))
         return out
     if seg.kind == "slot":
         assert seg.slot is not None
@@ -318,7 +336,7 @@ def _draw_row(seg: Segment, x0: float, bx: float, y: float, h: float) -> list[Sh
         if seg.flags & KVM_MEM_LOG_DIRTY_PAGES:
             out.append(Rect(bx, y + 1, 8, h - 2, LOGGING))
         slot_id = seg.slot[1]
-        out.append(Text(lx, first, f"slot {slot_id}  {human(seg.size)}  "
+        out.append(Text(lx, first, f"slot {slot_id}  {human_bytes(seg.size)}  "
                         f"{_flags_text(seg.flags)}", FONT, INK, bold=True))
         if two:
             out.append(Text(lx, first + 16, f"{seg.start:#x}-{seg.end - 1:#x}  "
@@ -338,7 +356,7 @@ def _draw_row(seg: Segment, x0: float, bx: float, y: float, h: float) -> list[Sh
     if seg.logging:
         extra.append(f"{seg.logging} dirty-logged")
     out.append(Text(lx, first, f"{seg.slots} slots (ids {seg.first_id}-{seg.last_id}), "
-                    f"{human(seg.covered)} in {human(seg.size)}", FONT, INK, bold=True))
+                    f"{human_bytes(seg.covered)} in {human_bytes(seg.size)}", FONT, INK, bold=True))
     out.append(Text(lx, first + 16, f"{seg.start:#x}-{seg.end - 1:#x}"
                     + (f"  {', '.join(extra)}" if extra else ""), SMALL, MUTED))
     return out
@@ -437,7 +455,12 @@ def _dashed(draw: Any, s: Line, on: float = 6, off: float = 4) -> None:
         pos = end + off
 
 
-def layout(vm: ModelVM, title: str, subtitle: str = "", max_rows: int = MAX_ROWS) -> Scene:
-    """The scene of ``vm``'s current address map."""
-    maps = [condense(rows, max_rows) for rows in address_map(vm)]
+def layout(vm: ModelVM, title: str, subtitle: str = "", max_rows: int = MAX_ROWS,
+           gpa_range: tuple[int, int] | None = None) -> Scene:
+    """The scene of ``vm``'s current address map (only ``[start, end)`` of it when
+    ``gpa_range`` is given)."""
+    maps = address_map(vm)
+    if gpa_range is not None:
+        maps = [clip(rows, *gpa_range) for rows in maps]
+    maps = [condense(rows, max_rows) for rows in maps]
     return build_scene(maps, vm.profile.page_size, title, subtitle)

@@ -14,9 +14,11 @@ from ..constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_MAX_NR_PAGES, flag_name
 from ..engine.dirty import dirty_bitmap_bytes
 from ..engine.ledger import KIND_DIRTY_BITMAP
 from ..engine.slot import MemorySlot
+from ..harness.replay import Replayer
 from ..profile import Profile
 from ..trace.records import TraceOp
-from .session import ModelRun, Progress, replay_model
+from ..units import human_bytes, plural
+from .session import At, ModelRun, Progress
 
 #: Large-page sizes judged: x86 levels 2 and 3, arm64/riscv PMD/PUD blocks, POWER radix.
 HUGE_SIZES: tuple[tuple[str, int], ...] = (("2M", 1 << 21), ("1G", 1 << 30))
@@ -104,16 +106,6 @@ def slot_report(vm: ModelVM, slot: MemorySlot) -> dict[str, Any]:
     }
 
 
-def _size(n: int) -> str:
-    """1536 -> '1.5 KiB' (as the CLI prints sizes)."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
 def findings(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Problems a VMM developer should fix (``severity`` "warning", counted by ``--strict``)
     and notes, for one profile's report."""
@@ -121,7 +113,7 @@ def findings(report: dict[str, Any]) -> list[dict[str, Any]]:
     profile = report["profile"]
     for s in report["slots"]:
         name = f"{s['as_id']}:{s['id']}"
-        where = f"slot {name} ({_size(s['memory_size'])} at {s['guest_phys_addr']:#x})"
+        where = f"slot {name} ({human_bytes(s['memory_size'])} at {s['guest_phys_addr']:#x})"
         for size_name, h in s["huge"].items():
             if h["misaligned"] and h["lost_bytes"] and not h["eligible_bytes"]:
                 est = "" if h["source"] == "lpage_info" else " (estimate)"
@@ -135,7 +127,7 @@ def findings(report: dict[str, Any]) -> list[dict[str, Any]]:
                             f"but userspace_addr is {h['ua_offset']:#x} into its own, so no "
                             f"{size_name} page can map it{est}; userspace_addr "
                             f"{h['fix_userspace_addr']:#x} (gpa mod {size_name}) would allow "
-                            f"{_size(h['lost_bytes'])} of {size_name} mappings"
+                            f"{human_bytes(h['lost_bytes'])} of {size_name} mappings"
                             + ("" if smallest else " (with 1 GiB hugetlbfs backing)"),
                 })
         if s["max_pages_share"] >= NEAR_MAX_PAGES:
@@ -158,7 +150,8 @@ def findings(report: dict[str, Any]) -> list[dict[str, Any]]:
         where = f"line {first['line']}" if first["line"] else f"operation {first['index']}"
         out.append({
             "code": "replay-mismatch", "severity": "warning", "slot": None,
-            "text": f"{report['outcomes']['mismatches']} result(s) under {profile} differ from "
+            "text": f"{plural(report['outcomes']['mismatches'], 'result')} under {profile} "
+                    f"{'differs' if report['outcomes']['mismatches'] == 1 else 'differ'} from "
                     f"the trace (first at {where}: {'; '.join(first['problems'])})",
         })
     if report["arch"] != "x86" and report["slots"]:
@@ -175,9 +168,9 @@ def run_report(run: ModelRun, total_ops: int) -> dict[str, Any]:
     vm, profile = run.vm, run.profile
     slots = [slot_report(vm, s) for as_id in range(vm.nr_address_spaces)
              for s in vm.memslots(as_id)]
-    steps = run.steps
+    tally = run.tally
     mismatched = [{"index": s.index, "line": s.op.line or None, "problems": s.problems}
-                  for s in steps if s.mismatch]
+                  for s in tally.mismatched]
     spaces = []
     for as_id in range(vm.nr_address_spaces):
         used = sum(1 for s in slots if s["as_id"] == as_id and s["id"] < profile.user_mem_slots)
@@ -194,12 +187,12 @@ def run_report(run: ModelRun, total_ops: int) -> dict[str, Any]:
         "arch": profile.arch,
         "description": profile.description,
         "operations": total_ops,
-        "applied": len(steps),
+        "applied": tally.operations,
         "outcomes": {
-            "ok": sum(1 for s in steps if s.errno == 0),
-            "refused": sum(1 for s in steps if s.errno),
-            "skipped": sum(1 for s in steps if s.errno is None),
-            "mismatches": len(mismatched),
+            "ok": tally.ok,
+            "refused": tally.refused,
+            "skipped": tally.skipped,
+            "mismatches": tally.mismatches,
         },
         "mismatched": mismatched,
         "address_spaces": spaces,
@@ -228,20 +221,34 @@ def run_report(run: ModelRun, total_ops: int) -> dict[str, Any]:
 
 
 def report_trace(
-    ops: list[TraceOp],
+    ops: Iterable[TraceOp],
     profiles: Iterable[Profile],
-    upto: int | None = None,
+    upto: int | At | None = None,
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
-    """One report per profile for the same trace (prefix)."""
-    out = []
-    for profile in profiles:
-        run = replay_model(ops, profile, upto, progress=progress)
-        try:
-            out.append(run_report(run, len(ops)))
-        finally:
+    """One report per profile for the same trace (prefix: ``upto`` operations, or an
+    :class:`At`), read once: each operation goes to every profile's VM in turn. The rest of
+    the trace is read, not applied, to count its operations. ``ValueError`` when the trace
+    ends before ``upto``."""
+    at = At(upto) if isinstance(upto, int) else upto
+    runs = [ModelRun(ModelVM(p), p) for p in profiles]
+    try:
+        replayers = [Replayer(run.vm) for run in runs]
+        stream = iter(ops)
+        applied = 0
+        for op in at.take(stream) if at is not None else stream:
+            for replayer, run in zip(replayers, runs, strict=True):
+                run.tally.add(replayer.step(op))
+            applied += 1
+            if progress is not None and applied % 500 == 0:
+                progress(applied)
+        total = applied + sum(1 for _ in stream) + (at.overshoot if at is not None else 0)
+        if at is not None and at.problem() is not None:
+            raise ValueError(at.problem())
+        return [run_report(run, total) for run in runs]
+    finally:
+        for run in runs:
             run.close()
-    return out
 
 
 def warnings(reports: list[dict[str, Any]]) -> int:

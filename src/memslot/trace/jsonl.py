@@ -3,20 +3,23 @@
 A request line (``"op"`` omitted or ``"set"``) has ``slot``, ``flags``, ``guest_phys_addr``,
 ``memory_size``, ``userspace_addr``; optional ``as_id`` (then ``slot`` is the id, below 65536),
 ``guest_memfd`` and ``guest_memfd_offset`` (make it a v2 request), ``expect`` (an errno name
-such as ``"EEXIST"`` or ``0``) and ``note``. Other operations: ``{"op": "get_dirty_log",
-"slot": S}``, ``{"op": "clear_dirty_log", "slot": S, "first_page": F, "num_pages": N,
-"bitmap": "<hex>" | "all" | null}``, ``{"op": "enable_cap", "cap": "KVM_CAP_..." | N,
-"args": [...]}``, ``{"op": "mark_dirty", "gfn": G, "as_id": A}``, ``{"op": "create_vm",
-"vm_type": T}``, ``{"op": "check_extension", "cap": ..., "value": V, "system": false}``,
+such as ``"EEXIST"`` or ``0``), ``note`` and ``line`` (every operation: the line of the
+original trace it came from, as ``memslot convert`` writes it). Other operations:
+``{"op": "get_dirty_log", "slot": S}``, ``{"op": "clear_dirty_log", "slot": S,
+"first_page": F, "num_pages": N, "bitmap": "<hex>" | "all" | null}``,
+``{"op": "enable_cap", "cap": "KVM_CAP_..." | N, "args": [...]}``,
+``{"op": "mark_dirty", "gfn": G, "as_id": A}``, ``{"op": "create_vm", "vm_type": T}``,
+``{"op": "check_extension", "cap": ..., "value": V, "system": false}``,
 ``{"op": "create_guest_memfd", "size": S, "flags": F, "fd": N}``; any line may name its VM
-with ``"vm": N`` (default 0) when a trace holds several. Integers may be written as
-JSON numbers or as ``"0x..."`` strings. Blank lines are skipped. Unknown keys are errors.
+with ``"vm": N`` (default 0) when a trace holds several. Integers may be written as JSON
+numbers or as ``"0x..."`` strings. Blank lines are skipped. Unknown keys are errors.
+The whole format: docs/trace-format.md.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .. import constants
@@ -35,7 +38,7 @@ from .records import (
     TraceOp,
 )
 
-_COMMON = {"op", "expect", "note", "vm"}
+_COMMON = {"op", "expect", "note", "vm", "line"}
 _KEYS: dict[str, set[str]] = {
     "set": _COMMON | {"slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr",
                       "as_id", "guest_memfd", "guest_memfd_offset"},
@@ -154,6 +157,10 @@ def parse_object(obj: Any, line: int = 0) -> TraceOp:
     if not isinstance(note, str):
         raise _LineError("field 'note' must be a string")
     note = printable(note)
+    if "line" in obj:
+        line = _int(obj, "line", limit=0xFFFFFFFF)
+        if line < 1:
+            raise _LineError("field 'line' counts from 1")
     expect = _expect(obj)
     vm = _int(obj, "vm", 0, 0xFFFFFFFF)
     if op == "set":
@@ -203,6 +210,60 @@ def parse_object(obj: Any, line: int = 0) -> TraceOp:
     return MarkDirty(_int(obj, "gfn"), _int(obj, "as_id", 0, 0xFFFF), expect, line, note, vm)
 
 
+_DECODER = json.JSONDecoder()
+#: The decoder's scanner: one JSON value from a position, ``(value, end)``.
+_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+_SET_KEYS = frozenset(_KEYS["set"])
+_EXPECT: dict[int | str, int] = {}
+_new_region = tuple.__new__
+
+
+def _fast_set(obj: dict[str, Any], line: int) -> SetRegion | None:
+    """The common request line (v1, address space in ``slot``, numbers or ``"0x"`` strings)
+    without the general checks; ``None`` for anything else, which :func:`parse_object` then
+    decides (the result is the same either way)."""
+    if "op" in obj or "as_id" in obj or "guest_memfd" in obj or not obj.keys() <= _SET_KEYS:
+        return None
+    try:
+        slot, flags = obj["slot"], obj["flags"]
+        gpa, size, ua = obj["guest_phys_addr"], obj["memory_size"], obj["userspace_addr"]
+    except KeyError:
+        return None
+    if type(gpa) is str and gpa[:2] in ("0x", "0X"):
+        gpa = int(gpa, 16)
+    if type(size) is str and size[:2] in ("0x", "0X"):
+        size = int(size, 16)
+    if type(ua) is str and ua[:2] in ("0x", "0X"):
+        ua = int(ua, 16)
+    if (
+        type(slot) is not int or type(flags) is not int or type(gpa) is not int
+        or type(size) is not int or type(ua) is not int
+        or not (0 <= slot <= 0xFFFFFFFF and 0 <= flags <= 0xFFFFFFFF and 0 <= gpa <= _U64
+                and 0 <= size <= _U64 and 0 <= ua <= _U64)
+        or "guest_memfd_offset" in obj
+    ):
+        return None
+    expect = obj.get("expect")
+    if expect is not None:
+        cached = _EXPECT.get(expect) if type(expect) in (int, str) else None
+        if cached is None:
+            return None
+        expect = cached
+    note = obj.get("note", "")
+    if type(note) is not str:
+        return None
+    source = obj.get("line")
+    if source is not None:
+        if type(source) is not int or not 1 <= source <= 0xFFFFFFFF:
+            return None
+        line = source
+    vm = obj.get("vm", 0)
+    if type(vm) is not int or not 0 <= vm <= 0xFFFFFFFF:
+        return None
+    region = _new_region(MemoryRegion, (slot, flags, gpa, size, ua, 0, None))
+    return SetRegion(region, expect, line, note, vm)
+
+
 def parse_lines(
     lines: Iterable[str],
     path: str = "<input>",
@@ -210,23 +271,24 @@ def parse_lines(
 ) -> Iterator[TraceOp]:
     """Parse JSON lines lazily; raises :class:`TraceFormatError` naming the line, or, when
     ``errors`` is a list, records the error there and goes on with the next line."""
+    scan = _SCAN
     for number, text in enumerate(lines, 1):
-        stripped = text.strip()
-        if not stripped:
+        # The lean path: an object from the first character to the newline.
+        if text[:1] == "{":
+            try:
+                obj, end = scan(text, 0)
+            except (StopIteration, ValueError, RecursionError):
+                pass
+            else:
+                if end == len(text) or text[end:].isspace():
+                    fast = _fast_set(obj, number) if type(obj) is dict else None
+                    if fast is not None:
+                        yield fast
+                        continue
+        elif not text or text.isspace():
             continue
         try:
-            try:
-                obj = json.loads(stripped)
-            except json.JSONDecodeError as exc:
-                raise TraceFormatError(path, number, f"malformed JSON: {exc.msg}") from None
-            except RecursionError:
-                raise TraceFormatError(path, number, "malformed JSON: nested too deeply") from None
-            except ValueError as exc:  # e.g. an integer past Python's digit limit
-                raise TraceFormatError(path, number, f"malformed JSON: {exc}") from None
-            try:
-                op = parse_object(obj, number)
-            except _LineError as exc:
-                raise TraceFormatError(path, number, str(exc)) from None
+            op = _parse_line(text.strip(), number, path)
         except TraceFormatError as exc:
             if errors is None:
                 raise
@@ -235,12 +297,38 @@ def parse_lines(
         yield op
 
 
+def _parse_line(text: str, number: int, path: str) -> TraceOp:
+    """One non-blank line, every rule checked, errors naming the line."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TraceFormatError(path, number, f"malformed JSON: {exc.msg}") from None
+    except RecursionError:
+        raise TraceFormatError(path, number, "malformed JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer past Python's digit limit
+        raise TraceFormatError(path, number, f"malformed JSON: {exc}") from None
+    try:
+        op = parse_object(obj, number)
+    except _LineError as exc:
+        raise TraceFormatError(path, number, str(exc)) from None
+    if isinstance(op, SetRegion) and op.expect is not None:
+        _remember_expect(obj["expect"], op.expect)
+    return op
+
+
+def _remember_expect(spelling: Any, value: int) -> None:
+    """Cache an ``expect`` spelling that :func:`_expect` accepted, for the lean path."""
+    if len(_EXPECT) < 1024 and type(spelling) in (int, str):
+        _EXPECT[spelling] = value
+
+
 def _hex(value: int) -> str:
     return f"{value:#x}"
 
 
-def to_object(op: TraceOp) -> dict[str, Any]:
-    """A trace operation -> a JSON-ready dict (the inverse of :func:`parse_object`)."""
+def to_object(op: TraceOp, keep_line: bool = False) -> dict[str, Any]:
+    """A trace operation -> a JSON-ready dict (the inverse of :func:`parse_object`); with
+    ``keep_line`` it carries the line it came from (``"line"``)."""
     out: dict[str, Any]
     if isinstance(op, SetRegion):
         r = op.region
@@ -285,9 +373,11 @@ def to_object(op: TraceOp) -> dict[str, Any]:
         out["note"] = op.note
     if op.vm:
         out["vm"] = op.vm
+    if keep_line and op.line:
+        out["line"] = op.line
     return out
 
 
-def dumps(op: TraceOp) -> str:
+def dumps(op: TraceOp, keep_line: bool = False) -> str:
     """One JSON line (no newline)."""
-    return json.dumps(to_object(op), separators=(", ", ": "))
+    return json.dumps(to_object(op, keep_line), separators=(", ", ": "))

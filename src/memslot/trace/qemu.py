@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from typing import Literal
 
 from ..constants import KVM_MEM_GUEST_MEMFD, KVM_MEM_READONLY
 from ..request import MemoryRegion, slot_field
@@ -70,7 +69,7 @@ CLEAR_EVENT = "kvm_clear_dirty_log"
 
 _EVENT = re.compile(r"(?:^|(?<=[\s:\]]))(kvm_set_user_memory|kvm_clear_dirty_log)(?=\s|$)")
 _MARKER = {SET_EVENT: ("Slot#", "AddrSpace#"), CLEAR_EVENT: ("slot#",)}
-_HEX = re.compile(r"0x[0-9a-fA-F]{1,16}")
+_HEX = re.compile(r"0x([0-9a-fA-F]+)")
 _DEC = re.compile(r"-?[0-9]{1,20}")
 _U16, _U32, _U64 = 0xFFFF, 0xFFFFFFFF, (1 << 64) - 1
 _I32_MIN = -(1 << 31)
@@ -142,8 +141,11 @@ class _Fields:
 
     def hex(self, key: str, limit: int = _U64) -> int:
         text = self._value(key) if key else self._next("a hex number")
-        if not _HEX.fullmatch(text):
+        match = _HEX.fullmatch(text)
+        if match is None:
             raise _LineError(f"{self.event}: {key or 'value'} {_show(text)} is not 0x<hex>")
+        if len(match.group(1).lstrip("0")) > 16:
+            raise _LineError(f"{self.event}: {key}{_show(text)} is too large (> {limit:#x})")
         value = int(text, 16)
         if value > limit:
             raise _LineError(f"{self.event}: {key}{text} is too large (> {limit:#x})")
@@ -269,23 +271,3 @@ def parse_qemu_trace(
             errors.append(error)
             continue
         yield from ops
-
-
-def detect_format(first_lines: Iterable[str]) -> Literal["jsonl", "qemu"]:
-    """``"qemu"`` if the lines hold a QEMU memslot event and do not open with a JSON object,
-    else ``"jsonl"``: a file of neither kind then fails on its first line, as it should."""
-    for line in first_lines:
-        text = line.strip()
-        if text.startswith("{"):
-            return "jsonl"
-        if text and _find_event(line) is not None:
-            return "qemu"
-    return "jsonl"
-
-
-def read_trace(path: str) -> list[TraceOp]:
-    """All operations of a trace file in either format (auto-detected); see
-    :func:`memslot.trace.reader.iter_trace` for streaming."""
-    from .reader import read_trace as _read
-
-    return _read(path)

@@ -1,13 +1,20 @@
 """Open a trace in any supported format: memslot JSON lines, a QEMU ``-trace
-kvm_set_user_memory`` log or an strace log (auto-detected from the first meaningful line)."""
+kvm_set_user_memory`` log or an strace log (auto-detected from the first meaningful line).
+
+Traces are read as a stream, one line at a time, from a file, from stdin (``-``) as lines
+arrive, or (``follow``) from a log that keeps growing, like ``tail -f``. Nothing is held but
+the current line (at most :data:`MAX_LINE` characters) and, while the format is not yet known,
+the lines before the first one that decides it.
+"""
 
 from __future__ import annotations
 
-import io
 import os
 import sys
-from collections.abc import Iterable, Iterator
-from typing import TextIO
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
 
 from .jsonl import parse_lines
 from .records import TraceFormatError, TraceOp
@@ -15,14 +22,41 @@ from .records import TraceFormatError, TraceOp
 FORMATS = ("auto", "jsonl", "qemu", "strace")
 #: Longest line read whole; a longer one is an error (memory stays bounded per line).
 MAX_LINE = 1 << 20
-_TOO_LONG = "\0<line too long>"
+#: Lines read to decide the format before giving up (then: a QEMU log that has no event yet).
+SNIFF_LINES = 100_000
+#: What the hint of an input without operations suggests.
+NO_OPERATIONS_HINT = ("did you run QEMU with -trace kvm_set_user_memory, record the VMM with "
+                      "'memslot record', or write memslot JSON lines (docs/trace-format.md)?")
+_BOM = "\ufeff"
 
 
-def _open_text(path: str) -> TextIO:
+class _Bad(str):
+    """A line that is not text, standing in its place so that line numbers stay right."""
+
+    problem: str
+
+    def __new__(cls, problem: str) -> _Bad:
+        self = super().__new__(cls, "\n")
+        self.problem = problem
+        return self
+
+
+@dataclass
+class Follow:
+    """How to follow a growing file: poll every ``interval`` seconds; stop after ``timeout``
+    seconds without a new line (``None``: never), or when the file is replaced or truncated
+    (``on_stop`` is told why)."""
+
+    interval: float = 0.2
+    timeout: float | None = None
+    on_stop: Callable[[str], None] | None = None
+
+
+def _open_binary(path: str) -> BinaryIO:
     if path == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
+        return sys.stdin.buffer
     try:
-        return open(path, encoding="utf-8", errors="surrogateescape", newline=None)
+        return open(path, "rb")
     except FileNotFoundError:
         raise TraceFormatError(path, 0, "no such file") from None
     except IsADirectoryError:
@@ -31,6 +65,107 @@ def _open_text(path: str) -> TextIO:
         raise TraceFormatError(path, 0, "permission denied") from None
     except OSError as exc:
         raise TraceFormatError(path, 0, exc.strerror or str(exc)) from None
+
+
+def _bounded(stream: BinaryIO) -> Iterator[bytes]:
+    """Lines of ``stream`` as they arrive, never more than MAX_LINE bytes of one held; a longer
+    line is consumed and yielded cut (it is reported as too long)."""
+    readline = stream.readline
+    limit = MAX_LINE + 1
+    while True:
+        line = readline(limit)
+        if not line:
+            return
+        if len(line) == limit and not line.endswith(b"\n"):
+            while True:
+                rest = readline(MAX_LINE)
+                if not rest or rest.endswith(b"\n"):
+                    break
+        yield line
+
+
+def _followed(stream: BinaryIO, path: str, follow: Follow) -> Iterator[bytes]:
+    """Lines of a file that keeps growing: at the end, wait for more. A partial last line is
+    held until its newline arrives (or the follow ends)."""
+    pending = b""
+    quiet_since = time.monotonic()
+    fd_ino = os.fstat(stream.fileno()).st_ino
+    while True:
+        chunk = stream.readline(MAX_LINE + 1 - len(pending))
+        if chunk:
+            pending += chunk
+            if pending.endswith(b"\n") or len(pending) > MAX_LINE:
+                if not pending.endswith(b"\n"):  # too long: skip to its end
+                    pending += b"\n"
+                    while True:
+                        rest = stream.readline(MAX_LINE)
+                        if not rest or rest.endswith(b"\n"):
+                            break
+                yield pending
+                pending = b""
+                quiet_since = time.monotonic()
+            continue
+        reason = _changed(path, stream, fd_ino)
+        if (reason is None and follow.timeout is not None
+                and time.monotonic() - quiet_since >= follow.timeout):
+            reason = f"no new line for {follow.timeout:g} s"
+        if reason is not None:
+            if pending:
+                yield pending
+            if follow.on_stop is not None:
+                follow.on_stop(reason)
+            return
+        time.sleep(follow.interval)
+
+
+def _changed(path: str, stream: BinaryIO, ino: int) -> str | None:
+    """Why following ``path`` must stop (replaced, removed, truncated), or ``None``."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return "the file was removed"
+    if now.st_ino != ino:
+        return "the file was replaced"
+    if now.st_size < stream.tell():
+        return "the file was truncated"
+    return None
+
+
+def _decoded(raw: Iterable[bytes]) -> Iterator[str]:
+    """Text lines (a UTF-8 BOM at the start dropped); a line that is not text becomes a
+    :class:`_Bad` marker for the parser to report with its number."""
+    first = True
+    for line in raw:
+        if len(line) > MAX_LINE:
+            yield _Bad(f"line longer than {MAX_LINE} characters")
+            continue
+        if b"\0" in line:
+            yield _Bad("binary data (NUL byte)")
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            yield _Bad("not UTF-8 text")
+            continue
+        if first:
+            first = False
+            if text.startswith(_BOM):
+                text = text[1:]
+        yield text
+
+
+def _checked_lines(
+    lines: Iterable[str], path: str, errors: list[TraceFormatError] | None
+) -> Iterator[str]:
+    """Lines as they are; bad ones raise (or, collecting errors, become blank so that line
+    numbers stay right)."""
+    for number, line in enumerate(lines, 1):
+        if type(line) is _Bad:
+            error = TraceFormatError(path, number, line.problem)
+            if errors is None:
+                raise error
+            errors.append(error)
+        yield line
 
 
 def sniff_line(line: str) -> str | None:
@@ -48,36 +183,94 @@ def sniff_line(line: str) -> str | None:
     return None
 
 
-def sniff_format(lines: list[str]) -> str:
-    """The first deciding line's format; ``"jsonl"`` when none decides."""
+def sniff_format(lines: Iterable[str]) -> str:
+    """The first deciding line's format; ``"none"`` when no line decides (no memslot
+    operation can come from such lines)."""
     for line in lines:
         fmt = sniff_line(line)
         if fmt is not None:
             return fmt
-    return "jsonl"
+    return "none"
 
 
-def _checked_lines(
-    lines: Iterable[str], path: str, errors: list[TraceFormatError] | None
-) -> Iterator[str]:
-    """Lines as they are, but binary ones raise (or, collecting errors, become blank so that
-    line numbers stay right)."""
-    for number, line in enumerate(lines, 1):
-        problem = None
-        if line is _TOO_LONG:
-            problem = f"line longer than {MAX_LINE} characters"
-        elif "\0" in line:
-            problem = "binary data (NUL byte)"
-        elif any(0xDC80 <= ord(ch) <= 0xDCFF for ch in line):
-            problem = "not UTF-8 text"
-        if problem is not None:
-            error = TraceFormatError(path, number, problem)
-            if errors is None:
-                raise error
-            errors.append(error)
-            yield "\n"
-            continue
-        yield line
+class TraceReader:
+    """The operations of a trace, as an iterator, read as they arrive.
+
+    ``format`` is the format decided (``"none"`` when the input ended before any line
+    decided: empty, or no memslot line at all), ``lines`` the number of lines read so far.
+    With ``errors`` a list, malformed lines are recorded there and skipped instead of raising
+    :class:`TraceFormatError`. ``follow`` reads a growing file (not stdin) until it stops.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        fmt: str = "auto",
+        errors: list[TraceFormatError] | None = None,
+        follow: Follow | None = None,
+    ) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown trace format {fmt!r}")
+        self.path = path
+        self.format = fmt
+        self.errors = errors
+        self.lines = 0
+        self._stream = _open_binary(path)
+        raw = (_followed(self._stream, path, follow) if follow is not None and path != "-"
+               else _bounded(self._stream))
+        self._text = self._counted(_decoded(raw))
+
+    def _counted(self, lines: Iterator[str]) -> Iterator[str]:
+        for line in lines:
+            self.lines += 1
+            yield line
+
+    def __iter__(self) -> Iterator[TraceOp]:
+        try:
+            head: list[str] = []
+            if self.format == "auto":
+                # Read until a line decides (QEMU may print other things first).
+                for line in self._text:
+                    head.append(line)
+                    fmt = None if type(line) is _Bad else sniff_line(line)
+                    if fmt is not None or len(head) >= SNIFF_LINES:
+                        break
+                self.format = sniff_format(head)
+                if self.format == "none" and len(head) >= SNIFF_LINES:
+                    self.format = "qemu"  # a long log without an event so far: keep reading
+            lines = _checked_lines(_chain(head, self._text), self.path, self.errors)
+            if self.format == "jsonl":
+                yield from parse_lines(lines, self.path, self.errors)
+            elif self.format == "strace":
+                from .strace import parse_strace
+
+                yield from parse_strace(lines, self.path, self.errors)
+            elif self.format == "qemu":
+                from .qemu import parse_qemu_trace
+
+                yield from parse_qemu_trace(lines, self.path, self.errors)
+            else:
+                for _ in lines:  # report what is not text, as any format would
+                    pass
+        finally:
+            self.close()
+
+    def position(self) -> int:
+        """Bytes read so far (0 where the input cannot tell)."""
+        try:
+            return self._stream.tell()
+        except (OSError, ValueError):
+            return 0
+
+    def close(self) -> None:
+        if self._stream is not sys.stdin.buffer:
+            self._stream.close()
+
+
+def _chain(head: list[str], rest: Iterator[str]) -> Iterator[str]:
+    yield from head
+    head.clear()
+    yield from rest
 
 
 def iter_trace(
@@ -85,73 +278,9 @@ def iter_trace(
 ) -> Iterator[TraceOp]:
     """Stream the operations of a trace file (``-`` is stdin). With ``errors`` a list,
     malformed lines are recorded there and skipped instead of raising."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown trace format {fmt!r}")
-    stream = _open_text(path)
-    try:
-        head: list[str] = []
-        if fmt == "auto":
-            # Read until a line decides (QEMU may print other things first).
-            while len(head) < 100_000:
-                line = stream.readline(MAX_LINE + 1)
-                if len(line) > MAX_LINE and not line.endswith("\n"):
-                    raise TraceFormatError(path, len(head) + 1,
-                                           f"line longer than {MAX_LINE} characters")
-                if not line:
-                    break
-                head.append(line)
-                if sniff_line(line) is not None:
-                    break
-            fmt = sniff_format(head)
-        rest = _checked_lines(_Chain(head, stream), path, errors)
-        if fmt == "jsonl":
-            yield from parse_lines(rest, path, errors)
-        elif fmt == "strace":
-            from .strace import parse_strace
-
-            yield from parse_strace(rest, path, errors)
-        else:
-            from .qemu import parse_qemu_trace
-
-            yield from parse_qemu_trace(rest, path, errors)
-    finally:
-        if stream is not sys.stdin and path != "-":
-            stream.close()
-
-
-class _Chain:
-    """Lines already read, then the rest of the stream."""
-
-    def __init__(self, head: list[str], stream: TextIO) -> None:
-        self.head = [h for h in head if h]
-        self.stream = stream
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self.head
-        yield from bounded_lines(self.stream)
-
-
-def bounded_lines(stream: TextIO) -> Iterator[str]:
-    """Lines of ``stream``, never holding more than MAX_LINE characters of one; a longer line
-    is consumed and replaced by a marker that :func:`_checked_lines` reports."""
-    while True:
-        line = stream.readline(MAX_LINE + 1)
-        if not line:
-            return
-        if len(line) > MAX_LINE and not line.endswith("\n"):
-            while True:
-                rest = stream.readline(MAX_LINE)
-                if not rest or rest.endswith("\n"):
-                    break
-            yield _TOO_LONG
-            continue
-        yield line
+    return iter(TraceReader(path, fmt, errors))
 
 
 def read_trace(path: str, fmt: str = "auto") -> list[TraceOp]:
     """All operations of a trace file; raises :class:`TraceFormatError` on the first bad line."""
     return list(iter_trace(path, fmt))
-
-
-def is_file(path: str) -> bool:
-    return path == "-" or os.path.isfile(path)

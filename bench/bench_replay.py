@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""End-to-end replay speed: ``memslot replay -q`` of a generated JSON-lines trace (parse,
+model, quiet output), in requests per second, with the peak RSS of the replaying process.
+
+    python bench/bench_replay.py                    # 200,000 requests, 3 runs, median
+    python bench/bench_replay.py --requests 50000 --runs 1 --keep trace.jsonl
+
+The trace is a VMM's churn over a bounded set of slots (256 ids): CREATE where a slot is free,
+then DELETE, MOVE and FLAGS_ONLY (dirty logging on and off) on live ones, with every 50th
+request one the kernel refuses (an overlapping CREATE, EEXIST), and each line carries the
+errno the model must reproduce (``expect``), so the replay also checks every result. Each run
+is a fresh ``python -m memslot replay`` process (``-q``, ``--json-lines``, ``--json``), timed
+from start to exit, its output to /dev/null; the peak RSS is that process's ``ru_maxrss``. Run
+it on an installed memslot (``pip install .``) so that the model is the mypyc-compiled build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+SLOTS = 256
+WINDOW = 64 << 20  # each slot id owns a 64 MiB window of guest-physical space
+UA_BASE = 0x7E0000000000
+
+
+def generate(path: str, requests: int, seed: int = 1) -> None:
+    """Write a trace of ``requests`` operations, each with its expected errno."""
+    rnd = random.Random(seed)
+    live: dict[int, tuple[int, int, int]] = {}  # id -> (gpa, size, flags)
+    with open(path, "w", encoding="utf-8") as f:
+        for n in range(requests):
+            slot = rnd.randrange(SLOTS)
+            base = slot * WINDOW
+            expect: str | int = 0
+            if n % 50 == 49 and live:
+                # an overlapping CREATE of a free id onto a live slot: EEXIST
+                victim = rnd.choice(list(live))
+                free = next((i for i in range(SLOTS) if i not in live), None)
+                if free is not None:
+                    gpa, size, _ = live[victim]
+                    obj = {"slot": free, "flags": 0, "guest_phys_addr": hex(gpa),
+                           "memory_size": hex(4096), "userspace_addr": hex(UA_BASE),
+                           "expect": "EEXIST"}
+                    f.write(json.dumps(obj) + "\n")
+                    continue
+            if slot not in live:
+                size = rnd.choice((1, 2, 16, 512)) << 12
+                gpa, flags = base, 0
+                live[slot] = (gpa, size, flags)
+            else:
+                gpa, size, flags = live[slot]
+                kind = rnd.randrange(3)
+                if kind == 0:  # DELETE
+                    size = 0
+                    del live[slot]
+                elif kind == 1:  # MOVE within the window
+                    gpa = base if gpa != base else base + (32 << 20)
+                    live[slot] = (gpa, size, flags)
+                else:  # FLAGS_ONLY: toggle dirty logging
+                    flags ^= 1
+                    live[slot] = (gpa, size, flags)
+            obj = {"slot": slot, "flags": flags, "guest_phys_addr": hex(gpa),
+                   "memory_size": hex(size), "userspace_addr": hex(UA_BASE + base),
+                   "expect": expect}
+            f.write(json.dumps(obj) + "\n")
+
+
+def run_once(trace: str, extra: list[str]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds and peak RSS (KiB) of one replay in a fresh process
+    (``wait4`` gives that child's own usage)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "memslot", "replay", *extra, trace],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"replay {' '.join(extra)} failed ({proc.returncode}): {err.strip()}")
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=200_000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--keep", metavar="FILE", help="write the trace here and keep it")
+    ap.add_argument("--modes", nargs="+", default=["-q", "--json-lines", "--json"],
+                    help="output options to measure (default: -q --json-lines --json)")
+    args = ap.parse_args()
+    import memslot
+
+    compiled = "compiled" if memslot.__file__ and _compiled() else "pure Python"
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = args.keep or os.path.join(tmp, "trace.jsonl")
+        generate(trace, args.requests)
+        size = os.path.getsize(trace)
+        print(f"trace: {args.requests:,} requests, {size / 1e6:.1f} MB; model {compiled}; "
+              f"python {sys.version.split()[0]}")
+        for mode in args.modes:
+            walls, cpus, peaks = [], [], []
+            for _ in range(args.runs):
+                wall, cpu, rss = run_once(trace, [mode])
+                walls.append(wall)
+                cpus.append(cpu)
+                peaks.append(rss)
+            wall, cpu = statistics.median(walls), statistics.median(cpus)
+            print(f"replay {mode:<12} {args.requests / wall:>9,.0f} requests/s wall "
+                  f"({wall:.2f} s), {args.requests / cpu:>9,.0f} per CPU second "
+                  f"({cpu:.2f} s); peak RSS {max(peaks) / 1024:.0f} MiB "
+                  f"(medians of {args.runs})")
+
+
+def _compiled() -> bool:
+    from memslot.engine import memslots
+
+    return not (memslots.__file__ or "").endswith(".py")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from ..arch import ALL_VARIANTS
 from ..backends.base import VM
@@ -13,9 +12,6 @@ from ..profile import PRESETS, Profile, get_profile
 from .common import die
 
 BACKENDS = ("model", "kvm", "both")
-#: Profile fields that only name or describe it, and the host's RAM size (a preset carries a
-#: nominal one; it bounds only the ppc64 HV rmap check): a host matches whatever they say.
-_LABELS = {"name", "description", "kernel", "totalram_pages"}
 
 
 def variant_help() -> str:
@@ -73,23 +69,21 @@ def resolve_backend_profile(backend: str, name: str | None) -> Profile:
 
 def profile_label(profile: Profile) -> str:
     """A profile's name, and for a detected one the preset it equals (``detected
-    (x86_64-shadow)``)."""
+    (x86_64-shadow@6.18)``)."""
     if profile.name in PRESETS:
         return profile.name
-    same = [name for name, preset in PRESETS.items() if not profile_differences(preset, profile)]
-    return f"{profile.name} ({same[0]})" if same else profile.name
+    from ..harness.detect import matching_preset
+
+    same = matching_preset(profile)
+    return f"{profile.name} ({same})" if same else profile.name
 
 
 def profile_differences(a: Profile, b: Profile) -> list[str]:
-    """The facts on which two profiles differ, as ``field a != b`` texts."""
-    out = []
-    for f in dataclasses.fields(Profile):
-        if f.name in _LABELS:
-            continue
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if x != y:
-            out.append(f"{f.name} {_show(x)} != {_show(y)}")
-    return out
+    """The kernel facts on which two profiles differ, as ``field a != b`` texts (the host's
+    RAM size and other machine facts do not count)."""
+    from ..harness.detect import differences
+
+    return [f"{name} {_show(x)} != {_show(y)}" for name, (x, y) in differences(a, b).items()]
 
 
 def _show(value: object) -> str:

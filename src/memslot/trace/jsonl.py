@@ -250,8 +250,8 @@ def _fast_set(obj: dict[str, Any], line: int) -> SetRegion | None:
             return None
         expect = cached
     note = obj.get("note", "")
-    if type(note) is not str:
-        return None
+    if type(note) is not str or not note.isprintable():
+        return None  # printable() in the general path
     source = obj.get("line")
     if source is not None:
         if type(source) is not int or not 1 <= source <= 0xFFFFFFFF:

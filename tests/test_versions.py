@@ -332,7 +332,10 @@ def test_detect_probes_recover_each_presets_facts(name: str) -> None:
     def make_vm() -> memslot.ModelVM:
         return memslot.ModelVM(p)
 
-    assert detect._user_addr_limit(make_vm, page) == p.user_addr_limit
+    limit = detect._user_addr_limit(make_vm, page)
+    assert limit == p.user_addr_limit
+    if limit is not None:
+        assert detect._access_ok_mask(make_vm, page, limit) == p.access_ok_mask
     if p.arch == "x86":
         check, bits = detect._x86_gpa_limit(make_vm, page)
         assert check == p.max_gfn_check
@@ -344,3 +347,15 @@ def test_detect_probes_recover_each_presets_facts(name: str) -> None:
         assert detect._unknown_ioctl_errno(make_vm, page) == p.unknown_ioctl_errno
     assert detect._guest_memfd_ioctl(make_vm, page) == (p.guest_memfd_ioctl,
                                                          p.guest_memfd_flags)
+
+
+def test_ppc64_access_ok_masks_address_and_size_from_7_2() -> None:
+    """Lab ppc64el 7.2 accepts ua=0x3ffffffff000 size=0x1ff000 (ending past 2^46): powerpc64's
+    access_ok checks address and size each against TASK_SIZE_MAX; 6.12's generic one, the sum."""
+    with memslot.ModelVM("ppc64-hv@7.2") as new, memslot.ModelVM("ppc64-hv@6.12") as old:
+        new.set_user_memory_region(9, 0, 0xF58000, 0x1FF000, 0x3FFFFFFFF000)
+        with pytest.raises(memslot.KvmError) as exc:
+            old.set_user_memory_region(9, 0, 0xF58000, 0x1FF000, 0x3FFFFFFFF000)
+        assert exc.value.errno == 22
+        with pytest.raises(memslot.KvmError):
+            new.set_user_memory_region(1, 0, 0, 0x1000, 1 << 46)  # the address itself

@@ -66,6 +66,9 @@ class Profile:
     vm_types: int = 0
     #: access_ok limit (TASK_SIZE_MAX); ``None`` where access_ok accepts every address.
     user_addr_limit: int | None = 0x7FFFFFFFF000
+    #: powerpc64's access_ok from 7.2 (a power-of-two TASK_SIZE_MAX): address and size must
+    #: each be below the limit, their sum may pass it; elsewhere ``uaddr + size <= limit``.
+    access_ok_mask: bool = False
     # -- x86 ------------------------------------------------------------------------------
     #: Two-dimensional paging (EPT/NPT). Without it KVM uses shadow paging.
     tdp: bool = False
@@ -301,6 +304,7 @@ def _ppc_hv(v: str) -> Profile:
         page_shift=16 if big else 12,
         readonly_mem=False,
         user_addr_limit=1 << (52 if big else 46),  # TASK_SIZE_USER64: 4 PiB / 64 TiB
+        access_ok_mask=at_least(v, "7.2"),
         totalram_pages=1 << (14 if big else 18),  # a 1 GiB guest
         manual_dirty_log_caps=0,
     )

@@ -111,6 +111,11 @@ CHANGES: dict[str, Change] = {c.key: c for c in (
            "RISC-V: KVM: Enable ring-based dirty memory tracking",
            "riscv gets the ACQ_REL dirty ring",
            "absent in 6.12.117, present in 7.2.13 (the release in between is not pinned)"),
+    Change("ppc-access-ok-mask", "7.2", "__access_ok (arch/powerpc/include/asm/uaccess.h)",
+           "powerpc/uaccess: a simpler __access_ok for ppc64",
+           "address and size each below TASK_SIZE_MAX; the range may end past it",
+           "6.1.176 / 6.12.117 generic, 7.2.13 / 7.3-rc7 powerpc's (release in between not "
+           "pinned); lab ppc64el 7.2"),
     Change("ppc-4k-pages", "6.12", "Debian ppc64el config",
            "Debian: ppc64el kernels use 4 KiB pages",
            "Debian's ppc64el kernel builds 4 KiB pages (64 TiB user range) instead of 64 KiB "

@@ -160,8 +160,10 @@ class Memslots:
         self._valid_flags = valid
         self._readonly = p.readonly_mem
         self._fast_bad_flags = ~(_V1_FLAGS if p.readonly_mem else KVM_MEM_LOG_DIRTY_PAGES)
+        self._access_ok_mask = p.access_ok_mask
         self._fast_uaddr_limit = (
-            min(p.user_addr_limit, 1 << 56) if p.user_addr_limit is not None else ULONG_MAX
+            min(p.user_addr_limit - p.access_ok_mask, 1 << 56)
+            if p.user_addr_limit is not None else ULONG_MAX
         )
         self._max_size = KVM_MEM_MAX_NR_PAGES << p.page_shift
 
@@ -257,7 +259,9 @@ class Memslots:
         if self._tagged_uaddrs and uaddr >> 56:
             return ch.UADDR_TAGGED
         limit = self._uaddr_limit
-        if limit is not None and uaddr + size > limit:
+        if limit is not None and (
+            (uaddr | size) >= limit if self._access_ok_mask else uaddr + size > limit
+        ):
             return ch.ACCESS_OK
         if flags & KVM_MEM_GUEST_MEMFD and (
             r.guest_memfd_offset & mask or r.guest_memfd_offset + size > ULONG_MAX

@@ -127,6 +127,13 @@ def _user_addr_limit(make_vm: Callable[[], VM], page: int) -> int | None:
     return 1 << bits if ends_ok(1 << bits) else (1 << bits) - page
 
 
+def _access_ok_mask(make_vm: Callable[[], VM], page: int, limit: int) -> bool:
+    """powerpc64's access_ok (7.2): address and size each below the limit, not their sum.
+    A two-page range starting one page below the limit tells the two rules apart."""
+    return _probe(make_vm, lambda vm: vm.set_user_memory_region(
+        0, 0, 0, 2 * page, limit - page))
+
+
 def _vmalloc_used() -> int:
     """VmallocUsed in bytes, folded in first where the kernel batches vmstat (7.x)."""
     try:
@@ -233,6 +240,7 @@ def detect_profile(name: str = "detected") -> Profile:
         internal = c.KVM_MEM_SLOTS_NUM - nr_slots
     else:
         mem_slots_num = nr_slots + internal
+    ua_limit = _user_addr_limit(KvmVM, page_size)
     fields: dict[str, object] = dict(
         name=name,
         totalram_pages=totalram,
@@ -251,7 +259,8 @@ def detect_profile(name: str = "detected") -> Profile:
         dirty_ring_tso=ring_tso,
         dirty_ring_acq_rel=ring_acq,
         dirty_ring_with_bitmap=ring_bitmap,
-        user_addr_limit=_user_addr_limit(KvmVM, page_size),
+        user_addr_limit=ua_limit,
+        access_ok_mask=ua_limit is not None and _access_ok_mask(KvmVM, page_size, ua_limit),
         move_reallocates_arch=at_least(kernel, "5.7"),  # never probed: 5.6 would crash
         extensions=extensions,
         **vcpus,

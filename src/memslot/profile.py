@@ -228,8 +228,9 @@ def _x86(v: str, kind: str) -> Profile:
         user_addr_limit=LA57_TASK_SIZE_MAX if at_least(v, "6.1") else L4_TASK_SIZE_MAX,
         # KVM_MAX_VCPUS 288 and KVM_MAX_VCPU_ID 1023 until "KVM: x86: Bump KVM_MAX_VCPUS to
         # 1024" (5.15); then 1024 and KVM_MAX_VCPU_IDS = 4 * 1024.
-        max_vcpus=1024 if at_least(v, "5.15") else 288,
-        max_vcpu_ids=4096 if at_least(v, "5.15") else 1023,
+        # Debian's 6.12 and later build CONFIG_KVM_MAX_NR_VCPUS=4096 (ids: 4 * that).
+        max_vcpus=4096 if at_least(v, "6.12") else 1024 if at_least(v, "5.15") else 288,
+        max_vcpu_ids=16384 if at_least(v, "6.12") else 4096 if at_least(v, "5.15") else 1023,
     )
     era = {"5.6": " (the seed's era: MOVE keeps the arrays made for the old base)",
            "5.7": " (the MOVE fix: fresh arrays for the new base)"}.get(v, "")
@@ -246,6 +247,7 @@ def _x86_host() -> Profile:
     p = _x86("6.18", "shadow")
     return p.replace(
         name="x86_64-shadow@6.18", nr_address_spaces=1, user_addr_limit=L4_TASK_SIZE_MAX,
+        max_vcpus=1024, max_vcpu_ids=4096,
         description="Linux 6.18 x86-64 with shadow paging and no SMM (one address space), "
         "4-level paging: the kind of host memslot's CI runs (a custom build)")
 

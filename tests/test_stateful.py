@@ -168,7 +168,11 @@ class Reference:
             raise Refused(errno.EINVAL)
         if p.arch == "arm64" and uaddr >> 56:
             raise Refused(errno.EINVAL)
-        if p.user_addr_limit is not None and uaddr + size > p.user_addr_limit:
+        limit = p.user_addr_limit
+        if limit is not None and (
+            # powerpc64 from 7.2: address and size each below the limit; else their sum.
+            (uaddr | size) >= limit if p.access_ok_mask else uaddr + size > limit
+        ):
             raise Refused(errno.EINVAL)
         if flags & GMEM and (r.guest_memfd_offset % ps or r.guest_memfd_offset + size >= U64):
             raise Refused(errno.EINVAL)

@@ -9,6 +9,7 @@ the lines before the first one that decides it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .jsonl import parse_lines
-from .records import TraceFormatError, TraceOp
+from .records import BadLine, TraceFormatError, TraceOp
 
 FORMATS = ("auto", "jsonl", "qemu", "strace")
 #: Longest line read whole; a longer one is an error (memory stays bounded per line).
@@ -28,17 +29,6 @@ SNIFF_LINES = 100_000
 NO_OPERATIONS_HINT = ("did you run QEMU with -trace kvm_set_user_memory, record the VMM with "
                       "'memslot record', or write memslot JSON lines (docs/trace-format.md)?")
 _BOM = "\ufeff"
-
-
-class _Bad(str):
-    """A line that is not text, standing in its place so that line numbers stay right."""
-
-    problem: str
-
-    def __new__(cls, problem: str) -> _Bad:
-        self = super().__new__(cls, "\n")
-        self.problem = problem
-        return self
 
 
 @dataclass
@@ -131,36 +121,13 @@ def _changed(path: str, stream: BinaryIO, ino: int) -> str | None:
     return None
 
 
-def _decoded(raw: Iterable[bytes]) -> Iterator[str]:
-    """Text lines (a UTF-8 BOM at the start dropped); a line that is not text becomes a
-    :class:`_Bad` marker for the parser to report with its number."""
-    first = True
-    for line in raw:
-        if len(line) > MAX_LINE:
-            yield _Bad(f"line longer than {MAX_LINE} characters")
-            continue
-        if b"\0" in line:
-            yield _Bad("binary data (NUL byte)")
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            yield _Bad("not UTF-8 text")
-            continue
-        if first:
-            first = False
-            if text.startswith(_BOM):
-                text = text[1:]
-        yield text
-
-
 def _checked_lines(
     lines: Iterable[str], path: str, errors: list[TraceFormatError] | None
 ) -> Iterator[str]:
     """Lines as they are; bad ones raise (or, collecting errors, become blank so that line
     numbers stay right)."""
     for number, line in enumerate(lines, 1):
-        if type(line) is _Bad:
+        if type(line) is BadLine:
             error = TraceFormatError(path, number, line.problem)
             if errors is None:
                 raise error
@@ -218,12 +185,30 @@ class TraceReader:
         self._stream = _open_binary(path)
         raw = (_followed(self._stream, path, follow) if follow is not None and path != "-"
                else _bounded(self._stream))
-        self._text = self._counted(_decoded(raw))
+        self._text = self._decoded(raw)
 
-    def _counted(self, lines: Iterator[str]) -> Iterator[str]:
-        for line in lines:
+    def _decoded(self, raw: Iterable[bytes]) -> Iterator[str]:
+        """Text lines, counted (a UTF-8 BOM at the start dropped); a line that is not text
+        becomes a :class:`BadLine` for the parser to report with its number."""
+        first = True
+        for line in raw:
             self.lines += 1
-            yield line
+            if len(line) > MAX_LINE:
+                yield BadLine(f"line longer than {MAX_LINE} characters")
+                continue
+            if b"\0" in line:
+                yield BadLine("binary data (NUL byte)")
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                yield BadLine("not UTF-8 text")
+                continue
+            if first:
+                first = False
+                if text.startswith(_BOM):
+                    text = text[1:]
+            yield text
 
     def __iter__(self) -> Iterator[TraceOp]:
         try:
@@ -232,16 +217,18 @@ class TraceReader:
                 # Read until a line decides (QEMU may print other things first).
                 for line in self._text:
                     head.append(line)
-                    fmt = None if type(line) is _Bad else sniff_line(line)
+                    fmt = None if type(line) is BadLine else sniff_line(line)
                     if fmt is not None or len(head) >= SNIFF_LINES:
                         break
                 self.format = sniff_format(head)
                 if self.format == "none" and len(head) >= SNIFF_LINES:
                     self.format = "qemu"  # a long log without an event so far: keep reading
-            lines = _checked_lines(_chain(head, self._text), self.path, self.errors)
-            if self.format == "jsonl":
-                yield from parse_lines(lines, self.path, self.errors)
-            elif self.format == "strace":
+            if self.format == "jsonl":  # reports a BadLine itself
+                yield from parse_lines(itertools.chain(head, self._text), self.path,
+                                       self.errors)
+                return
+            lines = _checked_lines(itertools.chain(head, self._text), self.path, self.errors)
+            if self.format == "strace":
                 from .strace import parse_strace
 
                 yield from parse_strace(lines, self.path, self.errors)
@@ -265,12 +252,6 @@ class TraceReader:
     def close(self) -> None:
         if self._stream is not sys.stdin.buffer:
             self._stream.close()
-
-
-def _chain(head: list[str], rest: Iterator[str]) -> Iterator[str]:
-    yield from head
-    head.clear()
-    yield from rest
 
 
 def iter_trace(

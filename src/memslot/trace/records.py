@@ -138,3 +138,16 @@ class TraceFormatError(ValueError):
         self.message = message
         where = f"{path}:{line}" if line else path
         super().__init__(f"{where}: {message}")
+
+
+class BadLine(str):
+    """A line that is not text (binary, not UTF-8, too long), standing in its place in the
+    stream of lines (as a blank line) so that line numbers stay right; ``problem`` says why.
+    Parsers report it as an error of that line."""
+
+    problem: str
+
+    def __new__(cls, problem: str) -> BadLine:
+        self = super().__new__(cls, "\n")
+        self.problem = problem
+        return self

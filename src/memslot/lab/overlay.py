@@ -39,6 +39,9 @@ set -o pipefail
 /usr/bin/python3 /lab/src/memslot/lab/guest.py 2>&1 | $bb cat
 echo "{EXIT} $?@@"
 $bb sync
+# The console may still be draining a long line: give it time (the host stops the guest as
+# soon as it reads the EXIT marker).
+$bb sleep 10
 $bb reboot -f
 $bb sleep 5
 $bb poweroff -f

@@ -107,7 +107,7 @@ class Console:
 class Deadlines:
     boot: float  # seconds from start to the BEGIN marker
     run: float  # seconds from BEGIN to the EXIT marker
-    shutdown: float = 15.0  # from EXIT to QEMU's own exit, then it is killed
+    shutdown: float = 2.0  # from EXIT to QEMU's own exit, then it is killed
 
 
 def boot(cmd: list[str], deadlines: Deadlines, on_output: Callable[[str], None],

@@ -202,7 +202,9 @@ def _matrix(args: argparse.Namespace) -> int:
         if not rows:
             die(f"no saved matrix rows in {args.from_results}")
         names = {r.target for r in rows}
-        pending = tuple(t.name for t in targets if t.name not in names)
+        rows += [Row(t.name, "impossible", note=t.machine.impossible or "")
+                 for t in targets if not t.bootable and t.name not in names]
+        pending = tuple(t.name for t in targets if t.bootable and t.name not in names)
         if args.out:
             write_markdown(rows, Path(args.out), opts, pending=pending)
         for r in rows:

@@ -309,6 +309,9 @@ def _ppc_hv(v: str) -> Profile:
         access_ok_mask=at_least(v, "7.2"),
         totalram_pages=1 << (14 if big else 18),  # a 1 GiB guest
         manual_dirty_log_caps=0,
+        # KVM_MAX_VCPUS = NR_CPUS (Debian: 2048); ids: MAX_SMT_THREADS * KVM_MAX_VCORES.
+        max_vcpus=2048,
+        max_vcpu_ids=16384,
     )
     return Profile(name=f"ppc64-hv@{v}", description=f"Linux {v} POWER book3s HV "
                    f"({'64' if big else '4'} KiB pages): one rmap entry per page, carried "

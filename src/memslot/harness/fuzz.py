@@ -1,13 +1,26 @@
 """Random request sequences weighted to the edges of every rule, run on the model and the
 real kernel side by side (or on the model alone with its integrity check).
 
+Besides v1 memslot requests and the dirty log, a sequence creates guest_memfds and binds them
+with REGION2 (offsets at the file end and near 2^63, closed and reused fd numbers), asks
+KVM_CHECK_EXTENSION over the capability range on the VM fd and on /dev/kvm, enables
+capabilities with 64-bit arguments, creates and closes vCPUs between requests, forks (Python's
+``os.fork`` and libc's ``fork()``) and calls from the child, and ends with a random teardown
+order (the VM fd before or after its guest_memfds and vCPUs, the references compared at
+every step).
+
 Each sequence runs on a fresh VM pair; a divergence ends the sequence and yields a
 JSON-lines reproducer (the sequence up to the diverging request, with the kernel's errno as
-``expect``) that ``memslot replay --backend both`` replays.
+``expect``) that ``memslot replay --backend both`` replays; the lifetime operations the trace
+format has no record for (closing fds, vCPUs, forks) appear as ``note`` lines.
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import json
+import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -17,18 +30,67 @@ from .. import constants as c
 from ..backends.base import VM
 from ..backends.dual import Divergence
 from ..backends.model import ModelVM
+from ..engine.caps import DERIVED
 from ..engine.slot import MemorySlot
-from ..errors import KvmError
+from ..errors import KvmError, errno_name
 from ..profile import Profile
 from ..request import MemoryRegion
 from ..trace.jsonl import dumps
-from ..trace.records import ClearDirtyLog, EnableCap, GetDirtyLog, SetRegion, TraceOp
+from ..trace.records import (
+    CheckExtension,
+    ClearDirtyLog,
+    CreateGuestMemfd,
+    EnableCap,
+    GetDirtyLog,
+    SetRegion,
+    TraceOp,
+)
 from .replay import Replayer
 
 PAGE = c.PAGE_SIZE
 UA_BASE = 0x7F0000000000
 SAFE_PAGES = 1 << 18  # larger successful slots would cost the kernel real vmalloc memory
 MAX_PAGES = c.KVM_MEM_MAX_NR_PAGES
+MAX_VCPUS_PER_VM = 4  # real vCPUs cost the kernel memory; ids past the limits cost nothing
+#: Capability numbers past any the kernel knows, and values a ``long`` sees as negative.
+CAP_EDGES = (1000, 1 << 31, (1 << 32) + c.KVM_CAP_USER_MEMORY, 1 << 63,
+             (1 << 63) | c.KVM_CAP_NR_MEMSLOTS, (1 << 64) - 1)
+#: Capabilities KVM_ENABLE_CAP passes to x86's arch handler, which refuses them (EINVAL):
+#: check-only capabilities and unassigned numbers.
+NOT_ENABLEABLE = (0, c.KVM_CAP_USER_MEMORY, c.KVM_CAP_NR_VCPUS, c.KVM_CAP_NR_MEMSLOTS,
+                  c.KVM_CAP_SYNC_MMU, c.KVM_CAP_GUEST_MEMFD, 1000, 0xFFFFFFFF)
+
+
+# -- lifetime operations the trace format has no record for --------------------------------
+@dataclass(frozen=True)
+class CloseGuestMemfd:
+    fd: int
+    op: str = "close_guest_memfd"
+
+
+@dataclass(frozen=True)
+class CreateVcpu:
+    vcpu_id: int | None
+    op: str = "create_vcpu"
+
+
+@dataclass(frozen=True)
+class CloseVcpu:
+    vcpu_id: int
+    op: str = "close_vcpu"
+
+
+@dataclass(frozen=True)
+class Fork:
+    """Fork (``how``: ``os.fork`` or libc's ``fork()``) and make one call in the child."""
+
+    how: str
+    call: str
+    op: str = "fork"
+
+
+Lifetime = CloseGuestMemfd | CreateVcpu | CloseVcpu | Fork
+FuzzOp = TraceOp | Lifetime
 
 
 @dataclass
@@ -52,6 +114,14 @@ class Generator:
     def __init__(self, rnd: random.Random, profile: Profile) -> None:
         self.rnd = rnd
         self.p = profile
+        #: Live guest_memfds (fd number as the caller sees it -> size) and closed numbers.
+        self.gmems: dict[int, int] = {}
+        self.closed_fds: list[int] = []
+        self.vcpus: list[int] = []
+        self.vcpu_ids: set[int] = set()
+        #: With recorded arch answers the whole range is compared; else what the model derives.
+        self.caps = (list(range(0, 260)) if profile.extensions
+                     else [*sorted(DERIVED), c.KVM_CAP_USER_MEMORY + 1, 200, 255])
         self.user_slots = profile.user_mem_slots
         self.page = profile.page_size
         self.max_gfn = profile.max_gfn if profile.arch == "x86" else (1 << 40) - 1
@@ -112,30 +182,91 @@ class Generator:
                          (1 << 64) - self.page, 0])
 
     # -- operations -----------------------------------------------------------------------
-    def next(self, model: ModelVM) -> TraceOp:
+    def next(self, model: ModelVM) -> FuzzOp:
         slots = [s for a in range(model.nr_address_spaces) for s in model.memslots(a)]
         ranges = [(s.base_gfn, s.npages) for s in slots]
         r = self.rnd
         x = r.random()
-        op: TraceOp
-        if x < 0.30:
+        op: FuzzOp
+        if x < 0.26:
             op = SetRegion(MemoryRegion(self._id(), self._flags(), self._gpa(ranges),
                                         self._size(self._pages()), self._uaddr()))
-        elif x < 0.62 and slots:
+        elif x < 0.54 and slots:
             op = SetRegion(self._modify(r.choice(slots), ranges))
-        elif x < 0.70:
+        elif x < 0.61:
             sid = r.choice([s.id | (s.as_id << 16) for s in slots] or [0])
             gpa = r.choice([0, 0x800, 1 << 63])
             ua = r.choice([0, UA_BASE + 8, self.ua_limit + self.page, self.ua_limit]) % (1 << 64)
             flags = r.choice([0, 0, 1, 2, 4, 8])
             op = SetRegion(MemoryRegion(r.choice([sid, self._id()]), flags, gpa, 0, ua))
-        elif x < 0.82:
+        elif x < 0.71:
             op = GetDirtyLog(r.choice([s.id | (s.as_id << 16) for s in slots] + [self._id()]))
-        elif x < 0.96:
+        elif x < 0.82:
             op = self._clear(slots)
-        else:
+        elif x < 0.85:
             op = self._cap()
+        elif x < 0.92:
+            op = self._gmem(ranges)
+        elif x < 0.965:
+            op = CheckExtension(self._cap_number(), system=r.random() < 0.4)
+        elif x < 0.995:
+            op = self._vcpu()
+        else:
+            op = Fork(r.choice(["os.fork", "libc"]), r.choice(FORK_CALLS))
         return self._safe(op)
+
+    # -- guest_memfd ------------------------------------------------------------------------
+    def _gmem(self, ranges: list[tuple[int, int]]) -> FuzzOp:
+        """Create a file, close one, or bind with REGION2 (mostly to a live file, at offsets
+        by the file's end and near 2^63; also closed numbers and plain fds)."""
+        r = self.rnd
+        x = r.random()
+        page = self.page
+        if x < 0.25 or (not self.gmems and x < 0.6):
+            size = r.choice([page, 2 * page, 16 * page, 256 * page, page, 2 * page]
+                            if r.random() < 0.85 else
+                            [0, page + 1, 1 << 63, (1 << 63) - page, (1 << 64) - page])
+            flags = r.choice([0, 0, 1, 2, 3]) if r.random() < 0.9 else r.choice([4, 1 << 63])
+            return CreateGuestMemfd(size, flags)
+        if x < 0.33 and self.gmems:
+            return CloseGuestMemfd(r.choice(sorted(self.gmems)))
+        fds = sorted(self.gmems)
+        if fds and r.random() < 0.8:
+            fd = r.choice(fds)
+            fsize = self.gmems[fd]
+        else:
+            fd = r.choice([*self.closed_fds, 0, 1, 2, 0xFFFFFFFF])
+            fsize = 2 * page
+        npages = r.choice([1, 1, 2, fsize // page, fsize // page + 1])
+        size = max(npages, 1) * page
+        offset = r.choice([0, 0, page, fsize - page, fsize - size, fsize, fsize + page,
+                           (1 << 63) - page, (1 << 63) - size, 1 << 63, (1 << 64) - page,
+                           0x800]) % (1 << 64)
+        flags = c.KVM_MEM_GUEST_MEMFD | r.choice([0, 0, 0, c.KVM_MEM_LOG_DIRTY_PAGES,
+                                                  c.KVM_MEM_READONLY])
+        if r.random() < 0.1:
+            flags = r.choice([0, c.KVM_MEM_LOG_DIRTY_PAGES])  # a v2 request without a file
+        sid = r.choice([r.randrange(12), r.randrange(12), self._id()])
+        gpa = self._gpa(ranges) if r.random() < 0.3 else r.randrange(0x100, 0x200) * page
+        return SetRegion(MemoryRegion(sid, flags, gpa, size, UA_BASE + r.randrange(64) * page,
+                                      offset, fd))
+
+    # -- capabilities ------------------------------------------------------------------------
+    def _cap_number(self) -> int:
+        r = self.rnd
+        return r.choice(self.caps) if r.random() < 0.95 else r.choice(CAP_EDGES)
+
+    # -- vCPUs ---------------------------------------------------------------------------------
+    def _vcpu(self) -> FuzzOp:
+        r = self.rnd
+        if self.vcpus and r.random() < 0.3:
+            return CloseVcpu(r.choice(self.vcpus))
+        limit = self.p.max_vcpu_ids
+        if len(self.vcpu_ids) >= MAX_VCPUS_PER_VM or r.random() < 0.4:
+            # Ids the kernel refuses before allocating anything, or one it has already.
+            taken = sorted(self.vcpu_ids)
+            return CreateVcpu(r.choice([limit, limit + 1, 1 << 32, 1 << 40, *taken[:1]]))
+        return CreateVcpu(r.choice([None, None, 0, 1, limit - 1]))
 
     def _modify(self, s: MemorySlot, ranges: list[tuple[int, int]]) -> MemoryRegion:
         r = self.rnd
@@ -181,16 +312,30 @@ class Generator:
 
     def _cap(self) -> TraceOp:
         r = self.rnd
+        x = r.random()
+        wide = [0, 1 << 32, (1 << 32) | 1, 0xFFFFFFFF, 1 << 63, (1 << 64) - 1,
+                r.randrange(1 << 64)]
+        if x < 0.5:
+            arg = r.choice([0, 1, 2, 3, 4, 7]) if r.random() < 0.8 else r.choice(wide)
+            return EnableCap(c.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, (arg,), r.choice([0, 0, 0, 1]))
+        if x < 0.65:
+            arg = r.choice([0, 200000, *wide])
+            args = (arg,) if r.random() < 0.8 else (arg, *(r.choice(wide) for _ in range(3)))
+            return EnableCap(c.KVM_CAP_HALT_POLL, args, r.choice([0, 0, 0, 1, 1 << 31]))
+        if x < 0.75:
+            return EnableCap(r.choice(NOT_ENABLEABLE), (r.choice(wide),))
+        # Mostly sizes the kernel refuses, also in the high 32 bits that
+        # kvm_vm_ioctl_enable_dirty_log_ring truncates away; a valid one (rarely) turns the
+        # ring on for the rest of the sequence (sequences also start with one, see _sequence).
         if r.random() < 0.9:
-            return EnableCap(c.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, (r.choice([0, 1, 2, 3, 4, 7]),),
-                             r.choice([0, 0, 0, 1]))
-        # Mostly sizes the kernel refuses; a valid one (rarely) turns the ring on for the rest
-        # of the sequence (sequences also start with a ring now and then, see _sequence).
-        size = r.choice([2048, 3000, 1 << 21, 0, 4095, 5000]) if r.random() < 0.9 else 1 << 16
+            size = r.choice([2048, 3000, 1 << 21, 0, 4095, 5000, 1 << 32, (1 << 32) | 3000,
+                             (1 << 40) | (1 << 21)])
+        else:
+            size = r.choice([1 << 16, (1 << 32) | 0x1000, (1 << 63) | 0x10000])
         return EnableCap(r.choice([c.KVM_CAP_DIRTY_LOG_RING, c.KVM_CAP_DIRTY_LOG_RING_ACQ_REL]),
                          (size,))
 
-    def _safe(self, op: TraceOp) -> TraceOp:
+    def _safe(self, op: FuzzOp) -> FuzzOp:
         """Keep successful kernel allocations small: a request that would pass the size
         limit with more than SAFE_PAGES pages gets a misaligned uaddr, so it still exercises
         the order of the checks but is refused before anything is allocated."""
@@ -200,6 +345,12 @@ class Generator:
             if SAFE_PAGES < npages <= MAX_PAGES:
                 return SetRegion(reg._replace(userspace_addr=reg.userspace_addr | 8))
         return op
+
+
+#: What a forked child calls (each a VM ioctl refused with EIO, or a system ioctl that works).
+FORK_CALLS = ("set_user_memory_region", "get_dirty_log", "check_extension", "create_vcpu",
+              "create_guest_memfd", "enable_cap", "check_system_extension")
+TEARDOWNS = ("close", "vm-fd-first", "files-first", "interleaved")
 
 
 def _pair(profile: Profile, backend: str) -> tuple[VM, ModelVM]:
@@ -220,7 +371,8 @@ def run_fuzz(
     sequence_length: int = 400,
     progress: Callable[[int], None] | None = None,
 ) -> FuzzReport:
-    """Run ``ops`` requests in sequences of ``sequence_length``, each on a fresh VM pair."""
+    """Run ``ops`` requests in sequences of ``sequence_length``, each on a fresh VM pair.
+    ``KeyboardInterrupt`` propagates untouched (never a result)."""
     report = FuzzReport()
     rnd = random.Random(seed)
     done = 0
@@ -235,60 +387,245 @@ def run_fuzz(
     return report
 
 
+class _Diverged(Exception):
+    """Internal: a lifetime operation diverged (``what``)."""
+
+    def __init__(self, what: str, kernel_errno: int | None = None) -> None:
+        self.what = what
+        self.kernel_errno = kernel_errno
+
+
 def _sequence(
     rnd: random.Random, profile: Profile, backend: str, count: int, report: FuzzReport
 ) -> Iterator[str]:
     vm, model = _pair(profile, backend)
     gen = Generator(rnd, profile)
     replayer = Replayer(vm)
-    history: list[TraceOp] = []
-    first: list[TraceOp] = []
+    history: list[str] = []
+    first: list[FuzzOp] = []
     if rnd.random() < 0.1:
         ring = (c.KVM_CAP_DIRTY_LOG_RING if profile.dirty_ring_tso
                 else c.KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
         first.append(EnableCap(ring, (rnd.choice([4096, 1 << 16, 1 << 20]),)))
+    closed = False
     try:
         for index in range(count):
             op = first.pop() if first and index == 0 else gen.next(model)
-            step = replayer.step(op)
             report.requests += 1
-            report.outcomes[_outcome_key(op, step, model)] += 1
-            recorded = _with_expect(op, step.errno)
-            history.append(recorded)
-            divergent = [p for p in step.problems if p.startswith("divergence")]
-            if divergent:
-                report.divergences.append((divergent[0], [dumps(o) for o in history]))
-                return
+            if isinstance(op, CloseGuestMemfd | CreateVcpu | CloseVcpu | Fork):
+                try:
+                    key = _lifetime(vm, gen, op)
+                except _Diverged as exc:
+                    history.append(_note(op, exc.what))
+                    report.divergences.append((f"divergence: {exc.what}", history))
+                    return
+                history.append(_note(op, key[1]))
+                report.outcomes[key] += 1
+            else:
+                step = replayer.step(op)
+                report.outcomes[_outcome_key(op, step, model)] += 1
+                if isinstance(op, CreateGuestMemfd) and step.errno == 0 and step.value is not None:
+                    gen.gmems[step.value] = op.size
+                    op = dataclasses.replace(op, fd=step.value)
+                if isinstance(op, CheckExtension) and step.errno == 0:
+                    op = dataclasses.replace(op, value=step.value)
+                history.append(dumps(_with_expect(op, step.errno)))
+                divergent = [p for p in step.problems if p.startswith("divergence")]
+                if divergent:
+                    report.divergences.append((divergent[0], history))
+                    return
             report.agreed += 1
             if backend == "model":
                 problems = model.check()
                 if problems:
-                    report.check_failures.append((problems[0], [dumps(o) for o in history]))
+                    report.check_failures.append((problems[0], history))
                     return
             yield ""
         if backend != "model":
             problems = model.check()
             if problems:
-                report.check_failures.append((problems[0], [dumps(o) for o in history]))
+                report.check_failures.append((problems[0], history))
+                return
+            from ..backends.dual import Divergence, DualVM
+
+            if isinstance(vm, DualVM):
+                try:
+                    vm.verify()
+                except Divergence as exc:
+                    report.divergences.append((f"divergence: {exc}", history))
+                    return
+        order = rnd.choice(TEARDOWNS)
+        try:
+            _teardown(vm, model, gen, order, rnd)
+            closed = True
+        except _Diverged as exc:
+            history.append(json.dumps({"op": "note", "note": f"teardown {order}: {exc.what}"}))
+            report.divergences.append((f"divergence: teardown {order}: {exc.what}", history))
+            return
+        report.outcomes[("teardown", order)] += 1
+    finally:
+        if not closed:
+            vm.close()
+
+
+def _note(op: Lifetime, outcome: str) -> str:
+    """A lifetime operation in a reproducer: a note line (the trace format has no record)."""
+    fields = {k: v for k, v in dataclasses.asdict(op).items() if k != "op"}
+    text = f"{op.op} {json.dumps(fields)} -> {outcome}"
+    return json.dumps({"op": "note", "note": text})
+
+
+def _lifetime(vm: VM, gen: Generator, op: Lifetime) -> tuple[str, str]:
+    """Perform a lifetime operation on ``vm`` (both halves through a DualVM); returns its
+    outcome class."""
+    from ..backends.dual import Divergence
+
+    try:
+        if isinstance(op, CloseGuestMemfd):
+            vm.close_guest_memfd(op.fd)
+            gen.gmems.pop(op.fd, None)
+            gen.closed_fds.append(op.fd)
+            return (op.op, "ok")
+        if isinstance(op, CreateVcpu):
+            try:
+                vcpu = vm.create_vcpu(op.vcpu_id)
+            except KvmError as exc:
+                return (op.op, errno_name(exc.errno or 0))
+            gen.vcpus.append(vcpu)
+            gen.vcpu_ids.add(vcpu)
+            return (op.op, "ok")
+        if isinstance(op, CloseVcpu):
+            vm.close_vcpu(op.vcpu_id)
+            gen.vcpus.remove(op.vcpu_id)
+            return (op.op, "ok")
+        return (op.op, f"{op.how} {op.call} {_fork_and_call(vm, op)}")
+    except Divergence as exc:
+        raise _Diverged(str(exc), exc.kernel_errno) from None
+
+
+def _child_call(vm: VM, call: str) -> str:
+    """One call in a forked child; its outcome as text."""
+    from ..backends.dual import Divergence
+
+    actions: dict[str, Callable[[], object]] = {
+        "set_user_memory_region": lambda: vm.set_user_memory_region(
+            11, 0, 0x7FF00000 * vm.page_size, vm.page_size, UA_BASE),
+        "get_dirty_log": lambda: vm.get_dirty_log(0),
+        "check_extension": lambda: vm.check_extension(c.KVM_CAP_USER_MEMORY),
+        "create_vcpu": lambda: vm.create_vcpu(),
+        "create_guest_memfd": lambda: vm.create_guest_memfd(vm.page_size),
+        "enable_cap": lambda: vm.enable_cap(c.KVM_CAP_HALT_POLL, 0),
+        "check_system_extension": lambda: vm.check_system_extension(c.KVM_CAP_NR_MEMSLOTS),
+    }
+    try:
+        value = actions[call]()
+    except KvmError as exc:
+        return errno_name(exc.errno or 0)
+    except Divergence as exc:
+        return f"DIVERGENCE {exc}"
+    return "ok" if value is None else f"ok {value}"
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _fork_and_call(vm: VM, op: Fork) -> str:
+    """Fork (``os.fork`` or libc's ``fork()``, which runs no Python at-fork hook), make one
+    call in the child, report it over a pipe and reap the child."""
+    global _libc
+    read_end, write_end = os.pipe()
+    try:
+        if op.how == "libc":
+            if _libc is None:
+                _libc = ctypes.CDLL(None, use_errno=True)
+            pid = int(_libc.fork())
+            if pid < 0:
+                raise OSError(ctypes.get_errno(), "fork")
+        else:
+            pid = os.fork()
+    except BaseException:
+        os.close(read_end)
+        os.close(write_end)
+        raise
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            os.write(write_end, _child_call(vm, op.call).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            answer = pipe.read().decode()
+    finally:
+        _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0 or not answer:
+        raise _Diverged(f"forked child failed (status {status:#x})")
+    if answer.startswith("DIVERGENCE"):
+        raise _Diverged(f"in a forked child: {answer[11:]}")
+    # A forked child is not the VM's mm: every VM ioctl is EIO, /dev/kvm still answers.
+    return "EIO" if answer == "EIO" else answer.split()[0]
+
+
+def _teardown(vm: VM, model: ModelVM, gen: Generator, order: str, rnd: random.Random) -> None:
+    """Close the VM in ``order``; the references must agree at every step, and the model
+    must keep every slot's metadata until the last reference goes (kvm_destroy_vm)."""
+    from ..backends.dual import Divergence
+
+    if order == "close":
+        vm.close()
+        if model.vmalloc_bytes() or model.metadata_bytes():
+            raise _Diverged("metadata left after close()")
+        return
+    held = [("gmem", fd) for fd in sorted(gen.gmems)] + [("vcpu", v) for v in gen.vcpus]
+    rnd.shuffle(held)
+    position = {"vm-fd-first": 0, "files-first": len(held)}.get(
+        order, rnd.randrange(len(held) + 1))
+    held.insert(position, ("vm", 0))
+    metadata = model.metadata_bytes()
+    try:
+        for kind, number in held:
+            if kind == "vm":
+                vm.close_vm_fd()
+            elif kind == "gmem":
+                vm.close_guest_memfd(number)
+            else:
+                vm.close_vcpu(number)
+            refs = vm.references()
+            if refs.alive and model.metadata_bytes() != metadata:
+                raise _Diverged(f"metadata freed while {refs} hold the VM")
+        if vm.references().alive or model.metadata_bytes() or model.vmalloc_bytes():
+            raise _Diverged("the VM outlived its last reference")
+    except Divergence as exc:
+        raise _Diverged(str(exc)) from None
     finally:
         vm.close()
 
 
 def _outcome_key(op: TraceOp, step: object, model: ModelVM) -> tuple[str, str]:
-    from ..errors import errno_name
     from .replay import ReplayStep
 
     assert isinstance(step, ReplayStep)
     if isinstance(op, SetRegion) and model.last_result is not None:
         r = model.last_result
-        return (str(r.change) if r.change else "-", r.rule.code if r.rule else "ok")
+        kind = str(r.change) if r.change else "-"
+        if op.region.guest_memfd is not None:
+            kind = f"v2 {kind}"
+        return (kind, r.rule.code if r.rule else "ok")
+    if isinstance(op, CheckExtension):
+        where = "check_extension system" if op.system else "check_extension vm"
+        return (where, "ok" if not step.errno else errno_name(step.errno or 0))
+    if isinstance(op, EnableCap):
+        name = c.CAPABILITY_NAMES.get(op.cap, "other")
+        wide = " 64-bit" if any(a >> 32 for a in op.args) else ""
+        result = "ok" if not step.errno else errno_name(step.errno or 0)
+        return (f"enable_cap {name.removeprefix('KVM_CAP_')}{wide}", result)
     return (op.op, "ok" if not step.errno else errno_name(step.errno or 0))
 
 
 def _with_expect(op: TraceOp, err: int | None) -> TraceOp:
-    from dataclasses import replace
-
-    return replace(op, expect=err)
+    return dataclasses.replace(op, expect=err)
 
 
 __all__ = ["Divergence", "FuzzReport", "Generator", "KvmError", "run_fuzz"]

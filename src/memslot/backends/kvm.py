@@ -613,8 +613,10 @@ class KvmVM(VM):
         return list(self._ordered(as_id)[1])
 
     def memslot(self, slot_id: int, as_id: int = 0) -> MemorySlot | None:
-        """The recorded slot with this id."""
-        self._ordered(as_id)  # open and address-space checks
+        """The recorded slot with this id (one dict lookup)."""
+        self._check_open()
+        if not 0 <= as_id < self._nr_as:
+            raise ValueError(f"address space {as_id} does not exist (this VM has {self._nr_as})")
         return self._slots.get((as_id, slot_id))
 
     def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> MemorySlot | None:

@@ -12,7 +12,8 @@ every step).
 Each sequence runs on a fresh VM pair; a divergence ends the sequence and yields a
 JSON-lines reproducer (the sequence up to the diverging request, with the kernel's errno as
 ``expect``) that ``memslot replay --backend both`` replays; the lifetime operations the trace
-format has no record for (closing fds, vCPUs, forks) appear as ``note`` lines.
+format has no record for (closing fds, vCPUs, forks, teardown) are not replayed: they appear in
+the ``note`` of the next record (of the last one at the end).
 """
 
 from __future__ import annotations
@@ -401,7 +402,7 @@ def _sequence(
     vm, model = _pair(profile, backend)
     gen = Generator(rnd, profile)
     replayer = Replayer(vm)
-    history: list[str] = []
+    history = _History()
     first: list[FuzzOp] = []
     if rnd.random() < 0.1:
         ring = (c.KVM_CAP_DIRTY_LOG_RING if profile.dirty_ring_tso
@@ -416,10 +417,10 @@ def _sequence(
                 try:
                     key = _lifetime(vm, gen, op)
                 except _Diverged as exc:
-                    history.append(_note(op, exc.what))
-                    report.divergences.append((f"divergence: {exc.what}", history))
+                    history.note(_note(op, exc.what))
+                    report.divergences.append((f"divergence: {exc.what}", history.lines()))
                     return
-                history.append(_note(op, key[1]))
+                history.note(_note(op, key[1]))
                 report.outcomes[key] += 1
             else:
                 step = replayer.step(op)
@@ -429,22 +430,22 @@ def _sequence(
                     op = dataclasses.replace(op, fd=step.value)
                 if isinstance(op, CheckExtension) and step.errno == 0:
                     op = dataclasses.replace(op, value=step.value)
-                history.append(dumps(_with_expect(op, step.errno)))
+                history.record(_with_expect(op, step.errno))
                 divergent = [p for p in step.problems if p.startswith("divergence")]
                 if divergent:
-                    report.divergences.append((divergent[0], history))
+                    report.divergences.append((divergent[0], history.lines()))
                     return
             report.agreed += 1
             if backend == "model":
                 problems = model.check()
                 if problems:
-                    report.check_failures.append((problems[0], history))
+                    report.check_failures.append((problems[0], history.lines()))
                     return
             yield ""
         if backend != "model":
             problems = model.check()
             if problems:
-                report.check_failures.append((problems[0], history))
+                report.check_failures.append((problems[0], history.lines()))
                 return
             from ..backends.dual import Divergence, DualVM
 
@@ -452,15 +453,16 @@ def _sequence(
                 try:
                     vm.verify()
                 except Divergence as exc:
-                    report.divergences.append((f"divergence: {exc}", history))
+                    report.divergences.append((f"divergence: {exc}", history.lines()))
                     return
         order = rnd.choice(TEARDOWNS)
         try:
             _teardown(vm, model, gen, order, rnd)
             closed = True
         except _Diverged as exc:
-            history.append(json.dumps({"op": "note", "note": f"teardown {order}: {exc.what}"}))
-            report.divergences.append((f"divergence: teardown {order}: {exc.what}", history))
+            history.note(f"teardown {order}: {exc.what}")
+            report.divergences.append((f"divergence: teardown {order}: {exc.what}",
+                                       history.lines()))
             return
         report.outcomes[("teardown", order)] += 1
     finally:
@@ -468,11 +470,38 @@ def _sequence(
             vm.close()
 
 
+class _History:
+    """The reproducer of a sequence: trace records, with the lifetime operations (which the
+    trace format cannot express) carried in the notes."""
+
+    def __init__(self) -> None:
+        self.ops: list[TraceOp] = []
+        self.pending: list[str] = []
+
+    def record(self, op: TraceOp) -> None:
+        if self.pending:
+            op = dataclasses.replace(op, note="; ".join([*self.pending, op.note]).strip("; "))
+            self.pending = []
+        self.ops.append(op)
+
+    def note(self, text: str) -> None:
+        self.pending.append(text)
+
+    def lines(self) -> list[str]:
+        ops = list(self.ops)
+        if self.pending and ops:
+            last = ops[-1]
+            ops[-1] = dataclasses.replace(
+                last, note="; ".join([last.note, "then: " + "; ".join(self.pending)]).strip("; "))
+        elif self.pending:
+            return []  # nothing replayable happened before: the divergence text says it all
+        return [dumps(op) for op in ops]
+
+
 def _note(op: Lifetime, outcome: str) -> str:
-    """A lifetime operation in a reproducer: a note line (the trace format has no record)."""
+    """A lifetime operation as text (for a reproducer's notes)."""
     fields = {k: v for k, v in dataclasses.asdict(op).items() if k != "op"}
-    text = f"{op.op} {json.dumps(fields)} -> {outcome}"
-    return json.dumps({"op": "note", "note": text})
+    return f"{op.op} {json.dumps(fields)} -> {outcome}"
 
 
 def _lifetime(vm: VM, gen: Generator, op: Lifetime) -> tuple[str, str]:

@@ -36,6 +36,26 @@ H = TypeVar("H", bound=Hashable)
 _KVM_CALLERS = ("kvm", "memslot")
 
 
+def kvm_vmalloc_areas() -> dict[str, int] | None:
+    """KVM's vmalloc areas now, ``"start-end caller" -> bytes of pages`` (/proc/vmallocinfo;
+    the addresses are hashed but stable), or ``None`` where the file cannot be read. An area
+    that exists before and after a step is the same area: following known areas is immune to
+    what other VMs allocate and free meanwhile."""
+    try:
+        with open("/proc/vmallocinfo") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    out: dict[str, int] = {}
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 4 or not fields[3].startswith("pages="):
+            continue
+        if any(name in fields[2] for name in _KVM_CALLERS):
+            out[f"{fields[0]} {fields[2]}"] = int(fields[3][6:]) * 4096
+    return out if lines else None
+
+
 def kvm_vmalloc_used() -> int | None:
     """Bytes of vmalloc pages held by KVM functions (/proc/vmallocinfo, root only), or
     ``None`` where the file cannot be read. Unlike VmallocUsed it leaves out what the rest of

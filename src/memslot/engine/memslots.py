@@ -559,9 +559,9 @@ class Memslots:
         # negative and passes the "inside the file" test (accepted by the kernel; it looks
         # like a kernel bug, modelled as it is).
         offset = r.guest_memfd_offset
-        end = (offset + r.memory_size) & ULONG_MAX
-        if end >> 63:
-            end -= 1 << 64
+        end = offset + r.memory_size
+        if self.profile.gmem_bind_wraps and end >> 63:
+            end = (end & ULONG_MAX) - (1 << 64)
         if offset >= 1 << 63 or offset & self._page_mask or end > g.size:
             raise _Failed(ch.GMEM_BIND, f"offset {offset:#x} + size outside the file",
                           STAGE_GMEM)

@@ -299,6 +299,7 @@ def detect_profile(name: str = "detected") -> Profile:
         notes.append(f"{'IPA' if arch == 'arm64' else 'G-stage GPA'} size {bits} bits")
     if gmem:
         fields["gmem_toggle_fix"] = _gmem_toggle_refused(KvmVM, page_size)
+        fields["gmem_bind_wraps"] = _gmem_bind_wraps(KvmVM, page_size)
     fields["description"] = (
         f"detected from /dev/kvm on {platform.node() or 'this host'} "
         f"(Linux {release}, {machine}" + (f"; {notes[0]}" if notes else "") + ")"
@@ -366,3 +367,16 @@ def matching_preset(profile: Profile) -> str | None:
         if "@" in name and not differences(profile, preset):
             return name
     return None
+
+
+def _gmem_bind_wraps(make_vm: Callable[[], VM], page_size: int) -> bool:
+    """Whether kvm_gmem_bind accepts a range whose end reaches 2^63 (signed loff_t wrap)."""
+    vm = make_vm()
+    try:
+        fd = vm.create_guest_memfd(2 * page_size)
+        return _accepted(lambda: vm.set_user_memory_region2(
+            0, c.KVM_MEM_GUEST_MEMFD, 0, page_size, UA, fd, (1 << 63) - page_size))
+    except KvmError:
+        return False
+    finally:
+        vm.close()

@@ -120,9 +120,13 @@ class Generator:
         self.closed_fds: list[int] = []
         self.vcpus: list[int] = []
         self.vcpu_ids: set[int] = set()
-        #: With recorded arch answers the whole range is compared; else what the model derives.
-        self.caps = (list(range(0, 260)) if profile.extensions
-                     else [*sorted(DERIVED), c.KVM_CAP_USER_MEMORY + 1, 200, 255])
+        #: A detected profile records the host (its arch answers, CPU count, vCPU limits): the
+        #: whole capability range is compared. A preset states no host: only what the model
+        #: derives from the kernel alone (not the vCPU limits, which are host or config facts).
+        self.detected = bool(profile.extensions)
+        host_caps = {c.KVM_CAP_NR_VCPUS, c.KVM_CAP_MAX_VCPUS, c.KVM_CAP_MAX_VCPU_ID}
+        self.caps = (list(range(0, 260)) if self.detected
+                     else [*sorted(DERIVED - host_caps), c.KVM_CAP_USER_MEMORY + 1, 200, 255])
         self.user_slots = profile.user_mem_slots
         self.page = profile.page_size
         self.max_gfn = profile.max_gfn if profile.arch == "x86" else (1 << 40) - 1
@@ -262,12 +266,13 @@ class Generator:
         r = self.rnd
         if self.vcpus and r.random() < 0.3:
             return CloseVcpu(r.choice(self.vcpus))
-        limit = self.p.max_vcpu_ids
+        # The id limit is a host fact: at and around it only where the profile was detected.
+        limit = self.p.max_vcpu_ids if self.detected else 1 << 32
         if len(self.vcpu_ids) >= MAX_VCPUS_PER_VM or r.random() < 0.4:
             # Ids the kernel refuses before allocating anything, or one it has already.
             taken = sorted(self.vcpu_ids)
             return CreateVcpu(r.choice([limit, limit + 1, 1 << 32, 1 << 40, *taken[:1]]))
-        return CreateVcpu(r.choice([None, None, 0, 1, limit - 1]))
+        return CreateVcpu(r.choice([None, None, 0, 1, limit - 1 if self.detected else 2]))
 
     def _modify(self, s: MemorySlot, ranges: list[tuple[int, int]]) -> MemoryRegion:
         r = self.rnd

@@ -428,6 +428,11 @@ def _sequence(
                 history.note(_note(op, key[1]))
                 report.outcomes[key] += 1
             else:
+                if isinstance(op, SetRegion) and op.region.guest_memfd is not None:
+                    # The number as generated (a live, closed or foreign fd), never one the
+                    # replayer would create for a trace that names an fd without creating it.
+                    number = op.region.guest_memfd
+                    replayer._gmem.setdefault((op.vm, number), number)
                 step = replayer.step(op)
                 report.outcomes[_outcome_key(op, step, model)] += 1
                 if isinstance(op, CreateGuestMemfd) and step.errno == 0 and step.value is not None:

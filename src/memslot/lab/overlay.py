@@ -38,9 +38,10 @@ echo "{BEGIN}"
 set -o pipefail
 /usr/bin/python3 /lab/src/memslot/lab/guest.py 2>&1 | $bb cat
 echo "{EXIT} $?@@"
+# An emulated UART drains a long last line slowly: wait until the console has sent everything
+# (tcdrain), else the reboot cuts it (the host stops the guest once it reads the EXIT marker).
+/usr/bin/python3 -c "import termios; termios.tcdrain(1)" 2>/dev/null
 $bb sync
-# The console may still be draining a long line: give it time (the host stops the guest as
-# soon as it reads the EXIT marker).
 $bb sleep 10
 $bb reboot -f
 $bb sleep 5

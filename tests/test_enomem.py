@@ -8,7 +8,8 @@ The kernel unwinds (``kvm_set_memory_region`` / ``kvm_set_memslot`` /
 ``nr_memslot_pages`` and every live allocation exactly as before, and the generation moved only
 by the swaps that happened (spec 3.1): ``2 * N_AS`` when a DELETE/MOVE failed after its INVALID
 swap, 0 when the new-slot or INVALID-slot kzalloc failed, 0 for CREATE/FLAGS_ONLY. The same
-request then succeeds.
+request then succeeds. The steps the engine recorded are the twin's up to the one that failed,
+then exactly the unwind steps that undo what was done.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 import memslot
 from memslot import ModelVM
 from memslot.constants import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES
+from memslot.engine import result as steps_
 from memslot.engine.change import ChangeType
 from memslot.request import MemoryRegion
 
@@ -141,6 +143,32 @@ def _shape(vm: ModelVM) -> tuple[object, ...]:
     return slots, vm.nr_memslot_pages, sizes, vm.metadata_bytes(), vm.vmalloc_bytes()
 
 
+# The forward step whose allocation a failure of each kind hits (arch kinds: "prepare: arch").
+STEP_OF_KIND = {
+    "slot": steps_.STEP_ALLOC_SLOT,
+    "invalid_slot": steps_.STEP_ALLOC_INVALID,
+    "dirty_bitmap": steps_.STEP_ALLOC_BITMAP,
+}
+
+
+def _expected_steps(twin_steps: list[str], sc: Scenario, failed_kind: str) -> list[str]:
+    """The twin's steps up to the failing one, then the unwind of ``kvm_prepare_memory_region``
+    (a fresh bitmap), ``kvm_set_memslot`` (restore swap, kfree INVALID) and
+    ``kvm_set_memory_region`` (unbind guest_memfd, kfree new)."""
+    failing = STEP_OF_KIND.get(failed_kind, steps_.STEP_PREPARE_ARCH)
+    done = twin_steps[:twin_steps.index(failing) + 1]
+    unwind = []
+    if failing == steps_.STEP_PREPARE_ARCH and steps_.STEP_ALLOC_BITMAP in done:
+        unwind.append(steps_.STEP_FREE_BITMAP)
+    if steps_.STEP_INVALIDATE in done:
+        unwind += [steps_.STEP_RESTORE, steps_.STEP_FREE_INVALID]
+    if steps_.STEP_GMEM_BIND in done:
+        unwind.append(steps_.STEP_GMEM_UNBIND)
+    if steps_.STEP_ALLOC_SLOT in done and failing != steps_.STEP_ALLOC_SLOT:
+        unwind.append(steps_.STEP_FREE_NEW)
+    return done + unwind
+
+
 def _expected_generation_delta(vm: ModelVM, change: ChangeType, failed_kind: str) -> int:
     """Spec 3.1: only DELETE/MOVE failing after the INVALID swap (prepare) moves it, by 2N."""
     if change in (ChangeType.DELETE, ChangeType.MOVE) and failed_kind not in (
@@ -150,18 +178,28 @@ def _expected_generation_delta(vm: ModelVM, change: ChangeType, failed_kind: str
     return 0
 
 
-def _cases(profile: str, sc: Scenario) -> tuple[list[str], object]:
-    """The kinds a twin VM allocates for the request, in order, and its resulting shape."""
+@dataclass(frozen=True)
+class Twin:
+    """What the request does on a VM without faults."""
+
+    kinds: list[str]  # allocation kinds, in order
+    shape: object
+    steps: list[str]
+
+
+def _cases(profile: str, sc: Scenario) -> Twin:
+    """The kinds a twin VM allocates for the request, in order, its resulting shape and the
+    steps it took."""
     twin, request = _build(profile, sc)
     result = twin.submit(request)
     assert result.ok and result.change is sc.change, result.summary()
     assert twin.check() == []
-    return [a.kind for a in result.allocated], _shape(twin)
+    assert steps_.STEP_COMMIT in result.steps and steps_.STEP_FREE_NEW not in result.steps
+    return Twin([a.kind for a in result.allocated], _shape(twin), list(result.steps))
 
 
 def _fail_once(
-    profile: str, sc: Scenario, arm: Callable[[ModelVM], None], failed_kind: str,
-    twin_shape: object,
+    profile: str, sc: Scenario, arm: Callable[[ModelVM], None], failed_kind: str, twin: Twin
 ) -> None:
     vm, request = _build(profile, sc)
     as_id = request.as_id
@@ -172,6 +210,7 @@ def _fail_once(
     assert result.errno == errno.ENOMEM, result.summary()
     assert result.change is sc.change
     assert result.rule is not None and result.rule.code == RULE_OF_KIND[failed_kind]
+    assert result.steps == _expected_steps(twin.steps, sc, failed_kind)
     assert _snapshot(vm) == before
     expected = list(gens)
     expected[as_id] += _expected_generation_delta(vm, sc.change, failed_kind)
@@ -184,41 +223,42 @@ def _fail_once(
     retry = vm.submit(request)
     assert retry.ok and retry.change is sc.change, retry.summary()
     assert vm.check() == []
-    assert _shape(vm) == twin_shape
+    assert _shape(vm) == twin.shape
+    assert retry.steps == twin.steps
 
 
 @pytest.mark.parametrize(("profile", "sc"), CASES, ids=CASE_IDS)
 def test_enomem_at_every_allocation(profile: str, sc: Scenario) -> None:
     """The nth allocation of the request fails, for every n."""
-    kinds, twin_shape = _cases(profile, sc)
-    assert kinds, "every change allocates at least a slot struct"
-    for nth, kind in enumerate(kinds, 1):
-        _fail_once(profile, sc, lambda vm, n=nth: vm.inject_enomem(n), kind, twin_shape)
+    twin = _cases(profile, sc)
+    assert twin.kinds, "every change allocates at least a slot struct"
+    for nth, kind in enumerate(twin.kinds, 1):
+        _fail_once(profile, sc, lambda vm, n=nth: vm.inject_enomem(n), kind, twin)
 
 
 @pytest.mark.parametrize(("profile", "sc"), CASES, ids=CASE_IDS)
 def test_enomem_at_every_allocation_of_each_kind(profile: str, sc: Scenario) -> None:
     """``inject_enomem(nth, kind=...)`` counts only allocations of that kind."""
-    kinds, twin_shape = _cases(profile, sc)
-    for kind, count in Counter(kinds).items():
+    twin = _cases(profile, sc)
+    for kind, count in Counter(twin.kinds).items():
         for nth in range(1, count + 1):
             _fail_once(profile, sc, lambda vm, n=nth, k=kind: vm.inject_enomem(n, kind=k), kind,
-                       twin_shape)
+                       twin)
 
 
 def test_expected_allocation_sequences() -> None:
     """The allocation order the cases above rely on: new slot, INVALID copy, dirty bitmap,
     then the x86 arrays rmap L1..L3, lpage_info L2, L3, write-track."""
-    kinds, _ = _cases("x86_64-shadow", BY_NAME["move-turns-log-on"])
+    kinds = _cases("x86_64-shadow", BY_NAME["move-turns-log-on"]).kinds
     assert kinds == ["slot", "invalid_slot", "dirty_bitmap", "rmap", "rmap", "rmap",
                      "lpage_info", "lpage_info", "write_track"]
-    kinds, _ = _cases("x86_64", BY_NAME["create-log"])  # lazy rmaps, no write tracking
+    kinds = _cases("x86_64", BY_NAME["create-log"]).kinds  # lazy rmaps, no write tracking
     assert kinds == ["slot", "dirty_bitmap", "lpage_info", "lpage_info"]
-    kinds, _ = _cases("ppc64-hv", BY_NAME["move"])  # MOVE shares the rmap
+    kinds = _cases("ppc64-hv", BY_NAME["move"]).kinds  # MOVE shares the rmap
     assert kinds == ["slot", "invalid_slot"]
-    kinds, _ = _cases("ppc64-hv", BY_NAME["create"])
+    kinds = _cases("ppc64-hv", BY_NAME["create"]).kinds
     assert kinds == ["slot", "ppc_rmap"]
-    kinds, _ = _cases("s390x", BY_NAME["delete"])
+    kinds = _cases("s390x", BY_NAME["delete"]).kinds
     assert kinds == ["invalid_slot"]
 
 
@@ -264,3 +304,75 @@ def test_ppc_totalram_refusal_allocates_nothing() -> None:
     assert [a.kind for a in result.allocated] == ["slot"]
     assert _snapshot(vm) == before and vm.generation() == 0
     assert vm.check() == []
+
+
+# -- the recorded steps of whole requests, and of refusals that are not ENOMEM ------------------
+S = steps_
+
+
+def test_steps_of_each_change_as_taken() -> None:
+    """What the engine records for each change type (x86 shadow: metadata on every slot)."""
+    vm = ModelVM("x86_64-shadow")
+    head = [S.STEP_VALIDATE, S.STEP_ALLOC_SLOT]
+    invalidate = [S.STEP_ALLOC_INVALID, S.STEP_INVALIDATE]
+    tail = [S.STEP_INSTALL, S.STEP_FREE_INVALID, S.STEP_COMMIT, S.STEP_FREE_OLD]
+    cases = [
+        ((0, LOG, 0, SIZE, UA), [*head, S.STEP_ALLOC_BITMAP, S.STEP_PREPARE_ARCH,
+                                 S.STEP_INSTALL, S.STEP_COMMIT]),
+        ((0, LOG, 0, SIZE, UA), [S.STEP_VALIDATE, S.STEP_NOOP]),
+        ((0, LOG, GiB, SIZE, UA), head + invalidate + [S.STEP_KEEP_BITMAP, S.STEP_PREPARE_ARCH]
+         + tail),
+        ((0, 0, GiB, SIZE, UA), [*head, S.STEP_PREPARE_ARCH, S.STEP_INSTALL, S.STEP_COMMIT,
+                                 S.STEP_FREE_OLD]),
+        ((0, 0, 0, 0, 0), [S.STEP_VALIDATE, *invalidate, S.STEP_PREPARE_ARCH, S.STEP_REMOVE,
+                           S.STEP_FREE_INVALID, S.STEP_COMMIT, S.STEP_FREE_OLD]),
+        ((0, 0, 0, 0, 0), [S.STEP_VALIDATE]),  # EINVAL: no such slot
+    ]
+    for request, expected in cases:
+        result = vm.submit(MemoryRegion(*request))
+        assert result.steps == expected, result.summary()
+        assert result.as_dict()["steps"] == expected
+    assert vm.check() == []
+
+
+def test_steps_of_an_arch_refusal_after_a_fresh_bitmap_and_the_invalid_swap() -> None:
+    """x86 MOVE past kvm_mmu_max_gfn with dirty logging turned on: the bitmap allocated in
+    prepare is freed, the old slot swapped back, the working copy and new slot freed."""
+    vm = ModelVM("x86_64-shadow")
+    vm.set_user_memory_region(0, 0, 0, SIZE, UA)
+    result = vm.submit(MemoryRegion(0, LOG, 1 << 60, SIZE, UA))
+    assert result.rule is not None and result.rule.code == "x86-max-gfn"
+    assert result.steps == [
+        S.STEP_VALIDATE, S.STEP_ALLOC_SLOT, S.STEP_ALLOC_INVALID, S.STEP_INVALIDATE,
+        S.STEP_ALLOC_BITMAP, S.STEP_PREPARE_ARCH, S.STEP_FREE_BITMAP, S.STEP_RESTORE,
+        S.STEP_FREE_INVALID, S.STEP_FREE_NEW]
+    assert vm.check() == []
+
+
+def test_steps_of_a_refused_delete() -> None:
+    """s390 protected VM: DELETE fails in arch prepare after the INVALID swap; no new slot."""
+    vm = ModelVM("s390x")
+    vm.set_user_memory_region(0, 0, 0, SIZE, UA)
+    vm.arch.profile = vm.profile.replace(name="s390x-pv", protected=True)
+    result = vm.submit(MemoryRegion(0, 0, 0, 0, 0))
+    assert result.rule is not None and result.rule.code == "s390-pv"
+    assert result.steps == [S.STEP_VALIDATE, S.STEP_ALLOC_INVALID, S.STEP_INVALIDATE,
+                            S.STEP_PREPARE_ARCH, S.STEP_RESTORE, S.STEP_FREE_INVALID]
+
+
+def test_steps_of_guest_memfd_refusals() -> None:
+    """A bind that fails frees only the new slot; an arch refusal after the bind unbinds too."""
+    vm = ModelVM("arm64")
+    bad = vm.submit(MemoryRegion(0, GMEM, 0, SIZE, UA, 0, 1 << 20))  # no such fd
+    assert bad.rule is not None and bad.rule.code == "gmem-badf"
+    assert bad.steps == [S.STEP_VALIDATE, S.STEP_ALLOC_SLOT, S.STEP_GMEM_BIND, S.STEP_FREE_NEW]
+    fd = vm.create_guest_memfd(SIZE, 0)  # not mmap-able: arm64 prepare refuses it
+    refused = vm.submit(MemoryRegion(0, GMEM, 0, SIZE, UA, 0, fd))
+    assert refused.rule is not None and refused.rule.code == "arm64-gmem-only"
+    assert refused.steps == [S.STEP_VALIDATE, S.STEP_ALLOC_SLOT, S.STEP_GMEM_BIND,
+                             S.STEP_PREPARE_ARCH, S.STEP_GMEM_UNBIND, S.STEP_FREE_NEW]
+    assert vm.check() == []
+    # The range is free again: a mmap-able file of its own binds and installs.
+    ok = vm.submit(MemoryRegion(0, GMEM, 0, SIZE, UA, 0, vm.create_guest_memfd(SIZE, 1)))
+    assert ok.ok and S.STEP_GMEM_UNBIND not in ok.steps, ok.summary()
+    vm.close()

@@ -46,6 +46,24 @@ from .result import (
     STAGE_BITMAP,
     STAGE_GMEM,
     STAGE_VALIDATE,
+    STEP_ALLOC_BITMAP,
+    STEP_ALLOC_INVALID,
+    STEP_ALLOC_SLOT,
+    STEP_COMMIT,
+    STEP_FREE_BITMAP,
+    STEP_FREE_INVALID,
+    STEP_FREE_NEW,
+    STEP_FREE_OLD,
+    STEP_GMEM_BIND,
+    STEP_GMEM_UNBIND,
+    STEP_INSTALL,
+    STEP_INVALIDATE,
+    STEP_KEEP_BITMAP,
+    STEP_NOOP,
+    STEP_PREPARE_ARCH,
+    STEP_REMOVE,
+    STEP_RESTORE,
+    STEP_VALIDATE,
     OpResult,
 )
 from .slot import MemorySlot
@@ -141,6 +159,8 @@ class Memslots:
         self._invalid_spec = ledger.spec(KIND_INVALID_SLOT, 1, self.struct_size, KMALLOC)
         self.gmem_files: dict[int, gmem_files.GuestMemfd] = {}
         self._observer_thread: int | None = None
+        # The step list of the request in progress (OpResult.steps), appended to as it runs.
+        self._steps: list[str] = []
         # Profile facts used on every request, looked up once.
         p = profile
         self._page_shift = p.page_shift
@@ -189,6 +209,7 @@ class Memslots:
             ledger = self.ledger
             ledger.allocated = res._allocated
             ledger.freed = res._freed
+            self._steps = res.steps
             try:
                 self._set_memory_region(r, res, internal)
             except _Failed as failure:
@@ -281,6 +302,8 @@ class Memslots:
         slot, flags, gpa, size, uaddr, _, _ = r
         slot_id = slot & 0xFFFF
         as_id = slot >> 16
+        steps = self._steps
+        steps.append(STEP_VALIDATE)
         if not self._passes_fast_checks(r, internal):
             rule = self._validate(r, internal)
             if rule is not None:
@@ -321,6 +344,7 @@ class Memslots:
                 change = ch.FLAGS_ONLY
             else:
                 res.change = ch.NOOP
+                steps.append(STEP_NOOP)
                 return
         res.change = change
         if change is not ch.FLAGS_ONLY:
@@ -330,6 +354,7 @@ class Memslots:
                               f"{other.base_gfn:#x}+{other.npages:#x}")
 
         # kzalloc(new): the struct that will persist in the memslot sets.
+        steps.append(STEP_ALLOC_SLOT)
         struct = self.ledger.alloc(as_id, slot_id, self._struct_spec)
         if struct is None:
             raise _Failed(ch.ALLOC_SLOT, stage=STAGE_ALLOC_SLOT)
@@ -342,9 +367,11 @@ class Memslots:
                 self._set_memslot(old, new, change)
             except _Failed:
                 if new.gmem is not None:
+                    steps.append(STEP_GMEM_UNBIND)
                     self._gmem_unbind(new)
                 raise
         except _Failed:
+            steps.append(STEP_FREE_NEW)
             self.ledger.free(struct)
             raise
 
@@ -360,6 +387,7 @@ class Memslots:
         invalid_struct = None
         if change is ch.DELETE or change is ch.MOVE:
             assert old is not None
+            self._steps.append(STEP_ALLOC_INVALID)
             invalid_struct = self.ledger.alloc(old.as_id, old.id, self._invalid_spec)
             if invalid_struct is None:
                 raise _Failed(ch.ALLOC_INVALID, stage=STAGE_ALLOC_INVALID)
@@ -369,7 +397,9 @@ class Memslots:
         except _Failed:
             if invalid is not None and invalid_struct is not None:
                 # Put the old slot back (a second swap) and drop the working copy.
+                self._steps.append(STEP_RESTORE)
                 self._swap_active_memslots(change, "restore", invalid, old)
+                self._steps.append(STEP_FREE_INVALID)
                 self.ledger.free(invalid_struct)
             raise
         if change is ch.CREATE:
@@ -385,6 +415,7 @@ class Memslots:
             assert old is not None and new is not None
             self._update_flags_memslot(old, new)
         if invalid_struct is not None:
+            self._steps.append(STEP_FREE_INVALID)
             self.ledger.free(invalid_struct)  # kfree(invalid_slot)
         self._commit_memory_region(old, new, change)
 
@@ -397,6 +428,7 @@ class Memslots:
                                          old.flags | KVM_MEMSLOT_INVALID, old.userspace_addr,
                                          old.arch, old.dirty_bitmap, invalid_struct, old.gmem,
                                          old.page_shift))
+        self._steps.append(STEP_INVALIDATE)
         self._swap_active_memslots(change, "invalidate", old, invalid)
         return invalid
 
@@ -407,7 +439,9 @@ class Memslots:
         then ``kvm_arch_prepare_memory_region``; returns ``new`` with both filled in. A
         bitmap allocated here is freed if the arch refuses. (The arch hooks never read the
         new slot's bitmap, so they get ``new`` before it is attached: one view less.)"""
+        steps = self._steps
         if new is None:  # DELETE
+            steps.append(STEP_PREPARE_ARCH)
             try:
                 self.arch.prepare(change, old, None)
             except PrepareError as exc:
@@ -418,14 +452,18 @@ class Memslots:
         if not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
             pass
         elif old is not None and old.dirty_bitmap is not None:
+            steps.append(STEP_KEEP_BITMAP)
             bitmap = old.dirty_bitmap  # reused, contents preserved
         elif self.dirty.use_dirty_bitmap:
+            steps.append(STEP_ALLOC_BITMAP)
             bitmap = self._alloc_dirty_bitmap(new)
             fresh = True
+        steps.append(STEP_PREPARE_ARCH)
         try:
             arch = self.arch.prepare(change, old, new)
         except PrepareError as exc:
             if fresh and bitmap is not None:
+                steps.append(STEP_FREE_BITMAP)
                 self._free_bitmap(bitmap)
             raise _Failed(exc.rule, exc.detail, STAGE_ARCH) from None
         if arch is None and bitmap is None:
@@ -446,18 +484,22 @@ class Memslots:
 
     def _create_memslot(self, new: MemorySlot) -> None:
         """``kvm_create_memslot``: add ``new`` to the set."""
+        self._steps.append(STEP_INSTALL)
         self._swap_active_memslots(ch.CREATE, "install", None, new)
 
     def _delete_memslot(self, invalid: MemorySlot) -> None:
         """``kvm_delete_memslot``: drop the INVALID copy that stands for the old slot."""
+        self._steps.append(STEP_REMOVE)
         self._swap_active_memslots(ch.DELETE, "install", invalid, None)
 
     def _move_memslot(self, new: MemorySlot, invalid: MemorySlot) -> None:
         """``kvm_move_memslot``: ``new`` (at its new base) replaces the INVALID copy."""
+        self._steps.append(STEP_INSTALL)
         self._swap_active_memslots(ch.MOVE, "install", invalid, new)
 
     def _update_flags_memslot(self, old: MemorySlot, new: MemorySlot) -> None:
         """``kvm_update_flags_memslot``: ``new`` replaces ``old`` in place, no INVALID step."""
+        self._steps.append(STEP_INSTALL)
         self._swap_active_memslots(ch.FLAGS_ONLY, "install", old, new)
 
     def _commit_memory_region(
@@ -466,6 +508,8 @@ class Memslots:
         """``kvm_commit_memory_region``: accounting, the arch hook, then the old slot goes
         (DELETE: all of it; MOVE / FLAGS_ONLY: its struct, and its bitmap if ``new`` has
         none; its arch data may live on in ``new``)."""
+        steps = self._steps
+        steps.append(STEP_COMMIT)
         old_flags = 0 if old is None else old.flags
         new_flags = 0 if new is None else new.flags
         if change is ch.DELETE:
@@ -480,6 +524,7 @@ class Memslots:
         if change is ch.CREATE:
             return
         assert old is not None
+        steps.append(STEP_FREE_OLD)
         if change is ch.DELETE:
             self._free_memslot(old)
             return
@@ -546,6 +591,7 @@ class Memslots:
     def _gmem_bind(self, new: MemorySlot, r: MemoryRegion) -> MemorySlot:
         """``kvm_gmem_bind``: bind the file range to ``new``; returns ``new`` carrying the
         binding (and ``KVM_MEMSLOT_GMEM_ONLY`` for a mmap-able file)."""
+        self._steps.append(STEP_GMEM_BIND)
         fd = r.guest_memfd
         assert fd is not None
         g = gmem_files.lookup(fd)

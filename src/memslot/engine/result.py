@@ -9,22 +9,27 @@ from ..request import MemoryRegion
 from .change import ChangeType, Rule
 from .ledger import Allocation, AllocGroup, flatten
 
-# Steps of the update protocol (kvm_set_memory_region -> kvm_set_memslot), as recorded.
+# Steps of the update protocol (kvm_set_memory_region -> kvm_set_memslot), recorded by the
+# engine as it takes them (OpResult.steps). A step that fails is the last forward step;
+# the unwind steps after it undo what was done.
 STEP_VALIDATE = "validate"
+STEP_NOOP = "identical to the existing slot: nothing to do"
 STEP_ALLOC_SLOT = "kzalloc new slot"
 STEP_GMEM_BIND = "bind guest_memfd range"
 STEP_ALLOC_INVALID = "kzalloc INVALID working slot"
 STEP_INVALIDATE = "swap: old slot replaced by its INVALID copy"
-STEP_FLUSH = "flush shadow mappings of the old slot"
-STEP_PREPARE_BITMAP = "prepare: dirty bitmap"
+STEP_ALLOC_BITMAP = "prepare: allocate dirty bitmap"
+STEP_KEEP_BITMAP = "prepare: keep the old slot's dirty bitmap"
 STEP_PREPARE_ARCH = "prepare: arch"
+STEP_FREE_BITMAP = "free dirty bitmap (prepare failed)"
 STEP_RESTORE = "swap: old slot restored (prepare failed)"
 STEP_INSTALL = "swap: install"
+STEP_REMOVE = "swap: INVALID copy removed"
 STEP_FREE_INVALID = "kfree INVALID working slot"
 STEP_COMMIT = "commit: accounting and arch"
 STEP_FREE_OLD = "free old slot"
+STEP_GMEM_UNBIND = "unbind guest_memfd range (failed)"
 STEP_FREE_NEW = "kfree new slot (failed)"
-STEP_NOOP = "identical to the existing slot: nothing to do"
 
 # Where a failed request stopped (OpResult.stage).
 STAGE_VALIDATE = "validate"
@@ -35,62 +40,17 @@ STAGE_BITMAP = "prepare-bitmap"
 STAGE_ARCH = "prepare-arch"
 
 
-def protocol_steps(change: ChangeType | None, stage: str | None, gmem: bool) -> list[str]:
-    """The steps ``kvm_set_memory_region`` takes for a request classified ``change`` that
-    failed at ``stage`` (``None``: it succeeded); ``gmem`` if it binds a guest_memfd.
-
-    The steps follow from these three facts, so results record only them and the list is
-    built when someone reads it.
-    """
-    steps = [STEP_VALIDATE]
-    if change is None or stage == STAGE_VALIDATE:
-        return steps
-    if change is ChangeType.NOOP:
-        steps.append(STEP_NOOP)
-        return steps
-    invalidates = change is ChangeType.DELETE or change is ChangeType.MOVE
-    has_new = change is not ChangeType.DELETE
-    if has_new:
-        steps.append(STEP_ALLOC_SLOT)
-        if stage == STAGE_ALLOC_SLOT:
-            return steps
-        if gmem:
-            steps.append(STEP_GMEM_BIND)
-            if stage == STAGE_GMEM:
-                return [*steps, STEP_FREE_NEW]
-    tail = [STEP_FREE_NEW] if has_new else []
-    if invalidates:
-        steps.append(STEP_ALLOC_INVALID)
-        if stage == STAGE_ALLOC_INVALID:
-            return steps + tail
-        steps += [STEP_INVALIDATE, STEP_FLUSH]
-    if has_new:
-        steps.append(STEP_PREPARE_BITMAP)
-    if stage != STAGE_BITMAP:
-        steps.append(STEP_PREPARE_ARCH)
-    if stage is not None:
-        if invalidates:
-            steps += [STEP_RESTORE, STEP_FREE_INVALID]
-        return steps + tail
-    steps.append(STEP_INSTALL)
-    if invalidates:
-        steps.append(STEP_FREE_INVALID)
-    steps.append(STEP_COMMIT)
-    if change is not ChangeType.CREATE:
-        steps.append(STEP_FREE_OLD)
-    return steps
-
-
 class OpResult:
     """One request's outcome. ``errno`` 0 is success; otherwise ``rule`` failed.
 
-    ``steps`` lists the protocol steps taken, ``allocated``/``freed`` the ledger entries this
+    ``steps`` lists the protocol steps the engine took, in order, as it took them (the
+    ``STEP_*`` strings; unwind steps included), ``allocated``/``freed`` the ledger entries this
     request created and released, ``generation_before``/``_after`` the address space's
     generation (``None`` if the request named an invalid address space).
     """
 
     __slots__ = ("_allocated", "_freed", "change", "detail", "errno", "generation_after",
-                 "generation_before", "request", "rule", "stage")
+                 "generation_before", "request", "rule", "stage", "steps")
 
     def __init__(self, request: MemoryRegion) -> None:
         self.request = request
@@ -101,16 +61,9 @@ class OpResult:
         self.generation_before: int | None = None
         self.generation_after: int | None = None
         self.stage: str | None = None
+        self.steps: list[str] = []
         self._allocated: list[AllocGroup] = []
         self._freed: list[AllocGroup] = []
-
-    @property
-    def steps(self) -> list[str]:
-        """The protocol steps this request went through, in order."""
-        from ..constants import KVM_MEM_GUEST_MEMFD
-
-        gmem = bool(self.request.flags & KVM_MEM_GUEST_MEMFD)
-        return protocol_steps(self.change, self.stage if self.errno else None, gmem)
 
     @property
     def allocated(self) -> list[Allocation]:
@@ -184,7 +137,7 @@ class OpResult:
             "generation_before": self.generation_before,
             "generation_after": self.generation_after,
             "stage": self.stage,
-            "steps": self.steps,
+            "steps": list(self.steps),
             "allocated": [a.as_dict() for a in self.allocated],
             "freed": [a.as_dict() for a in self.freed],
             "bytes_allocated": self.bytes_allocated,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from ..constants import (
     KVM_DIRTY_LOG_INITIALLY_SET,
@@ -73,10 +73,10 @@ if TYPE_CHECKING:
     from ..profile import Profile
     from .hooks import ArchHooks
 
-GEN_UPDATE_IN_PROGRESS = 1 << 63  # KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
-ULONG_MAX = (1 << 64) - 1
-_V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
-_IMMUTABLE_FLAGS = KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD
+GEN_UPDATE_IN_PROGRESS: Final = 1 << 63  # KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
+ULONG_MAX: Final = (1 << 64) - 1
+_V1_FLAGS: Final = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
+_IMMUTABLE_FLAGS: Final = KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD
 # Building a NamedTuple through tuple.__new__ skips its Python-level __new__ (4x faster).
 _new_slot = tuple.__new__
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from ..errors import errno_name
 from ..request import MemoryRegion
@@ -12,32 +12,32 @@ from .ledger import Allocation, AllocGroup, flatten
 # Steps of the update protocol (kvm_set_memory_region -> kvm_set_memslot), recorded by the
 # engine as it takes them (OpResult.steps). A step that fails is the last forward step;
 # the unwind steps after it undo what was done.
-STEP_VALIDATE = "validate"
-STEP_NOOP = "identical to the existing slot: nothing to do"
-STEP_ALLOC_SLOT = "kzalloc new slot"
-STEP_GMEM_BIND = "bind guest_memfd range"
-STEP_ALLOC_INVALID = "kzalloc INVALID working slot"
-STEP_INVALIDATE = "swap: old slot replaced by its INVALID copy"
-STEP_ALLOC_BITMAP = "prepare: allocate dirty bitmap"
-STEP_KEEP_BITMAP = "prepare: keep the old slot's dirty bitmap"
-STEP_PREPARE_ARCH = "prepare: arch"
-STEP_FREE_BITMAP = "free dirty bitmap (prepare failed)"
-STEP_RESTORE = "swap: old slot restored (prepare failed)"
-STEP_INSTALL = "swap: install"
-STEP_REMOVE = "swap: INVALID copy removed"
-STEP_FREE_INVALID = "kfree INVALID working slot"
-STEP_COMMIT = "commit: accounting and arch"
-STEP_FREE_OLD = "free old slot"
-STEP_GMEM_UNBIND = "unbind guest_memfd range (failed)"
-STEP_FREE_NEW = "kfree new slot (failed)"
+STEP_VALIDATE: Final = "validate"
+STEP_NOOP: Final = "identical to the existing slot: nothing to do"
+STEP_ALLOC_SLOT: Final = "kzalloc new slot"
+STEP_GMEM_BIND: Final = "bind guest_memfd range"
+STEP_ALLOC_INVALID: Final = "kzalloc INVALID working slot"
+STEP_INVALIDATE: Final = "swap: old slot replaced by its INVALID copy"
+STEP_ALLOC_BITMAP: Final = "prepare: allocate dirty bitmap"
+STEP_KEEP_BITMAP: Final = "prepare: keep the old slot's dirty bitmap"
+STEP_PREPARE_ARCH: Final = "prepare: arch"
+STEP_FREE_BITMAP: Final = "free dirty bitmap (prepare failed)"
+STEP_RESTORE: Final = "swap: old slot restored (prepare failed)"
+STEP_INSTALL: Final = "swap: install"
+STEP_REMOVE: Final = "swap: INVALID copy removed"
+STEP_FREE_INVALID: Final = "kfree INVALID working slot"
+STEP_COMMIT: Final = "commit: accounting and arch"
+STEP_FREE_OLD: Final = "free old slot"
+STEP_GMEM_UNBIND: Final = "unbind guest_memfd range (failed)"
+STEP_FREE_NEW: Final = "kfree new slot (failed)"
 
 # Where a failed request stopped (OpResult.stage).
-STAGE_VALIDATE = "validate"
-STAGE_ALLOC_SLOT = "alloc-slot"
-STAGE_GMEM = "gmem-bind"
-STAGE_ALLOC_INVALID = "alloc-invalid"
-STAGE_BITMAP = "prepare-bitmap"
-STAGE_ARCH = "prepare-arch"
+STAGE_VALIDATE: Final = "validate"
+STAGE_ALLOC_SLOT: Final = "alloc-slot"
+STAGE_GMEM: Final = "gmem-bind"
+STAGE_ALLOC_INVALID: Final = "alloc-invalid"
+STAGE_BITMAP: Final = "prepare-bitmap"
+STAGE_ARCH: Final = "prepare-arch"
 
 
 class OpResult:

@@ -19,8 +19,8 @@ from ..engine.change import (
     VCPU_MAX,
 )
 from ..engine.dirty_log import DirtyLog
-from ..engine.ledger import Allocation, AllocGroup, Ledger
-from ..engine.memslots import GEN_UPDATE_IN_PROGRESS, Memslots, Observer
+from ..engine.ledger import Allocation, Ledger
+from ..engine.memslots import Memslots, Observer
 from ..engine.result import OpResult
 from ..engine.slot import MemorySlot
 from ..errors import ClosedError, KvmError
@@ -359,43 +359,8 @@ class ModelVM(VM):
     def check(self) -> list[str]:
         """Every invariant violation found (empty when the state is one the kernel could be
         in): order and overlap, indexes, metadata shapes, ledger vs live slots, accounting,
-        generations."""
-        m = self._m
-        problems: list[str] = []
-        owned: dict[int, tuple[str, MemorySlot]] = {}
-        total_pages = 0
-        with m.slots_lock, m.srcu:
-            for s in m.sets:
-                problems.extend(_check_set(s, m.nr_as, self.profile.page_shift))
-                for slot in s:
-                    total_pages += slot.npages
-                    problems.extend(self.arch.check_slot(slot))
-                    problems.extend(_check_bitmap(slot, m.dirty.use_dirty_bitmap))
-                    held: list[tuple[str, AllocGroup | None]] = [("slot struct", slot.struct)]
-                    if slot.dirty_bitmap is not None:
-                        held.append(("dirty bitmap", slot.dirty_bitmap.alloc))
-                    held.extend(("arch arrays", g) for g in self.arch.groups(slot.arch))
-                    for what, g in held:
-                        if g is None:
-                            continue
-                        prior = owned.get(g.serial)
-                        if prior is not None and prior[1].id != slot.id:
-                            problems.append(f"{what} #{g.serial} shared by slots "
-                                            f"{prior[1].id} and {slot.id}")
-                        owned[g.serial] = (what, slot)
-                        if not self.ledger.is_live(g):
-                            problems.append(f"slot {slot.as_id}:{slot.id} holds freed {g!r}")
-            for g in self.ledger.groups:
-                if g.serial not in owned:
-                    for a in g.items:
-                        problems.append(
-                            f"leak: {a.label} #{a.serial} of slot {a.as_id}:{a.slot_id} "
-                            f"({a.bytes} bytes) is allocated but no live slot owns it"
-                        )
-            if total_pages != m.nr_memslot_pages:
-                problems.append(f"nr_memslot_pages {m.nr_memslot_pages} != sum of slot "
-                                f"sizes {total_pages}")
-        return problems
+        generations (:meth:`Memslots.check`, which asks each structure)."""
+        return self._m.check()
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -473,56 +438,3 @@ MEMSLOT_CAPABILITIES = tuple(sorted(caps.DERIVED))
 def extension_value(profile: Profile, cap: int) -> int:
     """What ``KVM_CHECK_EXTENSION`` on a VM fd answers for ``cap`` under ``profile``."""
     return caps.check_extension(profile, cap)
-
-
-def _check_set(s: Any, nr_as: int, page_shift: int) -> list[str]:
-    problems = []
-    prev: MemorySlot | None = None
-    seen = 0
-    for slot in s:
-        seen += 1
-        name = f"slot {slot.as_id}:{slot.id}"
-        if slot.as_id != s.as_id:
-            problems.append(f"{name} filed under address space {s.as_id}")
-        if s.by_id.get(slot.id) is not slot:
-            problems.append(f"{name} missing from the id index")
-        if slot.flags & c.KVM_MEMSLOT_INVALID:
-            problems.append(f"{name} still INVALID outside an update")
-        if slot.npages <= 0:
-            problems.append(f"{name} has {slot.npages} pages")
-        if prev is not None and prev.base_gfn + prev.npages > slot.base_gfn:
-            problems.append(f"slots {prev.id} and {slot.id} overlap or are out of order")
-        prev = slot
-    if seen != len(s.by_id) or seen != len(s.bases):
-        problems.append(f"address space {s.as_id}: indexes disagree ({seen} in gfn order, "
-                        f"{len(s.by_id)} by id, {len(s.bases)} bases)")
-    problems.extend(s.bases.check())
-    expect = sorted(
-        (slot.userspace_addr, slot.userspace_addr + (slot.npages << page_shift) - 1, slot.id)
-        for slot in s.by_id.values()
-    )
-    if sorted(s.hva.items()) != expect:
-        problems.append(f"address space {s.as_id}: hva index does not match the slots")
-    gen = s.generation
-    if gen & GEN_UPDATE_IN_PROGRESS:
-        problems.append(f"address space {s.as_id}: generation {gen:#x} left in progress")
-    if gen % nr_as != s.as_id % nr_as:
-        problems.append(f"address space {s.as_id}: generation {gen} not {s.as_id} mod {nr_as}")
-    return problems
-
-
-def _check_bitmap(slot: MemorySlot, use_bitmap: bool) -> list[str]:
-    name = f"slot {slot.as_id}:{slot.id}"
-    b = slot.dirty_bitmap
-    logging = bool(slot.flags & c.KVM_MEM_LOG_DIRTY_PAGES)
-    if b is None:
-        return [f"{name} logs dirty pages without a bitmap"] if logging and use_bitmap else []
-    problems = []
-    if not logging:
-        problems.append(f"{name} has a dirty bitmap without LOG_DIRTY_PAGES")
-    if b.npages != slot.npages:
-        problems.append(f"{name} dirty bitmap sized for {b.npages} pages, slot has "
-                        f"{slot.npages}")
-    if b.alloc is None or b.alloc.bytes != 2 * (((slot.npages + 63) & ~63) >> 3):
-        problems.append(f"{name} dirty bitmap allocation does not match its size")
-    return problems

@@ -45,12 +45,20 @@ class DirtyBitmap:
             word = self._fill(index)
         self.words[index] = word | (1 << (page & 63))
 
-    def test_bit(self, page: int) -> bool:
-        index = page >> 6
-        word = self.words.get(index)
-        if word is None:
-            word = self._fill(index)
-        return bool(word >> (page & 63) & 1)
+    def check(self, npages: int, owner: str) -> list[str]:
+        """Problems with this bitmap as the log of ``owner``, a slot of ``npages`` pages."""
+        problems = []
+        if self.npages != npages:
+            problems.append(f"{owner} dirty bitmap sized for {self.npages} pages, slot has "
+                            f"{npages}")
+        # kvm_alloc_dirty_bitmap: two halves of kvm_dirty_bitmap_bytes each.
+        if self.alloc is None or self.alloc.bytes != 2 * dirty_bitmap_bytes(npages):
+            problems.append(f"{owner} dirty bitmap allocation does not match its size")
+        if any(w >> 64 or w < 0 for w in self.words.values()) or any(
+            i >= self.nwords for i in self.words
+        ):
+            problems.append(f"{owner} dirty bitmap holds words outside its size")
+        return problems
 
     def to_array(self) -> np.ndarray:
         """The log as little-endian ``uint64`` words (what KVM_GET_DIRTY_LOG copies out)."""

@@ -14,7 +14,7 @@ materialised only when someone looks. Fault injection still counts allocations o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from typing import Final, NamedTuple
 
@@ -52,14 +52,6 @@ def vmalloc_footprint(nbytes: int, page_size: int = 4096) -> int:
     if array > page_size:
         total += vmalloc_footprint(array, page_size)
     return total
-
-
-def kmalloc_bucket(nbytes: int) -> int:
-    """The kmalloc size class ``kzalloc(nbytes)`` is served from (SLUB, 4 KiB pages)."""
-    for size in (8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192):
-        if nbytes <= size:
-            return size
-    return 1 << (nbytes - 1).bit_length()
 
 
 class Spec(NamedTuple):
@@ -217,10 +209,6 @@ class Ledger:
         self._fault_countdown = nth
         self._fault_kind = kind
 
-    @property
-    def fault_armed(self) -> bool:
-        return self._fault_countdown > 0
-
     def spec(self, kind: str, entries: int, entry_size: int, allocator: str = VMALLOC,
              level: int = 0) -> Spec:
         return spec(kind, entries, entry_size, allocator, level, self.page_size)
@@ -285,6 +273,34 @@ class Ledger:
 
     def is_live(self, g: AllocGroup) -> bool:
         return self._groups.get(g.serial) == g
+
+    def check(self, holders: Iterable[tuple[str, str, AllocGroup]]) -> list[str]:
+        """Ownership problems, given what each live slot holds as ``(owner, what, group)``:
+        a group held by two owners, a held group already freed, a live group nobody holds
+        (a leak), and totals that do not add up."""
+        problems: list[str] = []
+        owned: dict[int, str] = {}
+        for owner, what, g in holders:
+            prior = owned.get(g.serial)
+            if prior is not None and prior != owner:
+                problems.append(f"{what} #{g.serial} shared by {prior} and {owner}")
+            owned[g.serial] = owner
+            if not self.is_live(g):
+                problems.append(f"{owner} holds freed {g!r}")
+        for g in self._groups.values():
+            if g.serial not in owned:
+                for a in g.items:
+                    problems.append(
+                        f"leak: {a.label} #{a.serial} of slot {a.as_id}:{a.slot_id} "
+                        f"({a.bytes} bytes) is allocated but no live slot owns it"
+                    )
+        groups = list(self._groups.values())
+        live = sum(g.bytes for g in groups)
+        vmalloc = sum(g.vmalloc_bytes for g in groups)
+        if (live, vmalloc) != (self.live_bytes, self.vmalloc_bytes):
+            problems.append(f"ledger totals {self.live_bytes} bytes ({self.vmalloc_bytes} "
+                            f"vmalloc) != sum of live groups {live} ({vmalloc})")
+        return problems
 
     @property
     def groups(self) -> list[AllocGroup]:

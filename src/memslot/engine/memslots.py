@@ -67,13 +67,12 @@ from .result import (
     OpResult,
 )
 from .slot import MemorySlot
-from .slotset import SlotSet
+from .slotset import GEN_UPDATE_IN_PROGRESS, SlotSet
 
 if TYPE_CHECKING:
     from ..profile import Profile
     from .hooks import ArchHooks
 
-GEN_UPDATE_IN_PROGRESS: Final = 1 << 63  # KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
 ULONG_MAX: Final = (1 << 64) - 1
 _V1_FLAGS: Final = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 _IMMUTABLE_FLAGS: Final = KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD
@@ -663,6 +662,49 @@ class Memslots:
             for new in updated:
                 s = self.sets[new.as_id]
                 s.replace(s.by_id[new.id], new)
+
+    # ==================================================================================
+    # integrity
+    # ==================================================================================
+    def check(self) -> list[str]:
+        """Every invariant violation found (empty when the state is one the kernel could be
+        in): each set's own checks, each slot's arch metadata and dirty bitmap, the ledger
+        against what the slots hold, and the VM-wide counters."""
+        problems: list[str] = []
+        holders: list[tuple[str, str, AllocGroup]] = []
+        total_pages = 0
+        logging = 0
+        use_bitmap = self.dirty.use_dirty_bitmap
+        arch = self.arch
+        with self.slots_lock, self.srcu:
+            for s in self.sets:
+                problems.extend(s.check(self.nr_as))
+                for slot in s.by_id.values():
+                    name = f"slot {slot.as_id}:{slot.id}"
+                    total_pages += slot.npages
+                    problems.extend(arch.check_slot(slot))
+                    bitmap = slot.dirty_bitmap
+                    if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                        logging += 1
+                        if bitmap is None and use_bitmap:
+                            problems.append(f"{name} logs dirty pages without a bitmap")
+                    elif bitmap is not None:
+                        problems.append(f"{name} has a dirty bitmap without LOG_DIRTY_PAGES")
+                    if slot.struct is not None:
+                        holders.append((name, "slot struct", slot.struct))
+                    if bitmap is not None:
+                        problems.extend(bitmap.check(slot.npages, name))
+                        if bitmap.alloc is not None:
+                            holders.append((name, "dirty bitmap", bitmap.alloc))
+                    holders.extend((name, "arch arrays", g) for g in arch.groups(slot.arch))
+            problems.extend(self.ledger.check(holders))
+            if total_pages != self.nr_memslot_pages:
+                problems.append(f"nr_memslot_pages {self.nr_memslot_pages} != sum of slot "
+                                f"sizes {total_pages}")
+            if logging != self.nr_memslots_dirty_logging:
+                problems.append(f"nr_memslots_dirty_logging {self.nr_memslots_dirty_logging} "
+                                f"!= {logging} slots with LOG_DIRTY_PAGES")
+        return problems
 
     # ==================================================================================
     # teardown (kvm_destroy_vm -> kvm_free_memslots)

@@ -5,11 +5,15 @@ rbtree, interval tree and hash since v5.17, "KVM: Scalable memslots implementati
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Final
 
-from ..constants import PAGE_SHIFT
+from ..constants import KVM_MEMSLOT_INVALID, PAGE_SHIFT
 from .hva_index import HvaIndex
 from .slot import MemorySlot
 from .sorted_ints import SortedInts
+
+# KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS: bit 63 of a generation while a swap is in flight.
+GEN_UPDATE_IN_PROGRESS: Final = 1 << 63
 
 
 class SlotSet:
@@ -124,3 +128,49 @@ class SlotSet:
     def hva_lookup(self, hva: int) -> list[MemorySlot]:
         by_id = self.by_id
         return [by_id[i] for i in self.hva.stab(hva)]
+
+    # -- integrity ---------------------------------------------------------------------------
+    def check(self, nr_as: int) -> list[str]:
+        """Problems with the set (empty when consistent): slots in gfn order without
+        overlap, none left INVALID or empty, the three indexes agreeing, and the generation
+        stable and ``as_id`` modulo ``nr_as`` (``kvm_swap_active_memslots``)."""
+        problems: list[str] = []
+        prev: MemorySlot | None = None
+        seen = 0
+        for base in self.bases:
+            slot = self.by_base.get(base)
+            if slot is None:
+                problems.append(f"address space {self.as_id}: gfn {base:#x} in the gfn index "
+                                f"has no slot")
+                continue
+            seen += 1
+            name = f"slot {slot.as_id}:{slot.id}"
+            if slot.as_id != self.as_id:
+                problems.append(f"{name} filed under address space {self.as_id}")
+            if slot.base_gfn != base:
+                problems.append(f"{name} filed under gfn {base:#x}")
+            if self.by_id.get(slot.id) is not slot:
+                problems.append(f"{name} missing from the id index")
+            if slot.flags & KVM_MEMSLOT_INVALID:
+                problems.append(f"{name} still INVALID outside an update")
+            if slot.npages <= 0:
+                problems.append(f"{name} has {slot.npages} pages")
+            if prev is not None and prev.base_gfn + prev.npages > slot.base_gfn:
+                problems.append(f"slots {prev.id} and {slot.id} overlap or are out of order")
+            prev = slot
+        if seen != len(self.by_id) or seen != len(self.by_base) or len(self.bases) != seen:
+            problems.append(f"address space {self.as_id}: indexes disagree ({seen} in gfn "
+                            f"order, {len(self.by_id)} by id, {len(self.by_base)} by base, "
+                            f"{len(self.bases)} bases)")
+        problems.extend(self.bases.check())
+        expect = sorted((*self._hva_range(slot), slot.id) for slot in self.by_id.values())
+        if sorted(self.hva.items()) != expect:
+            problems.append(f"address space {self.as_id}: hva index does not match the slots")
+        gen = self.generation
+        if gen & GEN_UPDATE_IN_PROGRESS:
+            problems.append(f"address space {self.as_id}: generation {gen:#x} left in "
+                            f"progress")
+        elif gen % nr_as != self.as_id % nr_as:
+            problems.append(f"address space {self.as_id}: generation {gen} not {self.as_id} "
+                            f"mod {nr_as}")
+        return problems

@@ -9,6 +9,7 @@ reallocating there would leak the old array. PR keeps no per-slot metadata.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -21,9 +22,9 @@ from ..engine.slot import MemorySlot
 VARIANT_REALLOC_RMAP_ON_MOVE = "ppc-realloc-rmap-on-move"
 RMAP_ENTRY_SIZE = 8
 
-RMAP_TOTALRAM = Rule("ppc-rmap-totalram", 12, "kvmppc_core_prepare_memory_region_hv",
+RMAP_TOTALRAM = Rule("ppc-rmap-totalram", errno.ENOMEM, "kvmppc_core_prepare_memory_region_hv",
                      "rmap would need more pages than totalram_pages()")
-ALLOC_RMAP = Rule("ppc-alloc-rmap", 12, "kvmppc_core_prepare_memory_region_hv",
+ALLOC_RMAP = Rule("ppc-alloc-rmap", errno.ENOMEM, "kvmppc_core_prepare_memory_region_hv",
                   "vzalloc of the rmap failed")
 
 
@@ -31,6 +32,8 @@ class PpcHvArch(ArchHooks):
     """book3s HV: ``arch.rmap`` is a single :class:`Allocation` (or ``None``)."""
 
     VARIANTS: ClassVar[tuple[str, ...]] = (VARIANT_REALLOC_RMAP_ON_MOVE,)
+    source_file: ClassVar[str] = "arch/powerpc/kvm/powerpc.c"
+    slot_arch_struct_bytes: ClassVar[int] = 8  # unsigned long *rmap
 
     def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         if new is None:
@@ -78,3 +81,6 @@ class PpcHvArch(ArchHooks):
 
 class PpcPrArch(ArchHooks):
     """book3s PR (and booke): prepare returns 0, nothing to free."""
+
+    source_file: ClassVar[str] = "arch/powerpc/kvm/powerpc.c"
+    slot_arch_struct_bytes: ClassVar[int] = 8  # book3s: the rmap pointer, unused by PR

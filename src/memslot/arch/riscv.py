@@ -4,17 +4,20 @@ one page stricter than arm64. The VMA walk (PFNMAP with dirty logging) is not mo
 
 from __future__ import annotations
 
-from typing import Any
+import errno
+from typing import Any, ClassVar
 
 from ..engine.change import ChangeType, Rule
 from ..engine.hooks import ArchHooks, PrepareError
 from ..engine.slot import MemorySlot
 
-GPA_LIMIT = Rule("riscv-gpa", 14, "kvm_arch_prepare_memory_region",
+GPA_LIMIT = Rule("riscv-gpa", errno.EFAULT, "kvm_arch_prepare_memory_region",
                  "base_gfn + npages >= G-stage GPA size >> PAGE_SHIFT")
 
 
 class RiscvArch(ArchHooks):
+    source_file: ClassVar[str] = "arch/riscv/kvm/mmu.c"
+
     def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         if new is None:
             return None

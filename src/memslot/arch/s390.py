@@ -6,7 +6,8 @@ CREATE and MOVE need a 1 MiB aligned ``userspace_addr`` and size and must end wi
 
 from __future__ import annotations
 
-from typing import Any
+import errno
+from typing import Any, ClassVar
 
 from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
@@ -15,19 +16,21 @@ from ..engine.slot import MemorySlot
 
 SEGMENT = 1 << 20
 
-UCONTROL = Rule("s390-ucontrol", 22, "kvm_arch_prepare_memory_region",
+UCONTROL = Rule("s390-ucontrol", errno.EINVAL, "kvm_arch_prepare_memory_region",
                 "user memslots are not allowed on a ucontrol VM")
-PROTECTED = Rule("s390-pv", 22, "kvm_arch_prepare_memory_region",
+PROTECTED = Rule("s390-pv", errno.EINVAL, "kvm_arch_prepare_memory_region",
                  "memslots of a protected (PV) VM cannot change")
-UADDR_SEGMENT = Rule("s390-uaddr-1m", 22, "kvm_arch_prepare_memory_region",
+UADDR_SEGMENT = Rule("s390-uaddr-1m", errno.EINVAL, "kvm_arch_prepare_memory_region",
                      "userspace_addr not 1 MiB aligned")
-SIZE_SEGMENT = Rule("s390-size-1m", 22, "kvm_arch_prepare_memory_region",
+SIZE_SEGMENT = Rule("s390-size-1m", errno.EINVAL, "kvm_arch_prepare_memory_region",
                     "size not a multiple of 1 MiB")
-MEM_LIMIT = Rule("s390-mem-limit", 22, "kvm_arch_prepare_memory_region",
+MEM_LIMIT = Rule("s390-mem-limit", errno.EINVAL, "kvm_arch_prepare_memory_region",
                  "guest_phys_addr + size > mem_limit")
 
 
 class S390Arch(ArchHooks):
+    source_file: ClassVar[str] = "arch/s390/kvm/kvm-s390.c"
+
     def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         p = self.profile
         slot = new if new is not None else old

@@ -17,6 +17,7 @@ page tracking when moving memslot", 2020) and commit frees the old ones.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any, ClassVar, NamedTuple
@@ -48,11 +49,11 @@ WRITE_TRACK_SIZE = 2  # unsigned short
 
 VARIANT_REUSE_ARCH_ON_MOVE = "x86-reuse-arch-on-move"
 
-MAX_GFN = Rule("x86-max-gfn", 22, "kvm_arch_prepare_memory_region",
+MAX_GFN = Rule("x86-max-gfn", errno.EINVAL, "kvm_arch_prepare_memory_region",
                "last gfn above kvm_mmu_max_gfn()")
-PAGE_TRACK_MOVE = Rule("x86-page-track-move", 22, "kvm_arch_prepare_memory_region",
+PAGE_TRACK_MOVE = Rule("x86-page-track-move", errno.EINVAL, "kvm_arch_prepare_memory_region",
                        "MOVE with an external page-track user (KVMGT) attached")
-ALLOC_METADATA = Rule("x86-alloc-metadata", 12, "kvm_alloc_memslot_metadata",
+ALLOC_METADATA = Rule("x86-alloc-metadata", errno.ENOMEM, "kvm_alloc_memslot_metadata",
                       "rmap / lpage_info / write-track allocation failed")
 
 
@@ -165,6 +166,10 @@ class X86Arch(ArchHooks):
     """x86 hooks."""
 
     VARIANTS: ClassVar[tuple[str, ...]] = (VARIANT_REUSE_ARCH_ON_MOVE,)
+    source_file: ClassVar[str] = "arch/x86/kvm/x86.c"
+    #: rmap[3] and lpage_info[2] pointers (40) and gfn_write_track (8).
+    slot_arch_struct_bytes: ClassVar[int] = 48
+    huge_page_tracking: ClassVar[str | None] = "lpage_info"
 
     def __init__(self, profile: Profile, ledger: Ledger, variants: frozenset[str]) -> None:
         super().__init__(profile, ledger, variants)

@@ -28,6 +28,21 @@ class ArchHooks:
     #: Variant names this arch understands (see ``ModelVM(variants=...)``).
     VARIANTS: ClassVar[tuple[str, ...]] = ()
 
+    # -- arch facts the generic code and the tools read (class attributes) ------------------
+    #: Where the arch's ``kvm_arch_prepare_memory_region`` and ``kvm_vm_ioctl_enable_cap``
+    #: live in the kernel tree.
+    source_file: ClassVar[str] = "arch/*/kvm"
+    #: ``sizeof(struct kvm_arch_memory_slot)`` on a 64-bit kernel: the arch part of every
+    #: ``struct kvm_memory_slot`` (its arrays are allocated separately).
+    slot_arch_struct_bytes: ClassVar[int] = 0
+    #: ``untagged_addr()`` strips a pointer tag here (arm64 top-byte ignore), so
+    #: ``kvm_set_memory_region`` refuses a ``userspace_addr`` with bits 56..63 set.
+    tagged_user_addresses: ClassVar[bool] = False
+    #: The per-slot structure that decides which gfns may be mapped huge (x86
+    #: ``lpage_info``), or ``None`` where the arch decides at fault time and the tools can
+    #: only estimate from the gpa/hva alignment rule.
+    huge_page_tracking: ClassVar[str | None] = None
+
     def __init__(self, profile: Profile, ledger: Ledger, variants: frozenset[str]) -> None:
         self.profile = profile
         self.ledger = ledger

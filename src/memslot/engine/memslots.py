@@ -153,7 +153,7 @@ class Memslots:
         self.observers: list[Observer] = []
         self.creator_pid = os.getpid()
         self._creator_fork_generation = _fork_generation
-        self.struct_size = _struct_size(profile)
+        self.struct_size = _struct_size(profile, arch)
         self._struct_spec = ledger.spec(KIND_SLOT, 1, self.struct_size, KMALLOC)
         self._invalid_spec = ledger.spec(KIND_INVALID_SLOT, 1, self.struct_size, KMALLOC)
         self.gmem_files: dict[int, gmem_files.GuestMemfd] = {}
@@ -171,7 +171,7 @@ class Memslots:
         self._region2_missing = Rule(ch.REGION2_MISSING.code, p.unknown_ioctl_errno,
                                      ch.REGION2_MISSING.function, ch.REGION2_MISSING.text)
         self._uaddr_limit = p.user_addr_limit
-        self._tagged_uaddrs = p.arch == "arm64"
+        self._tagged_uaddrs = arch.tagged_user_addresses
         self._immutable_flags = _IMMUTABLE_FLAGS if p.gmem_toggle_fix else KVM_MEM_READONLY
         valid = KVM_MEM_LOG_DIRTY_PAGES
         if p.guest_memfd:
@@ -718,14 +718,13 @@ class Memslots:
                     self._free_memslot(slot)
 
 
-def _struct_size(profile: Profile) -> int:
+def _struct_size(profile: Profile, arch: ArchHooks) -> int:
     """``sizeof(struct kvm_memory_slot)`` on a 64-bit kernel: three pairs of tree nodes
     (hlist 16, interval-tree 48, rb 24 bytes each), base_gfn, npages, dirty_bitmap,
     userspace_addr (8 each), flags (4), id and as_id (2 each), the arch struct, and the gmem
     ``{file, pgoff}`` pair with CONFIG_KVM_GUEST_MEMFD."""
     generic = 2 * 16 + 2 * 48 + 2 * 24 + 4 * 8 + 4 + 2 + 2
-    arch = {"x86": 48, "ppc-hv": 8, "ppc-pr": 8}.get(profile.arch, 0)
-    return generic + arch + (16 if profile.guest_memfd else 0)
+    return generic + arch.slot_arch_struct_bytes + (16 if profile.guest_memfd else 0)
 
 
 __all__ = ["GEN_UPDATE_IN_PROGRESS", "Memslots", "Observer", "SwapEvent"]

@@ -8,7 +8,9 @@ import re
 from typing import Any
 
 from .. import constants as c
+from ..arch import ARCH_HOOKS
 from ..engine.change import Rule
+from ..engine.hooks import ArchHooks
 from ..engine.ledger import Allocation
 from ..errors import errno_name
 from ..harness.replay import ReplayStep, describe_op
@@ -36,16 +38,6 @@ FUNCTION_FILES = {
     "kvm_gmem_create": GUEST_MEMFD,
     "kvm_alloc_memslot_metadata": "arch/x86/kvm/x86.c",
     "kvmppc_core_prepare_memory_region_hv": "arch/powerpc/kvm/book3s_hv.c",
-}
-
-#: ``kvm_arch_prepare_memory_region`` / ``kvm_vm_ioctl_enable_cap`` per profile arch.
-ARCH_FILES = {
-    "x86": "arch/x86/kvm/x86.c",
-    "arm64": "arch/arm64/kvm/mmu.c",
-    "riscv": "arch/riscv/kvm/mmu.c",
-    "s390": "arch/s390/kvm/kvm-s390.c",
-    "ppc-hv": "arch/powerpc/kvm/powerpc.c",
-    "ppc-pr": "arch/powerpc/kvm/powerpc.c",
 }
 
 #: What a VMM developer can do about a refusal, by rule code.
@@ -86,7 +78,8 @@ def kernel_reference(rule: Rule, profile: Profile) -> dict[str, str]:
     """The rule's kernel function, its source file (per arch for arch hooks) and its row in
     the project's rule table (docs/rules.md, generated from the code)."""
     if rule.function in _ARCH_FUNCTIONS:
-        path = ARCH_FILES.get(profile.arch, "arch/*/kvm")
+        hooks = ARCH_HOOKS.get(profile.arch)
+        path = hooks.source_file if hooks is not None else ArchHooks.source_file
     else:
         path = FUNCTION_FILES.get(rule.function, KVM_MAIN)
     return {

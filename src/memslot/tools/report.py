@@ -49,12 +49,12 @@ def _huge(vm: ModelVM, slot: MemorySlot, gpa: int, size: int) -> dict[str, Any]:
     """Per huge size: eligible bytes and share, how it was found, and the misalignment."""
     profile = vm.profile
     shift = profile.page_shift
-    x86 = profile.arch == "x86"
-    ranges = vm.huge_ranges(slot) if x86 else {}
+    tracking = vm.arch.huge_page_tracking
+    ranges = vm.huge_ranges(slot) if tracking is not None else {}
     out: dict[str, Any] = {}
     for name, frame in HUGE_SIZES:
         window = huge_window(gpa, size, slot.userspace_addr, frame)
-        if x86:
+        if tracking is not None:
             got = ranges.get(name, [])
             window = (got[0][0] << shift, got[0][1] << shift) if got else None
         eligible = window[1] - window[0] if window else 0
@@ -63,7 +63,7 @@ def _huge(vm: ModelVM, slot: MemorySlot, gpa: int, size: int) -> dict[str, Any]:
         potential = huge_window(gpa, size, gpa, frame)
         lost = (potential[1] - potential[0] if potential else 0) - eligible
         out[name] = {
-            "source": "lpage_info" if x86 else "estimate",
+            "source": tracking or "estimate",
             "eligible_bytes": eligible,
             "share": eligible / size if size else 0.0,
             "window": list(window) if window else None,
@@ -154,11 +154,11 @@ def findings(report: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{'differs' if report['outcomes']['mismatches'] == 1 else 'differ'} from "
                     f"the trace (first at {where}: {'; '.join(first['problems'])})",
         })
-    if report["arch"] != "x86" and report["slots"]:
+    if report["totals"]["huge_source"] == "estimate" and report["slots"]:
         out.append({
             "code": "huge-estimate", "severity": "note", "slot": None,
-            "text": f"{report['arch']} keeps no lpage_info: large-page shares are estimates from "
-                    "the gpa/hva alignment rule",
+            "text": f"{report['arch']} keeps no per-slot large-page tracking: large-page shares "
+                    "are estimates from the gpa/hva alignment rule",
         })
     return out
 
@@ -203,7 +203,7 @@ def run_report(run: ModelRun, total_ops: int) -> dict[str, Any]:
             "metadata_bytes": vm.metadata_bytes(),
             "vmalloc_bytes": vm.vmalloc_bytes(),
             "huge_share": {name: share(name) for name, _ in HUGE_SIZES},
-            "huge_source": "lpage_info" if profile.arch == "x86" else "estimate",
+            "huge_source": vm.arch.huge_page_tracking or "estimate",
             "dirty_bitmap_bytes": sum(s["dirty_bitmap_bytes"] for s in slots),
             "dirty_bitmap_if_logging_bytes": sum(s["dirty_bitmap_if_logging_bytes"]
                                                  for s in slots),

@@ -4,6 +4,8 @@ second half is only KVM_GET_DIRTY_LOG's scratch buffer and is accounted, not mod
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .ledger import AllocGroup
@@ -19,9 +21,15 @@ def dirty_bitmap_bytes(npages: int) -> int:
 
 class DirtyBitmap:
     """64-bit words of a dirty log. Words absent from ``words`` hold the fill value: all zero,
-    or (after ``KVM_DIRTY_LOG_INITIALLY_SET``) bits ``[0, npages)`` set."""
+    or (after ``KVM_DIRTY_LOG_INITIALLY_SET``) bits ``[0, npages)`` set.
 
-    __slots__ = ("alloc", "filled", "npages", "nwords", "words")
+    vCPUs mark pages while the VMM reads and clears the log, with no lock in common (marks
+    run under srcu, KVM_GET/CLEAR_DIRTY_LOG under slots_lock); the kernel makes each word
+    operation atomic (``set_bit_le``, ``xchg``, ``atomic_long_fetch_andnot``), so no mark is
+    lost and a read sees whole words. Here one lock per bitmap gives the same guarantees.
+    """
+
+    __slots__ = ("_lock", "alloc", "filled", "npages", "nwords", "words")
 
     def __init__(self, npages: int, alloc: AllocGroup | None, initially_set: bool = False):
         self.npages = npages
@@ -29,6 +37,7 @@ class DirtyBitmap:
         self.alloc = alloc
         self.words: dict[int, int] = {}
         self.filled = initially_set
+        self._lock = threading.Lock()
 
     def _fill(self, index: int) -> int:
         if not self.filled:
@@ -40,10 +49,11 @@ class DirtyBitmap:
     def set_bit(self, page: int) -> None:
         """``set_bit_le(rel_gfn, dirty_bitmap)`` from ``mark_page_dirty_in_slot``."""
         index = page >> 6
-        word = self.words.get(index)
-        if word is None:
-            word = self._fill(index)
-        self.words[index] = word | (1 << (page & 63))
+        with self._lock:
+            word = self.words.get(index)
+            if word is None:
+                word = self._fill(index)
+            self.words[index] = word | (1 << (page & 63))
 
     def check(self, npages: int, owner: str) -> list[str]:
         """Problems with this bitmap as the log of ``owner``, a slot of ``npages`` pages."""
@@ -62,6 +72,10 @@ class DirtyBitmap:
 
     def to_array(self) -> np.ndarray:
         """The log as little-endian ``uint64`` words (what KVM_GET_DIRTY_LOG copies out)."""
+        with self._lock:
+            return self._to_array()
+
+    def _to_array(self) -> np.ndarray:
         if self.filled:
             out = np.full(self.nwords, ALL_ONES, dtype="<u8")
             if self.nwords and self.npages & 63:
@@ -79,14 +93,19 @@ class DirtyBitmap:
 
     def harvest(self) -> bytes:
         """Copy out and clear (KVM_GET_DIRTY_LOG without manual protect: ``xchg`` per word)."""
-        data = self.to_bytes()
-        self.words = {}
-        self.filled = False
+        with self._lock:
+            data = self._to_array().tobytes()
+            self.words = {}
+            self.filled = False
         return data
 
     def clear(self, first_word: int, masks: np.ndarray) -> None:
         """Clear ``masks[i] & word[first_word + i]`` (KVM_CLEAR_DIRTY_LOG); bits past the slot
         stay clear because they were never set."""
+        with self._lock:
+            self._clear(first_word, masks)
+
+    def _clear(self, first_word: int, masks: np.ndarray) -> None:
         words = self.words
         nonzero = np.flatnonzero(masks)
         for i in nonzero.tolist():

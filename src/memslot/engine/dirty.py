@@ -26,18 +26,25 @@ class DirtyBitmap:
     vCPUs mark pages while the VMM reads and clears the log, with no lock in common (marks
     run under srcu, KVM_GET/CLEAR_DIRTY_LOG under slots_lock); the kernel makes each word
     operation atomic (``set_bit_le``, ``xchg``, ``atomic_long_fetch_andnot``), so no mark is
-    lost and a read sees whole words. Here one lock per bitmap gives the same guarantees.
+    lost and a read sees whole words. Here a lock gives the same guarantees: the engine
+    passes one per VM (``lock``), so creating a bitmap costs no new lock.
     """
 
     __slots__ = ("_lock", "alloc", "filled", "npages", "nwords", "words")
 
-    def __init__(self, npages: int, alloc: AllocGroup | None, initially_set: bool = False):
+    def __init__(
+        self,
+        npages: int,
+        alloc: AllocGroup | None,
+        initially_set: bool = False,
+        lock: threading.Lock | None = None,
+    ) -> None:
         self.npages = npages
         self.nwords = (npages + 63) >> 6
         self.alloc = alloc
         self.words: dict[int, int] = {}
         self.filled = initially_set
-        self._lock = threading.Lock()
+        self._lock = lock if lock is not None else threading.Lock()
 
     def _fill(self, index: int) -> int:
         if not self.filled:

@@ -150,6 +150,8 @@ class Memslots:
         self.dirty = DirtyLogConfig()
         self.slots_lock = threading.Lock()
         self.srcu = threading.Lock()
+        # Serialises dirty-bitmap words between markers and log readers (DirtyBitmap).
+        self._bitmap_lock = threading.Lock()
         self.observers: list[Observer] = []
         self.creator_pid = os.getpid()
         self._creator_fork_generation = _fork_generation
@@ -479,7 +481,7 @@ class Memslots:
                          ledger.spec(KIND_DIRTY_BITMAP, 2, dirty_bitmap_bytes(new.npages)))
         if a is None:
             raise _Failed(ch.ALLOC_DIRTY_BITMAP, stage=STAGE_BITMAP)
-        return DirtyBitmap(new.npages, a, self.dirty.initially_set)
+        return DirtyBitmap(new.npages, a, self.dirty.initially_set, self._bitmap_lock)
 
     def _create_memslot(self, new: MemorySlot) -> None:
         """``kvm_create_memslot``: add ``new`` to the set."""

@@ -26,6 +26,8 @@ RMAP_TOTALRAM = Rule("ppc-rmap-totalram", errno.ENOMEM, "kvmppc_core_prepare_mem
                      "rmap would need more pages than totalram_pages()")
 ALLOC_RMAP = Rule("ppc-alloc-rmap", errno.ENOMEM, "kvmppc_core_prepare_memory_region_hv",
                   "vzalloc of the rmap failed")
+VCORE_COLLISION = Rule("ppc-vcore-collision", errno.EINVAL, "kvmppc_core_vcpu_create_hv",
+                       "POWER9 and later: one vCPU per virtual core, and this id's core is taken")
 
 
 class PpcHvArch(ArchHooks):
@@ -34,6 +36,9 @@ class PpcHvArch(ArchHooks):
     VARIANTS: ClassVar[tuple[str, ...]] = (VARIANT_REALLOC_RMAP_ON_MOVE,)
     source_file: ClassVar[str] = "arch/powerpc/kvm/powerpc.c"
     slot_arch_struct_bytes: ClassVar[int] = 8  # unsigned long *rmap
+    # kvmppc_core_vcpu_create_hv runs inside kvm_arch_vcpu_create, before the generic
+    # duplicate-id check: on CPU_FTR_ARCH_300 a taken vcore is EINVAL (lab: ppc64el 7.2, POWER9).
+    vcpu_id_collision: ClassVar[Rule | None] = VCORE_COLLISION
 
     def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         if new is None:

@@ -198,7 +198,8 @@ class ModelVM(VM):
         if self._dirty.created_vcpus >= self.profile.max_vcpus:
             raise KvmError(VCPU_MAX.errno, str(VCPU_MAX), what)
         if vcpu_id in self._vcpu_ids:
-            raise KvmError(VCPU_EXISTS.errno, str(VCPU_EXISTS), what)
+            rule = self.arch.vcpu_id_collision or VCPU_EXISTS
+            raise KvmError(rule.errno, str(rule), what)
         self._vcpu_ids.add(vcpu_id)
         self._vcpus.add(vcpu_id)
         self._dirty.created_vcpus += 1

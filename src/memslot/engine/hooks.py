@@ -42,6 +42,9 @@ class ArchHooks:
     #: ``lpage_info``), or ``None`` where the arch decides at fault time and the tools can
     #: only estimate from the gpa/hva alignment rule.
     huge_page_tracking: ClassVar[str | None] = None
+    #: The rule ``kvm_arch_vcpu_create`` refuses a second vCPU with an existing id by, before
+    #: the generic EEXIST of ``kvm_vm_ioctl_create_vcpu`` is reached (``None``: no such rule).
+    vcpu_id_collision: ClassVar[Rule | None] = None
 
     def __init__(self, profile: Profile, ledger: Ledger, variants: frozenset[str]) -> None:
         self.profile = profile

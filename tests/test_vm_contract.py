@@ -200,3 +200,12 @@ def test_model_only_parts_are_protocols_not_classes(vm: VM) -> None:
         with pytest.raises(UnsupportedError):
             vm.mark_page_dirty(0)
         vm.set_user_memory_region(1, 0, 0x100000, 4096, UA)  # no false divergence after
+
+
+def test_sibling_is_a_fresh_vm_of_the_same_kind(vm: VM) -> None:
+    vm.set_user_memory_region(0, 0, 0, 0x1000, 0)
+    with vm.sibling() as other:
+        assert type(other) is type(vm)
+        assert other.memslots() == []
+        assert other.page_size == vm.page_size
+    assert other.closed and len(vm.memslots()) == 1

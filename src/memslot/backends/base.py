@@ -233,6 +233,11 @@ class VM(Closing, abc.ABC):
 
     # -- lifetime -------------------------------------------------------------------------
     @abc.abstractmethod
+    def sibling(self, vm_type: int = 0) -> VM:
+        """Another VM of the same kind on the same host (``KVM_CREATE_VM`` again on the system
+        fd this VM came from; the model: the same profile and variants)."""
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Release the VM, its guest_memfds and vCPUs; every later call raises
         :class:`memslot.errors.ClosedError`. Idempotent."""

@@ -390,6 +390,9 @@ class DualVM(VM):
             raise Divergence("VM references", mapped, k)
         return k
 
+    def sibling(self, vm_type: int = 0) -> DualVM:
+        return DualVM(self.model.sibling(vm_type), self.kernel.sibling(vm_type))
+
     def close(self) -> None:
         if self._plain_fd >= 0:
             os.close(self._plain_fd)

@@ -261,6 +261,7 @@ class KvmVM(VM):
     """
 
     def __init__(self, path: str = KVM_DEVICE, vm_type: int = 0) -> None:
+        self._path = path
         self._closed = True  # the VM fd
         self._released = True  # every fd and mapping
         self._pid = os.getpid()
@@ -762,6 +763,9 @@ class KvmVM(VM):
         """The fds this object holds that reference the VM."""
         return VmReferences(not self._closed, tuple(sorted(self._gmem_fds)),
                             tuple(sorted(self._vcpu_fds)))
+
+    def sibling(self, vm_type: int = 0) -> KvmVM:
+        return KvmVM(self._path, vm_type=vm_type)
 
     def close(self) -> None:
         """Close the vCPUs, every fd (VM, guest_memfds, /dev/kvm) and owned mapping.

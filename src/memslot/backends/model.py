@@ -364,6 +364,9 @@ class ModelVM(VM):
         return self._m.check()
 
     # -- lifetime -------------------------------------------------------------------------
+    def sibling(self, vm_type: int = 0) -> ModelVM:
+        return ModelVM(self.profile, variants=self.variants)
+
     def close(self) -> None:
         """Close the VM fd and every guest_memfd and vCPU this VM made: the last reference
         goes and ``kvm_destroy_vm`` frees every slot. Idempotent."""

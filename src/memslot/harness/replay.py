@@ -20,7 +20,6 @@ from typing import Any
 from ..backends.base import VM, FaultInjection, ModelIntrospection
 from ..backends.budget import KernelMemoryBudget
 from ..backends.dual import Divergence
-from ..backends.model import ModelVM
 from ..engine.dirty import dirty_bitmap_bytes
 from ..engine.result import OpResult
 from ..errors import KvmError, errno_name
@@ -153,7 +152,7 @@ class Replayer:
             from ..errors import KvmUnavailable
 
             try:
-                vm = _sibling(self.vm, op.vm_type if isinstance(op, CreateVm) else 0)
+                vm = self.vm.sibling(op.vm_type if isinstance(op, CreateVm) else 0)
             except KvmUnavailable:
                 return None
             self.vms[op.vm] = vm
@@ -388,17 +387,3 @@ def describe_op(op: TraceOp) -> str:
     if isinstance(op, CreateVm):
         return f"CREATE_VM vm={op.vm} type={op.vm_type}"
     return f"GUEST_WRITE gfn={op.gfn:#x} as={op.as_id}"
-
-
-def _sibling(vm: VM, vm_type: int) -> VM:
-    """A fresh VM of the same backend as ``vm`` (another VM of the trace)."""
-    from ..backends.dual import DualVM
-    from ..backends.kvm import KvmVM
-
-    if isinstance(vm, ModelVM):
-        return ModelVM(vm.profile, variants=vm.variants)
-    if isinstance(vm, KvmVM):
-        return KvmVM(vm_type=vm_type)
-    if isinstance(vm, DualVM) and isinstance(vm.model, ModelVM):
-        return DualVM(ModelVM(vm.model.profile, variants=vm.model.variants), KvmVM(vm_type=vm_type))
-    raise TypeError(f"cannot make another VM like {vm!r}")

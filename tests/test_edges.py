@@ -357,3 +357,15 @@ def test_duplicate_vcpu_id_follows_the_arch_create_hook(profile: str) -> None:
         with pytest.raises(KvmError) as info:
             vm.create_vcpu(0)
         assert info.value.errno == expected
+
+
+def test_ppc_hv_vcpu_ids_stop_at_max_vcpus() -> None:
+    """POWER9 HV: kvmppc_core_vcpu_create_hv refuses id >= KVM_MAX_VCPUS * emul_smt_mode
+    with EINVAL although KVM_CAP_MAX_VCPU_ID is larger (lab: ppc64el 7.2, id 16383)."""
+    with ModelVM("ppc64-hv@7.2") as vm:
+        limit = vm.profile.max_vcpus
+        assert vm.profile.max_vcpu_ids > limit
+        vm.create_vcpu(limit - 1)
+        with pytest.raises(KvmError) as info:
+            vm.create_vcpu(limit)
+        assert info.value.errno == errno.EINVAL

@@ -28,6 +28,8 @@ ALLOC_RMAP = Rule("ppc-alloc-rmap", errno.ENOMEM, "kvmppc_core_prepare_memory_re
                   "vzalloc of the rmap failed")
 VCORE_COLLISION = Rule("ppc-vcore-collision", errno.EINVAL, "kvmppc_core_vcpu_create_hv",
                        "POWER9 and later: one vCPU per virtual core, and this id's core is taken")
+VCPU_ID_TOO_HIGH = Rule("ppc-vcpu-id", errno.EINVAL, "kvmppc_core_vcpu_create_hv",
+                        "POWER9 and later: id >= KVM_MAX_VCPUS * emul_smt_mode (1)")
 
 
 class PpcHvArch(ArchHooks):
@@ -36,9 +38,16 @@ class PpcHvArch(ArchHooks):
     VARIANTS: ClassVar[tuple[str, ...]] = (VARIANT_REALLOC_RMAP_ON_MOVE,)
     source_file: ClassVar[str] = "arch/powerpc/kvm/powerpc.c"
     slot_arch_struct_bytes: ClassVar[int] = 8  # unsigned long *rmap
-    # kvmppc_core_vcpu_create_hv runs inside kvm_arch_vcpu_create, before the generic
-    # duplicate-id check: on CPU_FTR_ARCH_300 a taken vcore is EINVAL (lab: ppc64el 7.2, POWER9).
-    vcpu_id_collision: ClassVar[Rule | None] = VCORE_COLLISION
+
+    def vcpu_create(self, vcpu_id: int, existing: frozenset[int]) -> Rule | None:
+        """``kvmppc_core_vcpu_create_hv`` on CPU_FTR_ARCH_300 (POWER9, the lab's ppc64el):
+        ids map one to one onto virtual cores below ``KVM_MAX_VCPUS * emul_smt_mode`` (the
+        default SMT mode 1), and a taken core is EINVAL, before the generic EEXIST."""
+        if vcpu_id >= self.profile.max_vcpus:
+            return VCPU_ID_TOO_HIGH
+        if vcpu_id in existing:
+            return VCORE_COLLISION
+        return None
 
     def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         if new is None:

@@ -197,9 +197,11 @@ class ModelVM(VM):
             raise KvmError(VCPU_ID.errno, str(VCPU_ID), what)
         if self._dirty.created_vcpus >= self.profile.max_vcpus:
             raise KvmError(VCPU_MAX.errno, str(VCPU_MAX), what)
+        arch_rule = self.arch.vcpu_create(vcpu_id, frozenset(self._vcpu_ids))
+        if arch_rule is not None:
+            raise KvmError(arch_rule.errno, str(arch_rule), what)
         if vcpu_id in self._vcpu_ids:
-            rule = self.arch.vcpu_id_collision or VCPU_EXISTS
-            raise KvmError(rule.errno, str(rule), what)
+            raise KvmError(VCPU_EXISTS.errno, str(VCPU_EXISTS), what)
         self._vcpu_ids.add(vcpu_id)
         self._vcpus.add(vcpu_id)
         self._dirty.created_vcpus += 1

@@ -42,9 +42,6 @@ class ArchHooks:
     #: ``lpage_info``), or ``None`` where the arch decides at fault time and the tools can
     #: only estimate from the gpa/hva alignment rule.
     huge_page_tracking: ClassVar[str | None] = None
-    #: The rule ``kvm_arch_vcpu_create`` refuses a second vCPU with an existing id by, before
-    #: the generic EEXIST of ``kvm_vm_ioctl_create_vcpu`` is reached (``None``: no such rule).
-    vcpu_id_collision: ClassVar[Rule | None] = None
 
     def __init__(self, profile: Profile, ledger: Ledger, variants: frozenset[str]) -> None:
         self.profile = profile
@@ -57,6 +54,12 @@ class ArchHooks:
         :class:`PrepareError`; anything allocated before a failure is freed first. ``new`` is
         the slot being prepared (its ``arch`` and ``dirty_bitmap`` not yet filled in), or
         ``None`` for DELETE, as in the kernel."""
+        return None
+
+    def vcpu_create(self, vcpu_id: int, existing: frozenset[int]) -> Rule | None:
+        """``kvm_arch_vcpu_create``: the rule refusing vCPU ``vcpu_id`` (``existing`` are the
+        ids made so far), or ``None``. It runs before the generic duplicate-id EEXIST of
+        ``kvm_vm_ioctl_create_vcpu``."""
         return None
 
     def commit(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> None:

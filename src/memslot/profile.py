@@ -65,6 +65,9 @@ class Profile:
     gmem_toggle_fix: bool = True
     #: KVM_CAP_MEMORY_ATTRIBUTES on this VM (0 for VMs without private memory).
     memory_attributes: int = 0
+    #: KVM_CAP_MEMORY_ATTRIBUTES on /dev/kvm: ``kvm_supported_mem_attributes(NULL)`` answers
+    #: KVM_MEMORY_ATTRIBUTE_PRIVATE (8) wherever CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES is built.
+    memory_attributes_system: int = 0
     #: KVM_CAP_VM_TYPES (x86 bitmap of supported VM types; 0 elsewhere).
     vm_types: int = 0
     #: access_ok limit (TASK_SIZE_MAX); ``None`` where access_ok accepts every address.
@@ -229,6 +232,9 @@ def _x86(v: str, kind: str) -> Profile:
         # CONFIG_KVM_PRIVATE_MEM (SEV) gives 6.8..6.17 the ioctl, without mmap flags.
         guest_memfd_ioctl=at_least(v, "6.8"),
         guest_memfd_flags=GMEM_FLAGS_ALL if new_gmem else 0,
+        # The same private-memory config builds the generic memory attributes (the lab's 7.3
+        # answers 8 on /dev/kvm, 0 on a default VM).
+        memory_attributes_system=8 if at_least(v, "6.8") else 0,
         vm_types=1 if at_least(v, "6.8") else 0,  # KVM_CAP_VM_TYPES: BIT(KVM_X86_DEFAULT_VM)
         # Debian's 5.10 runs user space with 4-level paging; 6.1 and later with 5-level.
         user_addr_limit=LA57_TASK_SIZE_MAX if at_least(v, "6.1") else L4_TASK_SIZE_MAX,
@@ -254,6 +260,7 @@ def _x86_host() -> Profile:
     return p.replace(
         name="x86_64-shadow@6.18", nr_address_spaces=1, user_addr_limit=L4_TASK_SIZE_MAX,
         max_vcpus=1024, max_vcpu_ids=4096,
+        memory_attributes_system=0,  # built without CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES
         description="Linux 6.18 x86-64 with shadow paging and no SMM (one address space), "
         "4-level paging: the kind of host memslot's CI runs (a custom build)")
 

@@ -58,7 +58,7 @@ def _derived(p: Profile, cap: int, on_vm: bool) -> int:
     if cap == KVM_CAP_USER_MEMORY2:
         return int(p.user_memory2)
     if cap == KVM_CAP_MEMORY_ATTRIBUTES:
-        return p.memory_attributes
+        return p.memory_attributes if on_vm else p.memory_attributes_system
     if cap == KVM_CAP_ARM_VM_IPA_SIZE:
         return (p.ipa_limit or 0) if p.arch == "arm64" else 0
     if cap in (KVM_CAP_USER_MEMORY, KVM_CAP_DESTROY_MEMORY_REGION_WORKS,

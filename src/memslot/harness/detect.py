@@ -215,6 +215,7 @@ def detect_profile(name: str = "detected") -> Profile:
         region2 = bool(cap(c.KVM_CAP_USER_MEMORY2))
         gmem = bool(cap(c.KVM_CAP_GUEST_MEMFD))
         attributes = cap(c.KVM_CAP_MEMORY_ATTRIBUTES)
+        memory_attributes_system = vm.check_system_extension(c.KVM_CAP_MEMORY_ATTRIBUTES)
         vm_types = cap(c.KVM_CAP_VM_TYPES) if arch == "x86" else 0
         ipa_limit = cap(KVM_CAP_ARM_VM_IPA_SIZE) if arch == "arm64" else 0
         vcpus = dict(
@@ -254,6 +255,7 @@ def detect_profile(name: str = "detected") -> Profile:
         user_memory2=region2,
         guest_memfd=gmem,
         memory_attributes=attributes,
+        memory_attributes_system=memory_attributes_system,
         vm_types=vm_types,
         manual_dirty_log_caps=manual,
         dirty_ring_tso=ring_tso,

@@ -65,6 +65,8 @@ class ModelVM(VM):
         self._destroyed = False  # kvm_destroy_vm ran
         self._mappings: list[tuple[int, int]] = []
         self._vcpu_ids: set[int] = set()  # every vCPU created (closing an fd destroys none)
+        #: The ids handed out as asked (before a u32 truncation), for the default id.
+        self._vcpu_handed: set[int] = set()
         self._vcpus: set[int] = set()  # vCPU fds still open
         #: The record of the most recent memslot request.
         self.last_result: OpResult | None = None
@@ -190,7 +192,12 @@ class ModelVM(VM):
             check_uint("vcpu_id", vcpu_id, U64)
         self._ioctl()
         if vcpu_id is None:
-            vcpu_id = next(i for i in range(len(self._vcpu_ids) + 1) if i not in self._vcpu_ids)
+            # As KvmVM: the lowest id this VM has not handed out.
+            vcpu_id = next(i for i in range(len(self._vcpu_handed) + 1)
+                           if i not in self._vcpu_handed)
+        requested = vcpu_id
+        if self.profile.vcpu_id_u32:
+            vcpu_id &= 0xFFFFFFFF  # kvm_vm_ioctl_create_vcpu(struct kvm *, u32 id)
         what = f"KVM_CREATE_VCPU id={vcpu_id}"
         # kvm_vm_ioctl_create_vcpu: the id limit, then kvm->max_vcpus, then a duplicate id.
         if vcpu_id >= self.profile.max_vcpu_ids:
@@ -203,9 +210,10 @@ class ModelVM(VM):
         if vcpu_id in self._vcpu_ids:
             raise KvmError(VCPU_EXISTS.errno, str(VCPU_EXISTS), what)
         self._vcpu_ids.add(vcpu_id)
-        self._vcpus.add(vcpu_id)
+        self._vcpus.add(requested)
+        self._vcpu_handed.add(requested)
         self._dirty.created_vcpus += 1
-        return vcpu_id
+        return requested
 
     def close_vcpu(self, vcpu_id: int) -> None:
         """Close a vCPU fd made by :meth:`create_vcpu` (``kvm_vcpu_release``: the vCPU lives

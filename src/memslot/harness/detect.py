@@ -219,6 +219,7 @@ def detect_profile(name: str = "detected") -> Profile:
         vm_types = cap(c.KVM_CAP_VM_TYPES) if arch == "x86" else 0
         ipa_limit = cap(KVM_CAP_ARM_VM_IPA_SIZE) if arch == "arm64" else 0
         vcpus = dict(
+            vcpu_id_u32=_vcpu_id_truncated(),
             nr_vcpus=cap(c.KVM_CAP_NR_VCPUS),
             max_vcpus=cap(c.KVM_CAP_MAX_VCPUS),
             max_vcpu_ids=cap(c.KVM_CAP_MAX_VCPU_ID),
@@ -382,3 +383,16 @@ def _gmem_bind_wraps(make_vm: Callable[[], VM], page_size: int) -> bool:
         return False
     finally:
         vm.close()
+
+
+def _vcpu_id_truncated() -> bool:
+    """Whether KVM_CREATE_VCPU truncates its id to a u32 (id 2^32 creates vCPU 0), probed on
+    a VM of its own."""
+    from ..backends.kvm import KvmVM
+
+    with KvmVM() as vm:
+        try:
+            vm.create_vcpu(1 << 32)
+        except KvmError:
+            return False
+        return True

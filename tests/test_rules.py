@@ -576,17 +576,41 @@ def test_rule_32_gmem_fd_ebadf_and_einval(vm: ModelVM) -> None:
 
 
 def test_rule_33_gmem_offset_overlap_einval(vm: ModelVM) -> None:
-    """Overlapping offset ranges of one guest_memfd: EINVAL (GM), not SRT's EEXIST."""
+    """Overlapping offset ranges of one guest_memfd: EINVAL on 6.18 (GM), not SRT's EEXIST."""
     fd = vm.create_guest_memfd(4 * MiB)
     vm.set_user_memory_region2(0, GMEM, 0, 2 * MiB, UA, guest_memfd=fd, guest_memfd_offset=MiB)
     for off in (PAGE, MiB - PAGE, MiB, 2 * MiB, 3 * MiB - PAGE):
-        refused(vm, errno.EINVAL, "gmem-bind",
+        refused(vm, errno.EINVAL, "gmem-bound",
                 lambda o=off: vm.set_user_memory_region2(1, GMEM, GiB, MiB, UA, guest_memfd=fd,
                                                          guest_memfd_offset=o))
     vm.set_user_memory_region2(1, GMEM, GiB, MiB, UA, guest_memfd=fd, guest_memfd_offset=3 * MiB)
     vm.set_user_memory_region(0, 0, 0, 0, 0)  # DELETE unbinds
     vm.set_user_memory_region2(2, GMEM, 2 * GiB, 2 * MiB, UA, guest_memfd=fd,
                                guest_memfd_offset=MiB)
+
+
+@pytest.mark.parametrize(("kernel", "err"), [("6.18", errno.EINVAL), ("7.2", errno.EEXIST),
+                                             ("7.3", errno.EEXIST)])
+def test_rule_33_gmem_bound_range_errno_by_version(kernel: str, err: int) -> None:
+    """kvm_gmem_bind: a bound range is -EEXIST from 7.2 (Debian's 7.2.13 source; the lab's
+    7.3 answered it), -EINVAL before (this host's 6.18)."""
+    p = memslot.get_profile(SHADOW).replace(name=f"shadow-{kernel}", kernel=kernel,
+                                            gmem_bind_eexist=None, gmem_bind_wraps=None)
+    with ModelVM(p) as vm:
+        fd = vm.create_guest_memfd(2 * MiB)
+        vm.set_user_memory_region2(0, GMEM, 0, MiB, UA, guest_memfd=fd)
+        refused(vm, err, "gmem-bound",
+                lambda: vm.set_user_memory_region2(1, GMEM, GiB, MiB, UA, guest_memfd=fd,
+                                                   guest_memfd_offset=MiB - PAGE))
+        # offset + size reaching 2^63: wraps in loff_t before 7.2 (accepted), uoff_t after.
+        big = (1 << 63) - PAGE
+        if p.gmem_bind_wraps:
+            vm.set_user_memory_region2(2, GMEM, 2 * GiB, PAGE, UA, guest_memfd=fd,
+                                       guest_memfd_offset=big)
+        else:
+            refused(vm, errno.EINVAL, "gmem-bind",
+                    lambda: vm.set_user_memory_region2(2, GMEM, 2 * GiB, PAGE, UA,
+                                                       guest_memfd=fd, guest_memfd_offset=big))
 
 
 def test_rule_34_overlap_before_gmem_bind(vm: ModelVM) -> None:

@@ -59,8 +59,12 @@ class Profile:
     #: ioctl exists; 0 before the guest_memfd mmap series).
     guest_memfd_flags: int | None = None
     #: ``kvm_gmem_bind`` computes ``offset + size`` in signed ``loff_t``, so a range reaching
-    #: 2^63 wraps negative and passes (seen on 6.18; 7.3 refuses it). ``None``: by version.
+    #: 2^63 wraps negative and passes (seen on 6.18; 7.2 computes in ``uoff_t`` and refuses
+    #: it). ``None``: by version.
     gmem_bind_wraps: bool | None = None
+    #: ``kvm_gmem_bind`` answers EEXIST for a file range already bound to another slot
+    #: (7.2; EINVAL on 6.18). ``None``: by version.
+    gmem_bind_eexist: bool | None = None
     #: "Disallow toggling KVM_MEM_GUEST_MEMFD on an existing memslot" (6.18.y stable, 6.19).
     gmem_toggle_fix: bool = True
     #: KVM_CAP_MEMORY_ATTRIBUTES on this VM (0 for VMs without private memory).
@@ -135,7 +139,9 @@ class Profile:
             object.__setattr__(self, "guest_memfd_ioctl", self.guest_memfd)
         if self.gmem_bind_wraps is None:
             # Observed: accepted on 6.18 (this project's host), refused on 7.3 (the lab).
-            object.__setattr__(self, "gmem_bind_wraps", not at_least(self.kernel, "7.3"))
+            object.__setattr__(self, "gmem_bind_wraps", not at_least(self.kernel, "7.2"))
+        if self.gmem_bind_eexist is None:
+            object.__setattr__(self, "gmem_bind_eexist", at_least(self.kernel, "7.2"))
         if self.guest_memfd_flags is None:
             object.__setattr__(self, "guest_memfd_flags",
                                GMEM_FLAGS_ALL if self.guest_memfd_ioctl else 0)

@@ -102,6 +102,18 @@ CHANGES: dict[str, Change] = {c.key: c for c in (
            "KVM: arm64: Enable support for guest_memfd backed memory",
            "arm64 selects KVM_GUEST_MEMFD; guest_memfd slots must be mmap-able (gmem-only)",
            "absent in 6.12.117, present in 7.2.13"),
+    Change("gmem-bind-uoff", "7.2", "kvm_gmem_bind",
+           "KVM: guest_memfd: use an unsigned offset type for bindings",
+           "offset + size is computed in uoff_t: a range reaching 2^63 no longer wraps "
+           "negative past the file-size check (EINVAL)",
+           "6.12.117 loff_t offset; 7.2.13 and 7.3-rc7 uoff_t; this host's 6.18 accepts the "
+           "wrap (the release in between is not pinned)"),
+    Change("gmem-bind-eexist", "7.2", "kvm_gmem_bind",
+           "KVM: guest_memfd: EEXIST for a range already bound",
+           "binding a guest_memfd range that another slot holds fails EEXIST (was EINVAL)",
+           "6.12.117 r = -EINVAL for a bound range; 7.2.13 and 7.3-rc7 r = -EEXIST; this "
+           "host's 6.18 answers EINVAL; lab amd64 7.3 answered EEXIST to the fuzzer (the "
+           "release in between is not pinned)"),
     Change("riscv-manual-caps", "7.2", "arch/riscv/include/asm/kvm_host.h",
            "RISC-V: KVM: KVM_DIRTY_LOG_INITIALLY_SET",
            "riscv's KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 answers 3 (was 1)",
@@ -140,6 +152,7 @@ RULE_CHANGES: dict[str, str] = {
     "gmem-unsupported": "guest-memfd-any-vm",
     "arm64-gmem-only": "arm64-guest-memfd",
     "ring-unsupported": "dirty-ring",
+    "gmem-bound": "gmem-bind-eexist",
 }
 
 

@@ -89,7 +89,9 @@ OVERLAP = _r("overlap", E.EEXIST, "kvm_check_memslot_overlap",
 ALLOC_SLOT = _r("alloc-slot", E.ENOMEM, "kvm_set_memory_region", "kzalloc of the new slot failed")
 GMEM_BADF = _r("gmem-badf", E.EBADF, "kvm_gmem_bind", "guest_memfd is not an open fd")
 GMEM_BIND = _r("gmem-bind", E.EINVAL, "kvm_gmem_bind",
-               "not this VM's guest_memfd, offset out of the file, or range already bound")
+               "not this VM's guest_memfd, or the offset range is outside the file")
+GMEM_BOUND = _r("gmem-bound", E.EEXIST, "kvm_gmem_bind",
+                "the guest_memfd range is already bound to another slot (EINVAL before 7.2)")
 ALLOC_INVALID = _r("alloc-invalid", E.ENOMEM, "kvm_set_memslot",
                    "kzalloc of the INVALID working slot failed")
 ALLOC_DIRTY_BITMAP = _r("alloc-dirty-bitmap", E.ENOMEM, "kvm_alloc_dirty_bitmap",

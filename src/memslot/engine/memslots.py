@@ -11,6 +11,7 @@ including the INVALID state a DELETE or MOVE publishes first.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Callable
@@ -172,6 +173,8 @@ class Memslots:
         # Before 6.8 KVM_SET_USER_MEMORY_REGION2 is an ioctl kvm_arch_vm_ioctl does not know.
         self._region2_missing = Rule(ch.REGION2_MISSING.code, p.unknown_ioctl_errno,
                                      ch.REGION2_MISSING.function, ch.REGION2_MISSING.text)
+        self._gmem_bound = ch.GMEM_BOUND if p.gmem_bind_eexist else Rule(
+            ch.GMEM_BOUND.code, errno.EINVAL, ch.GMEM_BOUND.function, ch.GMEM_BOUND.text)
         self._uaddr_limit = p.user_addr_limit
         self._tagged_uaddrs = arch.tagged_user_addresses
         self._immutable_flags = _IMMUTABLE_FLAGS if p.gmem_toggle_fix else KVM_MEM_READONLY
@@ -602,9 +605,9 @@ class Memslots:
             raise _Failed(ch.GMEM_BADF, f"fd {fd}", STAGE_GMEM)
         if g.owner is not self:
             raise _Failed(ch.GMEM_BIND, "guest_memfd of another VM", STAGE_GMEM)
-        # loff_t arithmetic: offset + size is computed signed, so a sum reaching 2^63 wraps
-        # negative and passes the "inside the file" test (accepted by the kernel; it looks
-        # like a kernel bug, modelled as it is).
+        # Before 7.2, loff_t arithmetic: offset + size is computed signed, so a sum reaching
+        # 2^63 wraps negative and passes the "inside the file" test (the kernel accepts it;
+        # modelled as it is). 7.2 computes in uoff_t.
         offset = r.guest_memfd_offset
         end = offset + r.memory_size
         if self.profile.gmem_bind_wraps and end >> 63:
@@ -614,7 +617,7 @@ class Memslots:
                           STAGE_GMEM)
         start = offset >> self._page_shift
         if g.range_bound(start, start + new.npages):
-            raise _Failed(ch.GMEM_BIND, "range already bound to another slot", STAGE_GMEM)
+            raise _Failed(self._gmem_bound, "range already bound to another slot", STAGE_GMEM)
         g.bind(start, start + new.npages, (new.as_id, new.id))
         flags = new.flags
         if g.flags & gmem_files.GUEST_MEMFD_FLAG_MMAP:

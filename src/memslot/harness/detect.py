@@ -303,6 +303,7 @@ def detect_profile(name: str = "detected") -> Profile:
     if gmem:
         fields["gmem_toggle_fix"] = _gmem_toggle_refused(KvmVM, page_size)
         fields["gmem_bind_wraps"] = _gmem_bind_wraps(KvmVM, page_size)
+        fields["gmem_bind_eexist"] = _gmem_bound_errno(KvmVM, page_size) == errno.EEXIST
     fields["description"] = (
         f"detected from /dev/kvm on {platform.node() or 'this host'} "
         f"(Linux {release}, {machine}" + (f"; {notes[0]}" if notes else "") + ")"
@@ -383,6 +384,20 @@ def _gmem_bind_wraps(make_vm: Callable[[], VM], page_size: int) -> bool:
         return False
     finally:
         vm.close()
+
+
+def _gmem_bound_errno(make_vm: Callable[[], VM], page_size: int) -> int:
+    """The errno kvm_gmem_bind answers for a file range another slot holds (0: accepted)."""
+    vm = make_vm()
+    try:
+        fd = vm.create_guest_memfd(2 * page_size)
+        vm.set_user_memory_region2(0, c.KVM_MEM_GUEST_MEMFD, 0, page_size, UA, fd, 0)
+        vm.set_user_memory_region2(1, c.KVM_MEM_GUEST_MEMFD, page_size, page_size, UA, fd, 0)
+    except KvmError as e:
+        return e.errno or 0
+    finally:
+        vm.close()
+    return 0
 
 
 def _vcpu_id_truncated() -> bool:

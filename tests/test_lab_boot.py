@@ -5,8 +5,10 @@ otherwise, so the suite never downloads anything."""
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +32,22 @@ def test_newest_amd64_kernel_agrees_with_the_model(capsys: pytest.CaptureFixture
     assert report["requests"] == 400
     assert report["agreed"] == 400, report["divergences"]
     assert status == 0
+
+
+def test_riscv_vma_walk_agrees_with_the_model(capsys: pytest.CaptureFixture[str]) -> None:
+    """riscv's prepare walks the VMAs: a writable slot over PROT_READ memory is EPERM on the
+    kernel, and DualVM tells the model this process's VMAs so both answer it."""
+    target = newest("riscv64")
+    if shutil.which(target.machine.qemu) is None:
+        pytest.skip(f"{target.machine.qemu} is not installed (make lab-deps)")
+    if image.built(target) is None:
+        pytest.skip(f"{target.name} is not built (memslot lab build {target.name})")
+    script = Path(__file__).parent / "lab_guest" / "vma_walk.py"
+    status = main(["lab", "run", "--python", str(script), target.name])
+    cases = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith('{"case"'):
+            case = json.loads(line)
+            cases[case["case"]] = case["errno"]
+    assert status == 0  # no Divergence
+    assert cases["prot-read"] == errno.EPERM and cases["prot-read-readonly"] == 0

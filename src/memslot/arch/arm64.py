@@ -1,8 +1,14 @@
-"""arm64 (arch/arm64/kvm/mmu.c ``kvm_arch_prepare_memory_region``, 6.18): no per-slot
-metadata; CREATE, MOVE and FLAGS_ONLY must end within the IPA space (EFAULT otherwise).
+"""arm64 (arch/arm64/kvm/mmu.c ``kvm_arch_prepare_memory_region``, 5.10 to 7.3): no per-slot
+metadata; CREATE, MOVE and FLAGS_ONLY must end within the IPA space (EFAULT otherwise). Then
+the walk over the VMAs of the host range, in address order: dirty logging over a
+``VM_PFNMAP`` VMA is EINVAL (every version). Unlike riscv, arm64 never asks for ``VM_WRITE``: a
+writable slot over read-only memory is accepted (the fault fails later). The model walks the
+VMAs it knows of (:class:`~memslot.engine.vmas.VmaMap`).
 
-Not modelled: the VMA walk over the hva range (MTE VMs need MTE-capable VMAs; ``VM_PFNMAP``
-VMAs refuse dirty logging), because the model has no host mappings to look at.
+Not modelled (nothing in /proc shows what they read): MTE VMs (``KVM_CAP_ARM_MTE``, which the
+model does not offer) refuse a ``VM_SHARED`` VMA (6.1) or one without ``VM_MTE_ALLOWED``
+(6.12+); from 7.2 a cacheable ``VM_PFNMAP`` VMA is EINVAL on CPUs without both S2FWB and DIC
+(``kvm_supports_cacheable_pfnmap``; QEMU's ``-cpu max`` has both).
 """
 
 from __future__ import annotations
@@ -10,20 +16,24 @@ from __future__ import annotations
 import errno
 from typing import Any, ClassVar
 
-from ..constants import KVM_MEM_GUEST_MEMFD, KVM_MEMSLOT_GMEM_ONLY
+from ..constants import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_GMEM_ONLY
 from ..engine.change import ChangeType, Rule
 from ..engine.hooks import ArchHooks, PrepareError
 from ..engine.slot import MemorySlot
+from ..engine.vmas import VmFlag
 
 IPA_LIMIT = Rule("arm64-ipa", errno.EFAULT, "kvm_arch_prepare_memory_region",
                  "base_gfn + npages > IPA size >> PAGE_SHIFT")
 GMEM_ONLY = Rule("arm64-gmem-only", errno.EINVAL, "kvm_arch_prepare_memory_region",
                  "guest_memfd slots must be mappable (GUEST_MEMFD_FLAG_MMAP)")
+VMA_PFNMAP_DIRTY = Rule("arm64-pfnmap-dirty", errno.EINVAL, "kvm_arch_prepare_memory_region",
+                        "LOG_DIRTY_PAGES over a VM_PFNMAP VMA (IO memory)")
 
 
 class Arm64Arch(ArchHooks):
     source_file: ClassVar[str] = "arch/arm64/kvm/mmu.c"
     tagged_user_addresses: ClassVar[bool] = True
+    walks_vmas: ClassVar[bool] = True
 
     def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         if new is None:
@@ -34,4 +44,10 @@ class Arm64Arch(ArchHooks):
         gmem_only = new.flags & KVM_MEMSLOT_GMEM_ONLY
         if old is None and new.flags & KVM_MEM_GUEST_MEMFD and not gmem_only:
             raise PrepareError(GMEM_ONLY)
+        if new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            start = new.userspace_addr
+            end = start + (new.npages << self.profile.page_shift)
+            for vma in self.vmas.intersecting(start, end):
+                if vma.flags & VmFlag.PFNMAP:
+                    raise PrepareError(VMA_PFNMAP_DIRTY, vma.describe())
         return None

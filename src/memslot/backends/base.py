@@ -12,6 +12,7 @@ writes, which have no kernel counterpart: the model alone)."""
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from ..closing import Closing
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from ..engine.ledger import Allocation, Ledger
     from ..engine.memslots import Observer
     from ..engine.result import OpResult
+    from ..engine.vmas import Vma
 
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
@@ -218,9 +220,14 @@ class VM(Closing, abc.ABC):
 
     # -- host memory backing the guest ----------------------------------------------------
     @abc.abstractmethod
-    def register_host_mapping(self, addr: int, size: int) -> None:
+    def register_host_mapping(
+        self, addr: int, size: int, *, writable: bool = True, pfnmap: bool = False
+    ) -> None:
         """Declare ``[addr, addr + size)`` memory this process mapped for the guest (a real
-        vCPU runs only while every slot lies inside registered memory)."""
+        vCPU runs only while every slot lies inside registered memory). ``writable=False``
+        says the mapping lacks ``PROT_WRITE`` and ``pfnmap=True`` that it is IO memory
+        (``VM_PFNMAP``, e.g. a device BAR): the model's arch walks of the VMAs read both
+        (riscv refuses a writable slot over read-only memory); a kernel sees the real VMA."""
 
     @abc.abstractmethod
     def unregister_host_mapping(self, addr: int, size: int) -> None:
@@ -284,6 +291,25 @@ class ModelIntrospection(Protocol):
     def add_observer(self, observer: Observer) -> None: ...
 
     def remove_observer(self, observer: Observer) -> None: ...
+
+
+@runtime_checkable
+class VmaWalker(Protocol):
+    """A model whose arch may walk the process's VMAs (``ModelVM``): it answers from the VMAs
+    it was told of, so a differential backend tells it the real ones first."""
+
+    @property
+    def walks_vmas(self) -> bool: ...
+
+    def tell_vmas(self, start: int, end: int, vmas: Iterable[Vma]) -> None: ...
+
+
+@runtime_checkable
+class VmaSource(Protocol):
+    """A backend that can say which VMAs its kernel would walk over a range (``KvmVM``: this
+    process's, from /proc/self/maps; ``ModelVM``: the ones it knows of)."""
+
+    def process_vmas(self, start: int, end: int) -> list[Vma]: ...
 
 
 @runtime_checkable

@@ -25,6 +25,8 @@ from .base import (
     U64,
     VM,
     ModelIntrospection,
+    VmaSource,
+    VmaWalker,
     VmReferences,
     check_clear_dirty_log_args,
     check_enable_cap_args,
@@ -100,6 +102,12 @@ class DualVM(VM):
         self._since_checkpoint = 0
         self._slot_count = 0  # at the last whole-set comparison
         self.calls = 0
+        #: Where the model's arch walks the process's VMAs (arm64, riscv), the kernel's VMAs
+        #: over each request's host range are told to the model first (the kernel walks
+        #: ``current->mm``; the model knows only what it is told).
+        self._vma_walker = (model if isinstance(model, VmaWalker) and model.walks_vmas
+                            else None)
+        self._vma_source = kernel if isinstance(kernel, VmaSource) else None
 
     def __repr__(self) -> str:
         return f"<DualVM {self.model!r} | {self.kernel!r}>"
@@ -181,8 +189,20 @@ class DualVM(VM):
             return region._replace(guest_memfd=self._plain_fd)
         return region
 
+    def _tell_vmas(self, region: MemoryRegion) -> None:
+        """Give the model the kernel's VMAs over the request's host range, which
+        ``kvm_arch_prepare_memory_region`` may walk (only requests with a size do)."""
+        walker, source = self._vma_walker, self._vma_source
+        if walker is None or source is None or not region.memory_size:
+            return
+        start = region.userspace_addr
+        end = min(start + region.memory_size, U64 + 1)
+        walker.tell_vmas(start, end, source.process_vmas(start, end))
+
     def apply(self, region: MemoryRegion) -> None:
         check_region_fields(region)
+        self._guard()
+        self._tell_vmas(region)
         model_region = self._model_region(region)
         what = region.describe()
         (m_err, _, _), (k_err, _, k_exc) = self._pair(
@@ -303,10 +323,12 @@ class DualVM(VM):
         return self.model.gfn_to_memslot(gfn, as_id)
 
     # -- host memory ----------------------------------------------------------------------
-    def register_host_mapping(self, addr: int, size: int) -> None:
+    def register_host_mapping(
+        self, addr: int, size: int, *, writable: bool = True, pfnmap: bool = False
+    ) -> None:
         self._guard()
-        self.model.register_host_mapping(addr, size)
-        self.kernel.register_host_mapping(addr, size)
+        self.model.register_host_mapping(addr, size, writable=writable, pfnmap=pfnmap)
+        self.kernel.register_host_mapping(addr, size, writable=writable, pfnmap=pfnmap)
 
     def unregister_host_mapping(self, addr: int, size: int) -> None:
         self._guard()

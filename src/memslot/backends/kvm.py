@@ -46,8 +46,10 @@ from .base import (
     check_region_fields,
     check_uint,
 )
+from .procmaps import read_vmas
 
 if TYPE_CHECKING:
+    from ..engine.vmas import Vma
     from .vcpu import Vcpu
 
 __all__ = [
@@ -629,9 +631,12 @@ class KvmVM(VM):
         return None
 
     # -- memory this process owns for the guest ---------------------------------------------
-    def register_host_mapping(self, addr: int, size: int) -> None:
+    def register_host_mapping(
+        self, addr: int, size: int, *, writable: bool = True, pfnmap: bool = False
+    ) -> None:
         """Declare ``[addr, addr + size)`` memory this process mapped for the guest. A vCPU
-        runs only while every slot lies inside registered memory."""
+        runs only while every slot lies inside registered memory. (``writable`` and
+        ``pfnmap`` describe the VMA for a model; the kernel reads the real one.)"""
         self._check_open()
         check_host_range(addr, size)
         with self._lock:
@@ -671,6 +676,12 @@ class KvmVM(VM):
         self._check_open()
         with self._lock:
             return list(self._mappings)
+
+    def process_vmas(self, start: int, end: int) -> list[Vma]:
+        """The VMAs of this process meeting ``[start, end)``: what an arch's
+        ``kvm_arch_prepare_memory_region`` walks in ``current->mm`` for a slot there (read
+        from /proc/self/maps and /proc/self/smaps)."""
+        return read_vmas(start, end)
 
     def map_anonymous(
         self, size: int, align: int = PAGE_SIZE, *, hugepages: bool = False

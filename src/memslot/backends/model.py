@@ -23,6 +23,7 @@ from ..engine.ledger import Allocation, Ledger
 from ..engine.memslots import Memslots, Observer
 from ..engine.result import OpResult
 from ..engine.slot import MemorySlot
+from ..engine.vmas import ANON_RW, Vma, VmaMap, VmFlag
 from ..errors import ClosedError, KvmError
 from ..profile import DEFAULT_PROFILE, Profile, get_profile
 from ..request import MemoryRegion
@@ -64,6 +65,7 @@ class ModelVM(VM):
         self._closed = False  # the VM fd
         self._destroyed = False  # kvm_destroy_vm ran
         self._mappings: list[tuple[int, int]] = []
+        self._mapping_flags: list[VmFlag] = []  # the VMA each registration declared
         self._vcpu_ids: set[int] = set()  # every vCPU created (closing an fd destroys none)
         #: The ids handed out as asked (before a u32 truncation), for the default id.
         self._vcpu_handed: set[int] = set()
@@ -302,23 +304,65 @@ class ModelVM(VM):
         return self._live().nr_memslot_pages
 
     # -- host memory ----------------------------------------------------------------------
-    def register_host_mapping(self, addr: int, size: int) -> None:
-        """Record ``[addr, addr + size)`` as memory mapped for the guest (the model runs no
-        vCPU, so the record is all there is)."""
+    def register_host_mapping(
+        self, addr: int, size: int, *, writable: bool = True, pfnmap: bool = False
+    ) -> None:
+        """Record ``[addr, addr + size)`` as memory mapped for the guest, and as one VMA of
+        the process (read-write unless ``writable=False``; ``pfnmap``: IO memory) that the
+        arch's VMA walk sees (the model runs no vCPU, so the record is all there is)."""
         self._live()
         check_host_range(addr, size)
+        flags = ANON_RW if writable else VmFlag.READ
+        if pfnmap:
+            flags |= VmFlag.PFNMAP | VmFlag.SHARED
         self._mappings.append((addr, size))
+        self._mapping_flags.append(flags)
+        self.arch.vmas.map(addr, addr + size, flags)
 
     def unregister_host_mapping(self, addr: int, size: int) -> None:
+        """Withdraw a registration; its range is unmapped to the model unless another
+        registration still covers part of it."""
         self._live()
         try:
-            self._mappings.remove((addr, size))
+            index = self._mappings.index((addr, size))
         except ValueError:
             raise ValueError(f"{addr:#x}+{size:#x} was not registered") from None
+        del self._mappings[index]
+        del self._mapping_flags[index]
+        vmas = self.arch.vmas
+        vmas.forget(addr, addr + size)
+        for (start, length), flags in zip(self._mappings, self._mapping_flags, strict=True):
+            lo, hi = max(start, addr), min(start + length, addr + size)
+            if lo < hi:
+                vmas.map(lo, hi, flags)
 
     def host_mappings(self) -> list[tuple[int, int]]:
         self._live()
         return list(self._mappings)
+
+    # -- the process's VMAs ---------------------------------------------------------------
+    @property
+    def walks_vmas(self) -> bool:
+        """Whether this arch's ``kvm_arch_prepare_memory_region`` walks the VMAs of a slot's
+        host range (arm64, riscv): then its answers depend on :meth:`tell_vmas`."""
+        return self.arch.walks_vmas
+
+    @property
+    def vmas(self) -> VmaMap:
+        """The process's VMAs as far as the model knows (registered host mappings and what
+        :meth:`tell_vmas` said); every other address is unmapped to the model."""
+        return self.arch.vmas
+
+    def tell_vmas(self, start: int, end: int, vmas: Iterable[Vma]) -> None:
+        """The process's VMAs over ``[start, end)`` are exactly ``vmas`` (e.g. a real
+        process's, from /proc/self/maps: what ``find_vma_intersection`` would walk)."""
+        self._live()
+        self.arch.vmas.replace(start, end, vmas)
+
+    def process_vmas(self, start: int, end: int) -> list[Vma]:
+        """The known VMAs meeting ``[start, end)``, in address order."""
+        self._live()
+        return self.arch.vmas.intersecting(start, end)
 
     # -- observers ------------------------------------------------------------------------
     def add_observer(self, observer: Observer) -> None:
@@ -386,6 +430,7 @@ class ModelVM(VM):
         self._m.gmem_files.clear()
         self._vcpus.clear()
         self._mappings.clear()
+        self._mapping_flags.clear()
         self._release()
 
     def close_vm_fd(self) -> None:

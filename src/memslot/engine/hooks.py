@@ -11,6 +11,7 @@ from ..profile import Profile
 from .change import ChangeType, Rule
 from .ledger import Allocation, AllocGroup, Ledger
 from .slot import MemorySlot
+from .vmas import VmaMap
 
 
 class PrepareError(Exception):
@@ -42,11 +43,16 @@ class ArchHooks:
     #: ``lpage_info``), or ``None`` where the arch decides at fault time and the tools can
     #: only estimate from the gpa/hva alignment rule.
     huge_page_tracking: ClassVar[str | None] = None
+    #: ``kvm_arch_prepare_memory_region`` walks the VMAs of the slot's host range (arm64,
+    #: riscv), so its answer depends on the process's mappings (:attr:`vmas`).
+    walks_vmas: ClassVar[bool] = False
 
     def __init__(self, profile: Profile, ledger: Ledger, variants: frozenset[str]) -> None:
         self.profile = profile
         self.ledger = ledger
         self.variants = variants
+        #: The host process's VMAs as far as the model was told (empty: all unmapped).
+        self.vmas = VmaMap()
 
     # -- kernel hooks ---------------------------------------------------------------------
     def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:

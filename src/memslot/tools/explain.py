@@ -65,6 +65,13 @@ HINTS = {
     "x86-max-gfn": "the last gfn exceeds the host's guest physical address width",
     "arm64-ipa": "the slot ends past the VM's IPA size (KVM_VM_TYPE_ARM_IPA_SIZE)",
     "riscv-gpa": "the slot reaches the G-stage GPA size",
+    "riscv-vma-write": "the host range meets memory mapped without PROT_WRITE (a program's "
+                       "text, a PROT_READ file): map it writable or make the slot "
+                       "KVM_MEM_READONLY",
+    "riscv-pfnmap-dirty": "dirty logging over IO memory (a VM_PFNMAP mapping such as a "
+                          "device BAR) is refused: log only RAM slots",
+    "arm64-pfnmap-dirty": "dirty logging over IO memory (a VM_PFNMAP mapping such as a "
+                          "device BAR) is refused: log only RAM slots",
     "s390-uaddr-1m": "s390 needs userspace_addr aligned to 1 MiB",
     "s390-size-1m": "s390 needs memory_size aligned to 1 MiB",
     "gmem-badf": "guest_memfd is not an open file descriptor of this process",

@@ -1,0 +1,212 @@
+"""The arch walks of the process's VMAs in ``kvm_arch_prepare_memory_region``: riscv refuses a
+writable slot over a VMA without ``VM_WRITE`` (EPERM) and, like arm64, dirty logging over a
+``VM_PFNMAP`` VMA (EINVAL). The model answers from the VMAs it knows (registered host
+mappings, or a real process's told by ``DualVM``); ``/proc/self/maps`` is read as the kernel
+would see it. (The lab's riscv64 guests refused ua=0 because Debian's riscv64 python3.13 is
+not PIE: its text is mapped r-x at 0x10000.)"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+
+import pytest
+
+from memslot import DualVM, KvmError, KvmVM, ModelVM, detect_profile
+from memslot.backends.procmaps import parse_maps, parse_smaps_flags, read_vmas
+from memslot.constants import KVM_MEM_LOG_DIRTY_PAGES as LOG
+from memslot.constants import KVM_MEM_READONLY as RO
+from memslot.engine.vmas import ANON_RW, Vma, VmaMap, VmFlag
+
+PAGE = 4096
+TEXT = 0x10000  # where the lab's riscv64 python3.13 text starts
+R = VmFlag.READ
+RX = VmFlag.READ | VmFlag.EXEC
+
+RISCV = ("riscv64@6.12", "riscv64@7.2")
+ARM64 = ("arm64@5.10", "arm64@6.1", "arm64@6.12", "arm64@7.2", "arm64@7.3")
+
+
+def refused(vm: ModelVM, code: str, err: int, *request: int) -> None:
+    with pytest.raises(KvmError) as info:
+        vm.set_user_memory_region(*request)
+    assert info.value.errno == err
+    assert vm.last_result is not None and vm.last_result.rule is not None
+    assert vm.last_result.rule.code == code
+
+
+# -- the map of known VMAs ------------------------------------------------------------------
+def test_vma_map_cuts_replaces_and_walks_in_order() -> None:
+    m = VmaMap()
+    m.map(0x1000, 0x9000, ANON_RW)
+    m.map(0x3000, 0x5000, R)  # mprotect of the middle: three VMAs
+    assert list(m) == [Vma(0x1000, 0x3000, ANON_RW), Vma(0x3000, 0x5000, R),
+                       Vma(0x5000, 0x9000, ANON_RW)]
+    assert m.intersecting(0x2fff, 0x3001) == [Vma(0x1000, 0x3000, ANON_RW),
+                                              Vma(0x3000, 0x5000, R)]
+    assert m.intersecting(0x9000, 0xA000) == [] and m.intersecting(0, 0x1000) == []
+    m.forget(0x2000, 0x6000)
+    assert list(m) == [Vma(0x1000, 0x2000, ANON_RW), Vma(0x6000, 0x9000, ANON_RW)]
+    m.replace(0, 0x10000, [Vma(0x800, 0x4000, RX), Vma(0xF000, 0x20000, R)])
+    assert list(m) == [Vma(0x800, 0x4000, RX), Vma(0xF000, 0x10000, R)]
+    with pytest.raises(ValueError):
+        m.map(0x5000, 0x5000, R)
+
+
+# -- the model's rule ------------------------------------------------------------------------
+@pytest.mark.parametrize("profile", RISCV)
+def test_riscv_refuses_a_writable_slot_over_read_only_memory(profile: str) -> None:
+    vm = ModelVM(profile)
+    vm.tell_vmas(0, 1 << 47, [Vma(TEXT, 0x59C000, RX), Vma(0x59D000, 0x62B000, ANON_RW)])
+    # The lab's reproducer: slot=0:8 flags=LOG_DIRTY_PAGES gpa=0xfffff000 size=0x3f000 ua=0.
+    refused(vm, "riscv-vma-write", errno.EPERM, 8, LOG, 0xFFFFF000, 0x3F000, 0)
+    refused(vm, "riscv-vma-write", errno.EPERM, 8, 0, 0xFFFFF000, 0x3F000, 0)
+    assert "0x10000-0x59c000 r-xp" in vm.last_result.detail  # type: ignore[union-attr]
+    vm.set_user_memory_region(8, RO, 0xFFFFF000, 0x3F000, 0)  # read-only slots may
+    vm.set_user_memory_region(9, 0, 0, 0x10000, 0)  # a hole below the text: nothing to walk
+    vm.set_user_memory_region(10, LOG, 8 << 32, 0x1000, 0x59D000)  # writable memory
+    assert [s.id for s in vm.memslots()] == [9, 8, 10]
+    # MOVE and FLAGS_ONLY walk again: the VMAs may have changed since the slot was made.
+    vm.register_host_mapping(0x59D000, 0x1000, writable=False)
+    refused(vm, "riscv-vma-write", errno.EPERM, 10, LOG, 9 << 32, 0x1000, 0x59D000)
+    refused(vm, "riscv-vma-write", errno.EPERM, 10, 0, 8 << 32, 0x1000, 0x59D000)
+    vm.unregister_host_mapping(0x59D000, 0x1000)  # unknown again: unmapped to the model
+    vm.set_user_memory_region(10, 0, 8 << 32, 0x1000, 0x59D000)
+    vm.set_user_memory_region(10, 0, 0, 0, 0x59D000)  # DELETE never walks
+    assert vm.check() == []
+
+
+@pytest.mark.parametrize("profile", RISCV)
+def test_riscv_pfnmap_refuses_dirty_logging_and_the_first_vma_decides(profile: str) -> None:
+    vm = ModelVM(profile)
+    vm.register_host_mapping(0x100000, 0x2000, pfnmap=True)
+    vm.register_host_mapping(0x102000, 0x2000, writable=False)
+    refused(vm, "riscv-pfnmap-dirty", errno.EINVAL, 0, LOG, 0, 0x4000, 0x100000)
+    refused(vm, "riscv-vma-write", errno.EPERM, 0, LOG, 0, 0x2000, 0x102000)
+    vm.set_user_memory_region(0, LOG | RO, 0, 0x2000, 0x102000)
+    vm.set_user_memory_region(1, 0, 1 << 32, 0x2000, 0x100000)  # IO memory, no logging
+    refused(vm, "riscv-pfnmap-dirty", errno.EINVAL, 1, LOG, 1 << 32, 0x2000, 0x100000)
+    assert vm.memslot(1).flags == 0  # type: ignore[union-attr]
+    # a read-only VMA before the IO one decides first (EPERM), and the reverse
+    vm.tell_vmas(0x200000, 0x204000, [Vma(0x200000, 0x202000, R),
+                                     Vma(0x202000, 0x204000, ANON_RW | VmFlag.PFNMAP)])
+    refused(vm, "riscv-vma-write", errno.EPERM, 2, LOG, 2 << 32, 0x4000, 0x200000)
+    vm.tell_vmas(0x200000, 0x204000, [Vma(0x200000, 0x202000, ANON_RW | VmFlag.PFNMAP),
+                                     Vma(0x202000, 0x204000, R)])
+    refused(vm, "riscv-pfnmap-dirty", errno.EINVAL, 2, LOG, 2 << 32, 0x4000, 0x200000)
+
+
+@pytest.mark.parametrize("profile", ARM64)
+def test_arm64_walk_refuses_only_dirty_logging_over_pfnmap(profile: str) -> None:
+    vm = ModelVM(profile)
+    vm.tell_vmas(0, 1 << 40, [Vma(TEXT, 0x59C000, RX)])
+    vm.set_user_memory_region(0, LOG, 0, 0x3F000, 0)  # arm64 never asks for VM_WRITE
+    vm.register_host_mapping(0x100000, 0x2000, pfnmap=True)
+    vm.set_user_memory_region(1, 0, 1 << 32, 0x2000, 0x100000)
+    refused(vm, "arm64-pfnmap-dirty", errno.EINVAL, 1, LOG, 1 << 32, 0x2000, 0x100000)
+    refused(vm, "arm64-pfnmap-dirty", errno.EINVAL, 2, LOG, 2 << 32, 0x3000, 0xFF000)
+    assert vm.check() == []
+
+
+@pytest.mark.parametrize("profile", ["x86_64", "x86_64@5.10", "ppc64-hv", "s390x"])
+def test_arches_without_a_walk_ignore_the_vmas(profile: str) -> None:
+    vm = ModelVM(profile)
+    assert not vm.walks_vmas
+    page = vm.profile.page_size
+    size = max(page, 1 << 20)
+    vm.register_host_mapping(1 << 30, size, writable=False, pfnmap=True)
+    vm.set_user_memory_region(0, LOG, 0, size, 1 << 30)
+
+
+# -- the differential backend tells the model the kernel's VMAs ------------------------------
+def test_dual_vm_tells_the_model_the_kernels_vmas() -> None:
+    kernel = ModelVM("riscv64@7.2")
+    kernel.tell_vmas(0, 1 << 32, [Vma(TEXT, 0x59C000, RX)])
+    model = ModelVM("riscv64@7.2")
+    with DualVM(model, kernel) as dual:
+        with pytest.raises(KvmError) as info:
+            dual.set_user_memory_region(8, LOG, 0xFFFFF000, 0x3F000, 0)
+        assert info.value.errno == errno.EPERM  # both: no Divergence
+        assert model.process_vmas(0, 0x3F000) == [Vma(TEXT, 0x3F000, RX)]
+        dual.set_user_memory_region(8, RO, 0xFFFFF000, 0x3F000, 0)
+        dual.register_host_mapping(1 << 30, 0x1000, pfnmap=True)  # declared to both
+        with pytest.raises(KvmError):
+            dual.set_user_memory_region(9, LOG, 1 << 32, 0x1000, 1 << 30)
+        dual.verify()
+
+
+# -- /proc/self/maps --------------------------------------------------------------------------
+MAPS = """\
+00010000-0059c000 r-xp 00000000 00:02 31                                 /usr/bin/python3.13
+0059c000-0059d000 r--p 0058b000 00:02 31                                 /usr/bin/python3.13
+0059d000-0062b000 rw-p 0058c000 00:02 31                                 /usr/bin/python3.13
+7fff9431e000-7fff94320000 r--p 00000000 00:00 0                          [vvar]
+7fff94344000-7fff94345000 rw-s 00000000 00:05 9                          /dev/zero (deleted)
+"""
+SMAPS = """\
+0059d000-0062b000 rw-p 0058c000 00:02 31                                 /usr/bin/python3.13
+Size:                568 kB
+VmFlags: rd wr mr mw me ac
+7fff9431e000-7fff94320000 r--p 00000000 00:00 0                          [vvar]
+Size:                  8 kB
+VmFlags: rd mr pf io de dd
+"""
+
+
+def test_maps_and_smaps_are_parsed_as_the_walk_sees_them() -> None:
+    assert parse_maps(MAPS, 0, 0x3F000) == [Vma(TEXT, 0x59C000, RX)]
+    assert parse_maps(MAPS, 0x59C000, 0x59E000) == [Vma(0x59C000, 0x59D000, R),
+                                                    Vma(0x59D000, 0x62B000, ANON_RW)]
+    shared = parse_maps(MAPS, 0x7FFF94344000, 0x7FFF94345000)
+    assert shared == [Vma(0x7FFF94344000, 0x7FFF94345000, ANON_RW | VmFlag.SHARED)]
+    flags = parse_smaps_flags(SMAPS, {0x7FFF9431E000, 0x59D000})
+    assert flags == {0x7FFF9431E000: R | VmFlag.PFNMAP, 0x59D000: ANON_RW}
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def test_this_processs_vmas_are_read_exactly() -> None:
+    libc = _libc()
+    size = 3 * PAGE
+    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    try:
+        assert libc.mprotect(addr + PAGE, PAGE, mmap.PROT_READ) == 0
+        vmas = read_vmas(addr, addr + size)
+        # (the first and last may have merged with neighbouring anonymous memory)
+        assert len(vmas) == 3 and vmas[1] == Vma(addr + PAGE, addr + 2 * PAGE, R)
+        assert vmas[0].end == addr + PAGE and vmas[2].start == addr + 2 * PAGE
+        assert vmas[0].flags & VmFlag.WRITE and vmas[2].flags & VmFlag.WRITE
+        assert not any(v.flags & VmFlag.PFNMAP for v in vmas)
+        assert read_vmas(addr, addr) == []
+    finally:
+        libc.munmap(addr, size)
+    assert read_vmas(addr, addr + size) == []
+
+
+# -- the kernel path on this host: x86 walks no VMAs --------------------------------------------
+@pytest.mark.kvm
+def test_kvm_and_model_agree_over_read_only_memory_on_x86() -> None:
+    libc = _libc()
+    size = 4 * PAGE
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    try:
+        with DualVM(ModelVM(detect_profile()), KvmVM()) as dual:
+            assert dual.kernel.process_vmas(addr, addr + size) == [  # type: ignore[attr-defined]
+                Vma(addr, addr + size, R)]
+            assert not dual.model.walks_vmas  # type: ignore[attr-defined]
+            dual.set_user_memory_region(0, LOG, 0, size, addr)  # x86 walks no VMA: accepted
+            dual.set_user_memory_region(0, 0, 0, 0, addr)
+            dual.verify()
+    finally:
+        libc.munmap(addr, size)

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PIP := -m pip install -q --disable-pip-version-check
 SOURCES := pyproject.toml setup.py $(shell find src -name '*.py' -o -name 'py.typed' -o -path '*/data/*' -type f)
 
-.PHONY: run test test-pure dev lint bench clean deps-record lab-deps matrix
+.PHONY: run test test-pure dev lint bench clean deps-record lab-deps matrix docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,10 @@ lab-deps:
 LAB_RESULTS ?= $(HOME)/.cache/memslot/lab-results
 matrix: lab-deps $(VENV)/.installed-run
 	$(BIN)/memslot lab matrix --out docs/kernel-matrix.md --results $(LAB_RESULTS)
+
+# The generated table of docs/kernel-versions.md, from memslot.versions.CHANGES.
+docs: $(VENV)/.installed-run
+	$(BIN)/python -c 'from memslot.versions import update_docs; update_docs("docs/kernel-versions.md")'
 
 clean:
 	rm -rf $(VENV) $(PURE_VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

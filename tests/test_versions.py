@@ -15,7 +15,16 @@ from memslot.harness import compat
 from memslot.profile import ALIASES, PRESETS, VERSIONED_PRESETS, get_profile
 from memslot.request import MemoryRegion
 from memslot.trace.records import SetRegion
-from memslot.versions import CHANGES, RULE_CHANGES, at_least, version_tuple
+from memslot.versions import (
+    CHANGES,
+    DOC_BEGIN,
+    DOC_END,
+    RULE_CHANGES,
+    at_least,
+    changes_markdown,
+    since,
+    version_tuple,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -63,6 +72,64 @@ def test_every_rule_change_is_documented() -> None:
     for change in CHANGES.values():
         version_tuple(change.since)
         assert change.function and change.title and change.confirmed
+
+
+def test_docs_table_is_generated_from_the_changes() -> None:
+    """docs/kernel-versions.md carries CHANGES as ``make docs`` writes it."""
+    text = (ROOT / "docs" / "kernel-versions.md").read_text()
+    section = text.split(DOC_BEGIN, 1)[1].split(DOC_END, 1)[0]
+    assert section == "\n" + changes_markdown(), "stale table: run `make docs`"
+
+
+#: The Debian sources read for every change (linux-source-X.Y).
+READ = ("5.10", "6.1", "6.12", "7.2", "7.3")
+
+
+def test_unpinned_changes_use_the_earliest_source_read_and_say_so() -> None:
+    for c in CHANGES.values():
+        assert c.kind in ("upstream", "debian", "lab")
+        if not c.pinned:
+            assert c.since in READ, c.key
+            assert "not found" in c.confirmed, c.key
+
+
+@pytest.mark.parametrize(("key", "release"), [
+    ("vcpu-id-ulong", "6.11"),  # 'KVM generic changes for 6.11'
+    ("write-track-per-vm", "6.9"),  # 'KVM x86 MMU changes for 6.9'
+    ("x86-kvmgt-move", "6.6"),  # 'KVM x86 MMU changes for 6.6'
+    ("arm64-lpa2", "6.8"),  # 'KVM/arm64 updates for Linux 6.8'
+    ("guest-memfd-any-vm", "6.18"), ("arm64-guest-memfd", "6.18"),
+    ("gmem-bind-eexist", "7.2"), ("gmem-bind-uoff", "7.2"),  # 'KVM guest_memfd changes for 7.2'
+])
+def test_pinned_boundaries(key: str, release: str) -> None:
+    assert CHANGES[key].since == release and CHANGES[key].pinned
+
+
+@pytest.mark.parametrize("name", sorted(VERSIONED_PRESETS))
+def test_presets_follow_the_changes_table(name: str) -> None:
+    p = VERSIONED_PRESETS[name]
+    assert p.vcpu_id_u32 == (not p.at_least(since("vcpu-id-ulong")))
+    assert p.user_memory2 == p.at_least(since("region2"))
+    if p.arch == "x86":
+        assert p.max_gfn_check == p.at_least(since("x86-max-gfn"))
+        assert p.guest_memfd_ioctl == p.at_least(since("x86-private-mem"))
+        assert bool(p.memory_attributes_system) == (
+            p.at_least(since("x86-private-mem")) and p.name != "x86_64-shadow@6.18")
+        if p.tdp:
+            assert p.external_write_tracking == (not p.at_least(since("write-track-per-vm")))
+
+
+def test_vcpu_ids_past_u32_are_refused_from_6_11() -> None:
+    """6.1's u32 id makes 2^32 + 1 vCPU 1 (EEXIST after vCPU 1); 6.12 refuses it (EINVAL)."""
+    with memslot.ModelVM("x86_64@6.1") as old, memslot.ModelVM("x86_64@6.12") as new:
+        for vm in (old, new):
+            vm.create_vcpu(1)
+        with pytest.raises(memslot.KvmError) as exc:
+            old.create_vcpu((1 << 32) + 1)
+        assert exc.value.errno == 17
+        with pytest.raises(memslot.KvmError) as exc:
+            new.create_vcpu((1 << 32) + 1)
+        assert exc.value.errno == 22
 
 
 # -- facts per version (confirmed in Debian's linux-source-X.Y and on the lab's kernels) --------

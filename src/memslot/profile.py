@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .constants import KVM_DIRTY_GFN_SIZE, KVM_DIRTY_RING_MAX_ENTRIES, KVM_MEM_SLOTS_NUM
-from .versions import at_least, version_tuple
+from .versions import at_least, since, version_tuple
 
 ARCHES = ("x86", "ppc-hv", "ppc-pr", "arm64", "riscv", "s390")
 
@@ -52,8 +52,9 @@ class Profile:
     unknown_ioctl_errno: int = errno.ENOTTY
     #: ``KVM_MEM_GUEST_MEMFD`` is a valid flag on this VM (v2 ioctl only).
     guest_memfd: bool = False
-    #: KVM_CREATE_GUEST_MEMFD exists (``None``: exactly when ``guest_memfd``); on 6.8..6.17
-    #: x86 it exists (CONFIG_KVM_PRIVATE_MEM) while the default VM refuses the flag.
+    #: KVM_CREATE_GUEST_MEMFD exists (``None``: exactly when ``guest_memfd``); on Debian's x86
+    #: before 6.18 (from 6.12 at least: CONFIG_KVM_PRIVATE_MEM, selected by KVM_AMD_SEV) it
+    #: exists while the default VM refuses the flag.
     guest_memfd_ioctl: bool | None = None
     #: Creation flags KVM_CREATE_GUEST_MEMFD accepts (``None``: MMAP|INIT_SHARED when the
     #: ioctl exists; 0 before the guest_memfd mmap series).
@@ -89,7 +90,7 @@ class Profile:
     #: The TDP MMU with lazily allocated rmaps (``kvm_memslots_have_rmaps``, 5.14).
     tdp_mmu: bool = False
     #: Write-track arrays exist for every slot: always before 5.16, with
-    #: CONFIG_KVM_EXTERNAL_WRITE_TRACKING (Debian's KVMGT build) 5.16..6.5.
+    #: CONFIG_KVM_EXTERNAL_WRITE_TRACKING (Debian's KVMGT build) 5.16..6.8.
     external_write_tracking: bool = False
     #: An external page-track user (KVMGT) is attached to the VM: MOVE fails EINVAL.
     external_page_tracker: bool = False
@@ -126,8 +127,8 @@ class Profile:
     max_vcpu_id_cap: bool = True
     #: ``kvm_vm_ioctl_create_vcpu`` takes a ``u32`` id, so KVM_CREATE_VCPU's argument is
     #: truncated (id 2^32 is vCPU 0) until "KVM: Reject overly excessive IDs in
-    #: KVM_CREATE_VCPU" made it ``unsigned long`` (the lab's 5.10 truncates; set from 6.11 on,
-    #: the release not confirmed; detect_profile() probes it).
+    #: KVM_CREATE_VCPU" made it ``unsigned long`` in 6.11 (the lab's 5.10 truncates;
+    #: detect_profile() probes it).
     vcpu_id_u32: bool = False
     #: ``KVM_CHECK_EXTENSION`` answers the model does not derive, as ``(cap, VM fd answer,
     #: /dev/kvm answer)``: ``detect_profile()`` records them; presets state none (0).
@@ -138,10 +139,12 @@ class Profile:
         if self.guest_memfd_ioctl is None:
             object.__setattr__(self, "guest_memfd_ioctl", self.guest_memfd)
         if self.gmem_bind_wraps is None:
-            # Observed: accepted on 6.18 (this project's host), refused on 7.3 (the lab).
-            object.__setattr__(self, "gmem_bind_wraps", not at_least(self.kernel, "7.2"))
+            # Accepted on 6.18 (this project's host), refused from 7.2 (the lab's 7.3).
+            object.__setattr__(self, "gmem_bind_wraps",
+                               not at_least(self.kernel, since("gmem-bind-uoff")))
         if self.gmem_bind_eexist is None:
-            object.__setattr__(self, "gmem_bind_eexist", at_least(self.kernel, "7.2"))
+            object.__setattr__(self, "gmem_bind_eexist",
+                               at_least(self.kernel, since("gmem-bind-eexist")))
         if self.guest_memfd_flags is None:
             object.__setattr__(self, "guest_memfd_flags",
                                GMEM_FLAGS_ALL if self.guest_memfd_ioctl else 0)
@@ -211,10 +214,10 @@ def _generic(v: str) -> dict[str, Any]:
     """Facts of virt/kvm/kvm_main.c at version ``v`` (arch-independent)."""
     return dict(
         kernel=v,
-        mem_slots_num=KVM_MEM_SLOTS_NUM if at_least(v, "5.12") else 512,
-        user_memory2=at_least(v, "6.8"),
-        manual_dirty_log_caps=3 if at_least(v, "5.7") else 1,
-        vcpu_id_u32=not at_least(v, "6.11"),
+        mem_slots_num=KVM_MEM_SLOTS_NUM if at_least(v, since("user-slots-32k")) else 512,
+        user_memory2=at_least(v, since("region2")),
+        manual_dirty_log_caps=3 if at_least(v, since("initially-set")) else 1,
+        vcpu_id_u32=not at_least(v, since("vcpu-id-ulong")),
     )
 
 
@@ -222,7 +225,9 @@ def _x86(v: str, kind: str) -> Profile:
     """x86-64. ``kind``: ``""`` = TDP (NPT) host with SMM as QEMU's q35 ``-cpu max`` runs
     Debian's kernels (MAXPHYADDR 40, 5-level paging); ``"shadow"`` = shadow paging."""
     tdp = kind == ""
-    new_gmem = at_least(v, "6.18")
+    new_gmem = at_least(v, since("guest-memfd-any-vm"))
+    bumped = at_least(v, since("x86-max-vcpus"))
+    big_config = at_least(v, since("x86-max-vcpus-debian"))
     f = _generic(v)
     f.update(
         arch="x86",
@@ -232,33 +237,36 @@ def _x86(v: str, kind: str) -> Profile:
         readonly_mem=True,
         tdp=tdp,
         phys_bits=40 if tdp else 52,
-        max_gfn_check=at_least(v, "5.18"),
-        tdp_mmu=tdp and at_least(v, "5.14"),
+        max_gfn_check=at_least(v, since("x86-max-gfn")),
+        tdp_mmu=tdp and at_least(v, since("lazy-rmaps")),
         # Write tracking: always before 5.16; Debian's KVMGT config keeps it on until the
-        # per-VM policy of 6.6; then only shadow paging (not tdp) allocates it.
-        external_write_tracking=not at_least(v, "6.6"),
-        move_reallocates_arch=at_least(v, "5.7"),
-        dirty_ring_tso=at_least(v, "5.11"),
-        dirty_ring_acq_rel=at_least(v, "6.1"),
+        # per-VM policy of 6.9; then only shadow paging (not tdp) allocates it.
+        external_write_tracking=not at_least(v, since("write-track-per-vm")),
+        move_reallocates_arch=at_least(v, since("move-realloc-arch")),
+        dirty_ring_tso=at_least(v, since("dirty-ring")),
+        dirty_ring_acq_rel=at_least(v, since("dirty-ring-acq-rel")),
         guest_memfd=new_gmem,
-        # CONFIG_KVM_PRIVATE_MEM (SEV) gives 6.8..6.17 the ioctl, without mmap flags.
-        guest_memfd_ioctl=at_least(v, "6.8"),
+        # CONFIG_KVM_PRIVATE_MEM (selected by KVM_AMD_SEV) gives 6.12..6.17 the ioctl,
+        # without mmap flags.
+        guest_memfd_ioctl=at_least(v, since("x86-private-mem")),
         guest_memfd_flags=GMEM_FLAGS_ALL if new_gmem else 0,
         # The same private-memory config builds the generic memory attributes (the lab's 7.3
         # answers 8 on /dev/kvm, 0 on a default VM).
-        memory_attributes_system=8 if at_least(v, "6.8") else 0,
-        vm_types=1 if at_least(v, "6.8") else 0,  # KVM_CAP_VM_TYPES: BIT(KVM_X86_DEFAULT_VM)
+        memory_attributes_system=8 if at_least(v, since("x86-private-mem")) else 0,
+        # KVM_CAP_VM_TYPES: BIT(KVM_X86_DEFAULT_VM).
+        vm_types=1 if at_least(v, since("x86-vm-types")) else 0,
         # Debian's 5.10 runs user space with 4-level paging; 6.1 and later with 5-level.
-        user_addr_limit=LA57_TASK_SIZE_MAX if at_least(v, "6.1") else L4_TASK_SIZE_MAX,
+        user_addr_limit=(LA57_TASK_SIZE_MAX if at_least(v, since("x86-la57-debian"))
+                        else L4_TASK_SIZE_MAX),
         # KVM_MAX_VCPUS 288 and KVM_MAX_VCPU_ID 1023 until "KVM: x86: Bump KVM_MAX_VCPUS to
         # 1024" (5.15); then 1024 and KVM_MAX_VCPU_IDS = 4 * 1024.
         # Debian's 6.12 and later build CONFIG_KVM_MAX_NR_VCPUS=4096 (ids: 4 * that).
-        max_vcpus=4096 if at_least(v, "6.12") else 1024 if at_least(v, "5.15") else 288,
-        max_vcpu_ids=16384 if at_least(v, "6.12") else 4096 if at_least(v, "5.15") else 1023,
+        max_vcpus=4096 if big_config else 1024 if bumped else 288,
+        max_vcpu_ids=16384 if big_config else 4096 if bumped else 1023,
     )
     era = {"5.6": " (the seed's era: MOVE keeps the arrays made for the old base)",
            "5.7": " (the MOVE fix: fresh arrays for the new base)"}.get(v, "")
-    levels = 5 if at_least(v, "6.1") else 4
+    levels = 5 if at_least(v, since("x86-la57-debian")) else 4
     host = ("TDP (NPT) host with SMM: the lab's QEMU q35 -cpu max guest (MAXPHYADDR 40, "
             f"{levels}-level paging)" if tdp
             else f"shadow paging with SMM (two address spaces), {levels}-level paging")
@@ -279,8 +287,8 @@ def _x86_host() -> Profile:
 
 def _arm64(v: str, kind: str) -> Profile:
     """arm64 under QEMU ``virt,virtualization=on -cpu max``: default VM type (40-bit IPA)."""
-    gmem = at_least(v, "6.18")
-    ring = at_least(v, "6.2")
+    gmem = at_least(v, since("arm64-guest-memfd"))
+    ring = at_least(v, since("arm64-dirty-ring"))
     f = _generic(v)
     f.update(
         arch="arm64",
@@ -288,8 +296,8 @@ def _arm64(v: str, kind: str) -> Profile:
         readonly_mem=True,
         unknown_ioctl_errno=errno.EINVAL,
         ipa_bits=40,
-        ipa_limit=52 if at_least(v, "6.12") else 48,
-        user_addr_limit=1 << (52 if at_least(v, "6.12") else 48),  # 1 << VA_BITS
+        ipa_limit=52 if at_least(v, since("arm64-lpa2")) else 48,
+        user_addr_limit=1 << (52 if at_least(v, since("arm64-va52")) else 48),  # 1 << VA_BITS
         dirty_ring_acq_rel=ring,
         dirty_ring_with_bitmap=ring,
         guest_memfd=gmem,
@@ -311,12 +319,12 @@ def _riscv(v: str) -> Profile:
         ipa_bits=59,
         # TASK_SIZE follows the paging mode the kernel picked at boot: Sv57 on the lab's
         # 6.12, Sv48 on its 7.2 (both measured).
-        user_addr_limit=1 << (47 if at_least(v, "7.2") else 56),
+        user_addr_limit=1 << (47 if at_least(v, since("riscv-sv48-lab")) else 56),
         max_vcpus=1024,  # KVM_MAX_VCPUS
         max_vcpu_ids=1024,  # KVM_MAX_VCPU_IDS defaults to KVM_MAX_VCPUS
         max_vcpu_id_cap=False,  # kvm_vm_ioctl_check_extension has no KVM_CAP_MAX_VCPU_ID
-        manual_dirty_log_caps=3 if at_least(v, "7.2") else 1,
-        dirty_ring_acq_rel=at_least(v, "7.2"),
+        manual_dirty_log_caps=3 if at_least(v, since("riscv-manual-caps")) else 1,
+        dirty_ring_acq_rel=at_least(v, since("riscv-dirty-ring")),
     )
     return Profile(name=f"riscv64@{v}", description=f"Linux {v} riscv64, Sv57x4 G-stage "
                    "(59-bit GPA): slots reaching the GPA size fail EFAULT", **f)
@@ -324,14 +332,14 @@ def _riscv(v: str) -> Profile:
 
 def _ppc_hv(v: str) -> Profile:
     """POWER9 book3s HV (nested under QEMU pseries, cap-nested-hv)."""
-    big = not at_least(v, "6.12")  # Debian ppc64el: 64 KiB pages up to 6.1
+    big = not at_least(v, since("ppc-4k-pages"))  # Debian ppc64el: 64 KiB pages up to 6.1
     f = _generic(v)
     f.update(
         arch="ppc-hv",
         page_shift=16 if big else 12,
         readonly_mem=False,
         user_addr_limit=1 << (52 if big else 46),  # TASK_SIZE_USER64: 4 PiB / 64 TiB
-        access_ok_mask=at_least(v, "7.2"),
+        access_ok_mask=at_least(v, since("ppc-access-ok-mask")),
         totalram_pages=1 << (14 if big else 18),  # a 1 GiB guest
         manual_dirty_log_caps=0,
         # KVM_MAX_VCPUS = NR_CPUS (Debian: 2048); ids: MAX_SMT_THREADS * KVM_MAX_VCORES.

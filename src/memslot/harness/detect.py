@@ -22,7 +22,7 @@ from ..backends.base import VM
 from ..engine.caps import DERIVED
 from ..errors import KvmError, KvmUnavailable
 from ..profile import PML_LOG_NR_ENTRIES, PRESETS, Profile
-from ..versions import at_least, version_tuple
+from ..versions import at_least, since, version_tuple
 
 _ARCHES = {"x86_64": "x86", "aarch64": "arm64", "riscv64": "riscv", "s390x": "s390",
            "ppc64le": "ppc-hv", "ppc64": "ppc-hv"}
@@ -285,7 +285,8 @@ def detect_profile(name: str = "detected") -> Profile:
         if tdp:
             always = _write_tracking_always(KvmVM, page_size, rmaps=not tdp_mmu)
             fields["external_write_tracking"] = (
-                always if always is not None else not at_least(kernel, "6.6"))
+                always if always is not None
+                else not at_least(kernel, since("write-track-per-vm")))
         notes.append(f"{'TDP' if tdp else 'shadow paging'}"
                      f"{' with the TDP MMU (lazy rmaps)' if tdp_mmu else ''}, "
                      + (f"guest physical limit 2^{bits}" if check else "no max-gfn check"))

@@ -218,6 +218,17 @@ def test_compat_readonly_never_on_ppc_hv() -> None:
         assert "read-only" in o.summary()
 
 
+def test_compat_names_no_release_for_a_custom_build() -> None:
+    """This host's custom 6.18 (no SMM) refuses address space 1 by its config, not its
+    version: Debian's 7.2 accepting it says nothing of a release (no "before 7.2")."""
+    ops = _ops(MemoryRegion(1 << 16, 0, 0, 2 * MiB, UA))
+    by_name = {o.profile.name: o for o in compat.check(ops)}
+    host = by_name["x86_64-shadow@6.18"]
+    assert host.refusal is not None and host.refusal.rule == "as-id"
+    assert host.changes_in is None and "before" not in host.summary()
+    assert by_name["x86_64-shadow@7.2"].accepted
+
+
 def test_compat_json_has_exactly_the_documented_shape(tmp_path: Path) -> None:
     trace = tmp_path / "t.jsonl"
     trace.write_text(

@@ -78,8 +78,10 @@ class Outcome:
 
 
 def kind_of(profile: Profile) -> str:
-    """``x86_64-shadow@5.10`` -> ``x86_64-shadow``."""
-    return profile.name.split("@", 1)[0]
+    """``x86_64-shadow@5.10`` -> ``x86_64-shadow``; a custom build is a kind of its own
+    (``x86_64-shadow/custom``): another build's versions say nothing of its config."""
+    kind = profile.name.split("@", 1)[0]
+    return kind if profile.build == "debian" else f"{kind}/{profile.build}"
 
 
 def compat_profiles() -> list[Profile]:

@@ -248,6 +248,7 @@ def detect_profile(name: str = "detected") -> Profile:
         totalram_pages=totalram,
         arch=arch,
         kernel=kernel,
+        build=_kernel_build(),
         page_shift=page_shift,
         nr_address_spaces=multi_as if multi_as > 1 else 1,
         mem_slots_num=mem_slots_num,
@@ -372,6 +373,17 @@ def matching_preset(profile: Profile) -> str | None:
         if "@" in name and not differences(profile, preset):
             return name
     return None
+
+
+def _kernel_build() -> str:
+    """``"debian"`` for a Debian kernel (``/proc/version`` names its maintainers), else
+    ``"custom"``."""
+    try:
+        with open("/proc/version", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return "custom"
+    return "debian" if "debian" in text.lower() else "custom"
 
 
 def _gmem_bind_wraps(make_vm: Callable[[], VM], page_size: int) -> bool:

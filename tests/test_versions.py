@@ -193,6 +193,19 @@ def test_capabilities_by_version() -> None:
     assert cap("x86_64@7.2", c.KVM_CAP_GUEST_MEMFD) == 1
 
 
+def test_guest_memfd_cap_on_dev_kvm_before_6_18() -> None:
+    """``!kvm || kvm_arch_has_private_mem(kvm)`` (6.8..6.17): /dev/kvm answers 1 where the
+    ioctl exists while a default VM answers 0 (the lab's amd64 6.12)."""
+    c = memslot.constants
+
+    def system(name: str) -> int:
+        with memslot.ModelVM(name) as vm:
+            return vm.check_system_extension(c.KVM_CAP_GUEST_MEMFD)
+    assert system("x86_64@6.12") == 1
+    assert system("x86_64@6.1") == 0 and system("arm64@6.12") == 0
+    assert system("x86_64@7.2") == 1 and system("arm64@7.3") == 1
+
+
 # -- compat ------------------------------------------------------------------------------------
 def _ops(*regions: MemoryRegion) -> list[SetRegion]:
     return [SetRegion(r, line=i + 1) for i, r in enumerate(regions)]

@@ -80,7 +80,9 @@ def _derived(p: Profile, cap: int, on_vm: bool) -> int:
     if cap == KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP:
         return int(p.dirty_ring_with_bitmap)
     if cap == KVM_CAP_GUEST_MEMFD:
-        return int(p.guest_memfd)
+        # 6.8..6.17: ``!kvm || kvm_arch_has_private_mem(kvm)``: /dev/kvm answers 1 wherever
+        # the ioctl exists, a default VM 0 (the lab's amd64 6.12); 1 from 6.18.
+        return int(p.guest_memfd or (not on_vm and bool(p.guest_memfd_ioctl)))
     if cap == KVM_CAP_GUEST_MEMFD_FLAGS:
         if not p.guest_memfd:
             return 0

@@ -54,6 +54,10 @@ SAFE_PAGES = 1 << 18  # larger successful slots would cost the kernel real vmall
 MAX_PAGES = c.KVM_MEM_MAX_NR_PAGES
 MAX_VCPUS_PER_VM = 4  # real vCPUs cost the kernel memory; ids past the limits cost nothing
 #: Capability numbers past any the kernel knows, and values a ``long`` sees as negative.
+#: Capability numbers no modelled kernel assigns (7.3's last is 251): every arch answers 0.
+#: A preset states no arch answers, so only these and the derived ones are asked of it
+#: (4, KVM_CAP_SET_TSS_ADDR, and 200, KVM_CAP_SREGS2, are 1 on every x86 kernel).
+UNASSIGNED_CAPS = (255, 511)
 CAP_EDGES = (1000, 1 << 31, (1 << 32) + c.KVM_CAP_USER_MEMORY, 1 << 63,
              (1 << 63) | c.KVM_CAP_NR_MEMSLOTS, (1 << 64) - 1)
 #: Capabilities KVM_ENABLE_CAP passes to x86's arch handler, which refuses them (EINVAL):
@@ -126,7 +130,7 @@ class Generator:
         self.detected = bool(profile.extensions)
         host_caps = {c.KVM_CAP_NR_VCPUS, c.KVM_CAP_MAX_VCPUS, c.KVM_CAP_MAX_VCPU_ID}
         self.caps = (list(range(0, 260)) if self.detected
-                     else [*sorted(DERIVED - host_caps), c.KVM_CAP_USER_MEMORY + 1, 200, 255])
+                     else [*sorted(DERIVED - host_caps), *UNASSIGNED_CAPS])
         self.user_slots = profile.user_mem_slots
         self.page = profile.page_size
         self.max_gfn = profile.max_gfn if profile.arch == "x86" else (1 << 40) - 1

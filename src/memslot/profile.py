@@ -281,7 +281,8 @@ def _x86_host() -> Profile:
     """This project's machines: a custom 6.18 build, shadow paging, no SMM (proven here)."""
     p = _x86("6.18", "shadow")
     return p.replace(
-        name="x86_64-shadow@6.18", build="custom", nr_address_spaces=1, user_addr_limit=L4_TASK_SIZE_MAX,
+        name="x86_64-shadow@6.18", build="custom", nr_address_spaces=1,
+        user_addr_limit=L4_TASK_SIZE_MAX,
         max_vcpus=1024, max_vcpu_ids=4096,
         memory_attributes_system=0,  # built without CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES
         description="Linux 6.18 x86-64 with shadow paging and no SMM (one address space), "

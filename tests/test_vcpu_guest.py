@@ -336,7 +336,12 @@ class DirtyRun:
     compared: int = field(default=0)
 
     def create(self, flags: int = LOG) -> HostMemory:
-        data = self.guest.vm.map_anonymous(DIRTY_PAGES * PAGE)
+        # Private memory: a page the guest only reads stays the host's read-only zero page.
+        # In shared memory a read fault maps the page writable, and on a TDP host (the lab's
+        # kvm_amd with NPT) KVM marks a page dirty as soon as it maps it writable: the read
+        # pages would be dirty there (hva_to_pfn_slow, make_spte), though not on this host
+        # (kvm_pvm, shadow paging). See HostMemory.
+        data = self.guest.vm.map_anonymous(DIRTY_PAGES * PAGE, shared=False)
         self.data = data
         self.reconfigure(flags, self.base)
         return data

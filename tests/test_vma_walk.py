@@ -210,3 +210,18 @@ def test_kvm_and_model_agree_over_read_only_memory_on_x86() -> None:
             dual.verify()
     finally:
         libc.munmap(addr, size)
+
+
+@pytest.mark.kvm
+def test_host_memory_is_shared_unless_asked_private() -> None:
+    """A read fault maps a shared page writable (and a TDP host's dirty log then holds it);
+    private memory nobody wrote stays the read-only zero page."""
+    with KvmVM() as vm:
+        shared = vm.map_anonymous(4 * PAGE)
+        private = vm.map_anonymous(4 * PAGE, shared=False)
+        [s] = vm.process_vmas(shared.address, shared.address + PAGE)
+        [p] = vm.process_vmas(private.address, private.address + PAGE)
+        assert s.flags & VmFlag.SHARED and s.flags & VmFlag.WRITE
+        assert not p.flags & VmFlag.SHARED and p.flags & VmFlag.WRITE
+        private.write(PAGE, b"x")
+        assert private.read(PAGE, 1) == b"x" and private.read(0, 1) == b"\0"

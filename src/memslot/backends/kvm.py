@@ -169,16 +169,26 @@ class HostMemory:
     """An anonymous mapping owned by a :class:`KvmVM` (unmapped by ``vm.close()``) and
     registered as guest-backing memory. ``address`` is aligned as requested. :meth:`close`
     withdraws the registration before it unmaps, so memory mapped later at the same address is
-    never taken for guest memory."""
+    never taken for guest memory.
 
-    def __init__(self, size: int, align: int = PAGE_SIZE, *, hugepages: bool = False) -> None:
+    ``shared`` (the default, as Python's ``mmap``) maps ``MAP_SHARED`` memory, whose pages a
+    read faults in writable; ``shared=False`` maps ``MAP_PRIVATE`` memory, where a page
+    nobody wrote is the read-only zero page. That shows in dirty logs: where the vCPU faults
+    guest memory in itself (TDP), a read fault takes the page writable whenever the host's
+    PTE already is (``hva_to_pfn_slow``: "map read fault as writable if possible"), and a
+    writable SPTE in a dirty-logged slot marks the page dirty at once (``make_spte``), so a
+    guest read dirties a shared page but not an untouched private one."""
+
+    def __init__(self, size: int, align: int = PAGE_SIZE, *, hugepages: bool = False,
+                 shared: bool = True) -> None:
         self._owner: weakref.ref[KvmVM] | None = None
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"size {size:#x} must be a positive multiple of {PAGE_SIZE:#x}")
         if align < PAGE_SIZE or align & (align - 1):
             raise ValueError(f"align {align:#x} must be a power of two >= {PAGE_SIZE:#x}")
         extra = align - PAGE_SIZE
-        self._map: mmap.mmap | None = mmap.mmap(-1, size + extra)
+        flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+        self._map: mmap.mmap | None = mmap.mmap(-1, size + extra, flags=flags)
         base = _buffer_address(self._map)
         self.offset = (-base) % align
         self.address = base + self.offset
@@ -684,12 +694,13 @@ class KvmVM(VM):
         return read_vmas(start, end)
 
     def map_anonymous(
-        self, size: int, align: int = PAGE_SIZE, *, hugepages: bool = False
+        self, size: int, align: int = PAGE_SIZE, *, hugepages: bool = False,
+        shared: bool = True,
     ) -> HostMemory:
         """Map ``size`` bytes of anonymous memory at an ``align``-aligned address, register it,
-        and unmap it when the VM closes."""
+        and unmap it when the VM closes (``shared``: see :class:`HostMemory`)."""
         self._check_open()
-        memory = HostMemory(size, align, hugepages=hugepages)
+        memory = HostMemory(size, align, hugepages=hugepages, shared=shared)
         self._res.memories.append(memory)
         self.register_host_mapping(memory.address, memory.size)
         memory._owner = weakref.ref(self)

@@ -116,6 +116,18 @@ def test_capabilities_the_model_names() -> None:
         assert vm.check_extension((1 << 63) | KVM_CAP_USER_MEMORY) == 0  # a negative long
 
 
+def test_recorded_capability_answer_may_be_an_errno() -> None:
+    """arm64 7.3 answers -EINVAL for KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED (243) on
+    /dev/kvm (``if (!kvm) r = -EINVAL``) and 0/1 on a VM: a recorded negative answer is the
+    ioctl's errno on that fd."""
+    p = memslot.get_profile("arm64@7.3").replace(name="rec", extensions=((243, 1, -errno.EINVAL),))
+    with memslot.ModelVM(p) as vm:
+        assert vm.check_extension(243) == 1
+        with pytest.raises(memslot.KvmError) as e:
+            vm.check_system_extension(243)
+        assert e.value.errno == errno.EINVAL
+
+
 @pytest.mark.kvm
 def test_detected_profile_records_the_hosts_vcpu_limits() -> None:
     profile = memslot.detect_profile()

@@ -134,7 +134,8 @@ class Profile:
     #: detect_profile() probes it).
     vcpu_id_u32: bool = False
     #: ``KVM_CHECK_EXTENSION`` answers the model does not derive, as ``(cap, VM fd answer,
-    #: /dev/kvm answer)``: ``detect_profile()`` records them; presets state none (0).
+    #: /dev/kvm answer)``, a negative answer being the ioctl's ``-errno``:
+    #: ``detect_profile()`` records them; presets state none (0).
     extensions: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:

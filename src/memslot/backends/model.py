@@ -173,13 +173,13 @@ class ModelVM(VM):
     def check_extension(self, cap: int) -> int:
         check_uint("cap", cap, U64)
         self._ioctl()
-        return caps.check_extension(self.profile, cap)
+        return _answer(caps.check_extension(self.profile, cap), cap)
 
     def check_system_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on ``/dev/kvm`` (no mm check: a system ioctl)."""
         check_uint("cap", cap, U64)
         self._live()
-        return caps.check_extension(self.profile, cap, on_vm=False)
+        return _answer(caps.check_extension(self.profile, cap, on_vm=False), cap)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         check_enable_cap_args(cap, args, flags)
@@ -488,6 +488,15 @@ def _error(result: OpResult) -> KvmError:
     if result.detail:
         text += f" ({result.detail})"
     return KvmError(result.errno, text, result.request.describe())
+
+
+def _answer(value: int, cap: int) -> int:
+    """``KVM_CHECK_EXTENSION`` returns the arch's ``r``: a negative one is the ioctl's
+    ``-errno`` (arm64 answers -EINVAL for KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED on /dev/kvm)."""
+    if value < 0:
+        raise KvmError(-value, "kvm_vm_ioctl_check_extension: the arch refuses to answer",
+                       f"KVM_CHECK_EXTENSION {cap}")
+    return value
 
 
 #: The capabilities the model derives from its profile (see ``engine.caps``).

@@ -174,12 +174,13 @@ def _write_tracking_always(make_vm: Callable[[], VM], page: int, rmaps: bool) ->
 
 
 def _answer(check: Callable[[int], int], cap: int) -> int:
-    """A KVM_CHECK_EXTENSION answer; 0 where the kernel refuses to answer (arm64 5.10 and 6.1
-    give EINVAL for some capability numbers on a VM fd)."""
+    """A KVM_CHECK_EXTENSION answer as the arch returns it: ``-errno`` where it refuses to
+    answer (arm64 5.10 and 6.1 give EINVAL for some capability numbers on a VM fd, 7.3 for
+    KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED on /dev/kvm)."""
     try:
         return check(cap)
-    except KvmError:
-        return 0
+    except KvmError as e:
+        return -(e.errno or 0)
 
 
 def _kernel_version(release: str) -> str:

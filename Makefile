@@ -80,7 +80,7 @@ lab-deps:
 # per target land in $(LAB_RESULTS).
 LAB_RESULTS ?= $(HOME)/.cache/memslot/lab-results
 matrix: lab-deps $(VENV)/.installed-run
-	$(BIN)/memslot lab matrix --out docs/kernel-matrix.md --results $(LAB_RESULTS)
+	$(BIN)/memslot lab matrix --jobs 2 --out docs/kernel-matrix.md --results $(LAB_RESULTS)
 
 # The generated table of docs/kernel-versions.md, from memslot.versions.CHANGES.
 docs: $(VENV)/.installed-run

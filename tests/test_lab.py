@@ -4,6 +4,7 @@ matrix table. No network, no QEMU, no downloads."""
 
 from __future__ import annotations
 
+import _thread
 import gzip
 import io
 import json
@@ -13,6 +14,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from memslot.lab.archive import (
 from memslot.lab.cpio import CpioWriter, read_cpio
 from memslot.lab.errors import GuestHang, ImageError, PackageMissing, UnknownTarget
 from memslot.lab.overlay import BEGIN, BOOTED, EXIT, INIT, build_overlay
-from memslot.lab.targets import all_targets, get_target, newest
+from memslot.lab.targets import Target, all_targets, get_target, newest
 
 # --- targets ---------------------------------------------------------------------------------
 
@@ -767,3 +769,122 @@ def test_a_terminated_lab_run_ends_its_guest(fake_qemu: Path, tmp_path: Path) ->
     finally:
         lab.kill()
         lab.wait(10)
+
+
+# --- the matrix's scheduling (--jobs) ----------------------------------------------------------
+
+
+def _fake_rows(monkeypatch: pytest.MonkeyPatch, seconds: dict[str, float],
+               log: list[tuple[str, str]]) -> dict[str, int]:
+    """Replace run_target: each target takes ``seconds[name]``; ``log`` gets (event, name);
+    returns the peak number of targets running at once (key "peak")."""
+    lock = threading.Lock()
+    state = {"running": 0, "peak": 0}
+
+    def fake(target: Target, opts: matrix.MatrixOptions, log_: object = None,
+             cancel: threading.Event | None = None) -> matrix.Row:
+        with lock:
+            state["running"] += 1
+            state["peak"] = max(state["peak"], state["running"])
+            log.append(("start", target.name))
+        time.sleep(seconds[target.name])
+        with lock:
+            state["running"] -= 1
+            log.append(("end", target.name))
+        return matrix.Row(target.name, "ok", kernel=f"{target.version}-fake",
+                          seconds=seconds[target.name])
+
+    monkeypatch.setattr(matrix, "run_target", fake)
+    return state
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 3])
+def test_matrix_runs_up_to_jobs_targets_at_once(monkeypatch: pytest.MonkeyPatch,
+                                                jobs: int) -> None:
+    names = ["amd64:5.10", "amd64:6.1", "arm64:6.1", "riscv64:7.2"]
+    seconds = {"amd64:5.10": 0.6, "amd64:6.1": 0.1, "arm64:6.1": 0.1, "riscv64:7.2": 0.1}
+    events: list[tuple[str, str]] = []
+    state = _fake_rows(monkeypatch, seconds, events)
+    seen: list[str] = []
+    rows = matrix.run_matrix([get_target(n) for n in names], matrix.MatrixOptions(),
+                             on_row=lambda r: seen.append(r.target), jobs=jobs)
+    assert [r.target for r in rows] == names  # target order, whatever finished first
+    assert state["peak"] == min(jobs, len(names))
+    assert sorted(seen) == sorted(names)
+    if jobs == 1:
+        assert seen == names
+    else:  # rows are reported as they finish: the slow first target comes last
+        assert seen[-1] == "amd64:5.10"
+        assert [n for e, n in events if e == "start"][:jobs] == names[:jobs]
+    with pytest.raises(ValueError):
+        matrix.run_matrix([], matrix.MatrixOptions(), jobs=0)
+
+
+def test_matrix_table_stays_in_target_order(monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    names = ["amd64:5.10", "amd64:6.1", "arm64:6.1"]
+    _fake_rows(monkeypatch, {"amd64:5.10": 0.5, "amd64:6.1": 0.05, "arm64:6.1": 0.05}, [])
+    tables: list[str] = []
+    real = matrix.write_markdown
+
+    def spy(rows: list[matrix.Row], path: Path, *a: object, **k: object) -> None:
+        real(rows, path, *a, **k)  # type: ignore[arg-type]
+        tables.append(path.read_text())
+
+    monkeypatch.setattr(matrix, "write_markdown", spy)
+    out = tmp_path / "m.md"
+    assert main(["lab", "matrix", "--targets", *names, "--jobs", "2", "--out", str(out)]) == 0
+
+    def order(text: str) -> list[str]:
+        return [line.split(" | ")[0].lstrip("| ") for line in text.splitlines()
+                if line.startswith("| amd64") or line.startswith("| arm64")]
+
+    assert len(tables) == 3
+    assert all(order(t) == names for t in tables)  # finished rows and pending ones, in order
+    assert "| amd64:5.10 | - |" in tables[0] and "not run" in tables[0]  # still running
+    assert "| amd64:5.10 | 5.10-fake |" in tables[-1] and "not run" not in tables[-1]
+    assert main(["lab", "matrix", "--targets", *names, "--jobs", "0"]) == 2
+
+
+def _started(pids: Path, count: int, seconds: float = 20) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if pids.exists() and len(pids.read_text().split()) >= count:
+            return [int(p) for p in pids.read_text().split()]
+        time.sleep(0.05)
+    raise AssertionError(f"{count} guests did not start")
+
+
+def test_ctrl_c_on_a_parallel_matrix_ends_every_guest(
+        fake_qemu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two guests running, a third queued: Ctrl-C ends both QEMUs (through the real
+    run_target / run_job / boot path) and never starts the third."""
+    names = ["amd64:7.2", "amd64:6.1", "amd64:5.10"]
+    for name in names:
+        cache = _fake_cache(tmp_path, name)
+    monkeypatch.setenv("MEMSLOT_LAB_CACHE", str(cache))
+    monkeypatch.setattr(session, "host_python", lambda *_a: None)
+    monkeypatch.setattr(session, "find_qemu", lambda _t: str(fake_qemu))
+    monkeypatch.setattr(session, "qemu_command", lambda *a, **k: [str(fake_qemu)])
+    pids = tmp_path / "pids"
+    monkeypatch.setenv("FAKE_QEMU_MODE", "hang")
+    monkeypatch.setenv("FAKE_QEMU_PIDS", str(pids))
+    started: list[int] = []
+
+    def interrupt() -> None:
+        started.extend(_started(pids, 2))
+        _thread.interrupt_main()
+
+    helper = threading.Thread(target=interrupt)
+    helper.start()
+    opts = matrix.MatrixOptions(measure=False, guest_checks=False, preset=False)
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            matrix.run_matrix([get_target(n) for n in names], opts, jobs=2)
+    finally:
+        helper.join(30)
+    assert time.monotonic() - start < 30
+    assert len(started) == 2 and len(pids.read_text().split()) == 2  # the third never ran
+    assert not any(_alive(pid) for pid in started)
+    assert not [t for t in threading.enumerate() if t.name.startswith("memslot-lab")]

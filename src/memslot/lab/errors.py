@@ -56,6 +56,11 @@ class GuestHang(LabError):
         self.log_tail = log_tail
 
 
+class Cancelled(Exception):
+    """A run was called off (Ctrl-C on a parallel matrix): its guest has been ended. Not a
+    :class:`LabError`: no row is made of it."""
+
+
 class UnknownTarget(LabError):
     """A target name that is not ARCH:VERSION of a listed target."""
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ArchiveUnreachable, GuestHang, LabError, PackageMissing
+from .errors import ArchiveUnreachable, Cancelled, GuestHang, LabError, PackageMissing
 from .guest import RESULT
 from .overlay import memslot_dir
 from .session import RunResult, run_job
@@ -133,7 +135,10 @@ def guest_test_files() -> dict[str, bytes]:
     return out if any(f"/lab/{t}" in out for t in GUEST_TESTS) else {}
 
 
-def run_target(target: Target, opts: MatrixOptions, log: Log | None = None) -> Row:
+def run_target(target: Target, opts: MatrixOptions, log: Log | None = None,
+               cancel: threading.Event | None = None) -> Row:
+    """One target's row (its guest ended, whatever happened). Setting ``cancel`` ends the
+    guest and raises :class:`~memslot.lab.errors.Cancelled`."""
     say = log or (lambda _m: None)
     if not target.bootable:
         return Row(target.name, "impossible", note=target.machine.impossible or "")
@@ -150,14 +155,14 @@ def run_target(target: Target, opts: MatrixOptions, log: Log | None = None) -> R
     def take(line: str) -> None:
         console.append(line)
         if opts.verbose and not line.startswith(RESULT):
-            say(f"  | {line}")
+            say(f"  | {target.name}: {line}")
 
     start = time.monotonic()
     # Generous: TCG under a shared host; a hang is caught by this limit and retried once.
     timeout = target.machine.slowness * (900 + 0.03 * ops + (600 if opts.measure else 0))
     try:
         result = run_job(target, job, on_output=take, timeout=timeout, retries=1,
-                         log=say, extra_files=extra)
+                         log=say, extra_files=extra, cancel=cancel)
     except (ArchiveUnreachable, PackageMissing) as exc:
         row = Row(target.name, "unavailable", note=str(exc))
         _save(row, console, opts, None)
@@ -259,21 +264,58 @@ def load_rows(results: Path) -> list[Row]:
 
 
 def run_matrix(targets: list[Target], opts: MatrixOptions, log: Log | None = None,
-               on_row: Callable[[Row], None] | None = None) -> list[Row]:
-    """Every target in turn (one QEMU at a time: the host's CPUs are shared)."""
+               on_row: Callable[[Row], None] | None = None, jobs: int = 1) -> list[Row]:
+    """Every target, up to ``jobs`` at once, each in its own QEMU (1 by default: the host's
+    CPUs are shared, and the times are quoted). ``on_row`` sees each row as it finishes, in
+    the calling thread; the rows come back in target order. An exception here (Ctrl-C's
+    KeyboardInterrupt above all) ends every running guest, and starts no other, before it
+    propagates."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, not {jobs}")
     say = log or (lambda _m: None)
-    rows = []
-    for target in targets:
-        say(f"matrix: {target.name}")
-        row = run_target(target, opts, say)
+    rows: dict[int, Row] = {}
+
+    def finished(index: int, row: Row) -> None:
         if opts.skip_unavailable and row.state in ("unavailable", "hang"):
-            say(f"matrix: WARNING: {target.name} SKIPPED ({row.state}): {row.note}")
+            say(f"matrix: WARNING: {row.target} SKIPPED ({row.state}): {row.note}")
             row.state = "skipped"
         say(f"matrix: {row.summary()}")
-        rows.append(row)
+        rows[index] = row
         if on_row is not None:
             on_row(row)
-    return rows
+
+    if jobs == 1:
+        for index, target in enumerate(targets):
+            say(f"matrix: {target.name}")
+            finished(index, run_target(target, opts, say))
+        return [rows[i] for i in range(len(targets))]
+
+    cancel = threading.Event()
+
+    def one(target: Target) -> Row:
+        if cancel.is_set():
+            raise Cancelled(f"{target.name}: cancelled before it started")
+        say(f"matrix: {target.name} (started)")
+        return run_target(target, opts, say, cancel)
+
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="memslot-lab")
+    futures: dict[Future[Row], int] = {}
+    try:
+        for index, target in enumerate(targets):
+            futures[pool.submit(one, target)] = index
+        running = set(futures)
+        while running:
+            done, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=futures.__getitem__):
+                finished(futures[future], future.result())
+    except BaseException:
+        cancel.set()  # every running guest is ended within a second
+        for future in futures:
+            future.cancel()  # and the queued ones never start
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    return [rows[i] for i in range(len(targets))]
 
 
 def write_markdown(rows: list[Row], path: Path, opts: MatrixOptions,

@@ -19,13 +19,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import GuestHang, ToolMissing
+from .errors import Cancelled, GuestHang, ToolMissing
 from .overlay import BEGIN, BOOTED, EXIT, MODULE_FAILED
 from .targets import Target
 
@@ -111,10 +112,12 @@ class Deadlines:
 
 
 def boot(cmd: list[str], deadlines: Deadlines, on_output: Callable[[str], None],
-         console: Console | None = None) -> tuple[int, Console]:
+         console: Console | None = None,
+         cancel: threading.Event | None = None) -> tuple[int, Console]:
     """Run QEMU; pass the guest command's output lines to ``on_output``; return its exit
     status. :class:`GuestHang` on a missed deadline, a kernel in trouble with no exit, or a
-    guest that ends without the EXIT marker."""
+    guest that ends without the EXIT marker; :class:`Cancelled` within a second of
+    ``cancel`` being set. QEMU is ended whichever way this returns."""
     con = console or Console()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True,
@@ -130,6 +133,8 @@ def boot(cmd: list[str], deadlines: Deadlines, on_output: Callable[[str], None],
         pending = b""
         eof = False
         while not eof:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the run was cancelled")
             now = time.monotonic()
             if now >= deadline:
                 if con.phase == "done":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any
 
 from . import image as image_mod
 from .bytecode import host_python
-from .errors import GuestHang, ImageError
+from .errors import Cancelled, GuestHang, ImageError
 from .guest import RESULT
 from .overlay import build_overlay
 from .qemu import Console, Deadlines, boot, find_qemu, qemu_command
@@ -22,6 +23,9 @@ from .targets import Target, cache_dir
 
 Log = Callable[[str], None]
 DEFAULT_TIMEOUT = 900.0  # seconds for the command on amd64; scaled by the machine's slowness
+#: Building images and the host bytecode writes the shared cache: one run at a time does it
+#: (parallel matrix runs boot at once, but prepare in turn).
+_PREPARE = threading.Lock()
 
 
 @dataclass
@@ -39,14 +43,20 @@ class RunResult:
 def run_job(target: Target, job: dict[str, Any], *, on_output: Callable[[str], None],
             timeout: float | None = None, retries: int = 1, log: Log | None = None,
             cache: Path | None = None, extra_files: dict[str, bytes] | None = None,
-            cmdline_extra: tuple[str, ...] = (), qemu: str | None = None) -> RunResult:
-    """Boot ``target`` and run ``job`` (see :mod:`.guest`) inside it."""
+            cmdline_extra: tuple[str, ...] = (), qemu: str | None = None,
+            cancel: threading.Event | None = None) -> RunResult:
+    """Boot ``target`` and run ``job`` (see :mod:`.guest`) inside it. Setting ``cancel`` ends
+    the guest and raises :class:`Cancelled` (parallel matrix runs on Ctrl-C)."""
     say = log or (lambda _m: None)
     if not target.bootable:
         raise ImageError(f"{target.name} cannot be booted: {target.machine.impossible}")
     binary = qemu or find_qemu(target)
-    img = image_mod.built(target, cache) or image_mod.build(target, cache, say)
-    overlay = build_overlay(job, extra_files, python=host_python(cache or cache_dir(), say))
+    with _PREPARE:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"{target.name}: cancelled before it booted")
+        img = image_mod.built(target, cache) or image_mod.build(target, cache, say)
+        overlay = build_overlay(job, extra_files,
+                                python=host_python(cache or cache_dir(), say))
     run_limit = (timeout or DEFAULT_TIMEOUT * target.machine.slowness)
     deadlines = Deadlines(boot=target.machine.boot_timeout, run=run_limit)
     hangs: list[str] = []
@@ -74,7 +84,7 @@ def run_job(target: Target, job: dict[str, Any], *, on_output: Callable[[str], N
             start = time.monotonic()
             console = Console()
             try:
-                status, console = boot(cmd, deadlines, take, console)
+                status, console = boot(cmd, deadlines, take, console, cancel)
             except GuestHang as exc:
                 hangs.append(f"attempt {attempt}: {exc}")
                 say(f"lab: {target.name}: HANG: {exc}")

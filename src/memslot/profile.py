@@ -192,8 +192,6 @@ class Profile:
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["user_mem_slots"] = self.user_mem_slots
-        if self.arch == "x86":
-            out["max_gfn"] = self.max_gfn
         return out
 
 

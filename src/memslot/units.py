@@ -23,6 +23,15 @@ def human_bytes(n: int, exact: bool = False) -> str:
     return f"{n / (1 << 50):.1f} PiB"
 
 
+def size_label(n: int) -> str:
+    """A page size as people name it: ``2M``, ``1G``, ``32M``, ``64G`` (the largest unit
+    that divides it)."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
 def plural(n: int, word: str, words: str | None = None) -> str:
     """``1 slot``, ``2 slots`` (``words`` for an irregular plural)."""
     return f"{n} {word if n == 1 else (words or word + 's')}"

@@ -25,12 +25,18 @@ ALL_VARIANTS: dict[str, str] = {
 }
 
 
-def make_arch(profile: Profile, ledger: Ledger, variants: frozenset[str]) -> ArchHooks:
-    """The hooks for ``profile.arch``; unknown variants (or ones for another arch) raise."""
+def arch_class(profile: Profile) -> type[ArchHooks]:
+    """The hooks class of ``profile.arch``: its class attributes and class methods are the
+    arch's facts (``ValueError`` for an unknown arch)."""
     try:
-        cls = ARCH_HOOKS[profile.arch]
+        return ARCH_HOOKS[profile.arch]
     except KeyError:
         raise ValueError(f"unknown arch {profile.arch!r}") from None
+
+
+def make_arch(profile: Profile, ledger: Ledger, variants: frozenset[str]) -> ArchHooks:
+    """The hooks for ``profile.arch``; unknown variants (or ones for another arch) raise."""
+    cls = arch_class(profile)
     for variant in variants:
         if variant not in ALL_VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(ALL_VARIANTS)}")
@@ -40,4 +46,4 @@ def make_arch(profile: Profile, ledger: Ledger, variants: frozenset[str]) -> Arc
     return cls(profile, ledger, variants)
 
 
-__all__ = ["ALL_VARIANTS", "ARCH_HOOKS", "ArchHooks", "PrepareError", "make_arch"]
+__all__ = ["ALL_VARIANTS", "ARCH_HOOKS", "ArchHooks", "PrepareError", "arch_class", "make_arch"]

@@ -18,9 +18,19 @@ from typing import Any, ClassVar
 
 from ..constants import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_GMEM_ONLY
 from ..engine.change import ChangeType, Rule
-from ..engine.hooks import ArchHooks, PrepareError
+from ..engine.hooks import ArchHooks, PrepareError, table_block_sizes
 from ..engine.slot import MemorySlot
 from ..engine.vmas import VmFlag
+from ..profile import Profile
+
+#: KVM_PHYS_SHIFT: a default VM type's IPA size.
+DEFAULT_IPA_BITS = 40
+
+
+def ipa_gfns(profile: Profile) -> int:
+    """``kvm_phys_size(mmu) >> PAGE_SHIFT``: the gfns of the VM's IPA space."""
+    return (1 << (profile.ipa_bits or DEFAULT_IPA_BITS)) >> profile.page_shift
+
 
 IPA_LIMIT = Rule("arm64-ipa", errno.EFAULT, "kvm_arch_prepare_memory_region",
                  "base_gfn + npages > IPA size >> PAGE_SHIFT")
@@ -35,11 +45,24 @@ class Arm64Arch(ArchHooks):
     tagged_user_addresses: ClassVar[bool] = True
     walks_vmas: ClassVar[bool] = True
 
+    @classmethod
+    def huge_page_sizes(cls, page_shift: int) -> tuple[int, ...]:
+        """Stage-2 block mappings at PMD and PUD level (``fault_supports_stage2_huge_mapping``
+        decides per fault: no per-slot structure)."""
+        return table_block_sizes(page_shift)
+
+    @classmethod
+    def gfn_limit(cls, profile: Profile) -> int | None:
+        return ipa_gfns(profile)
+
+    @classmethod
+    def gpa_limit_text(cls, profile: Profile) -> str:
+        return f"{profile.ipa_bits or DEFAULT_IPA_BITS}-bit"
+
     def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         if new is None:
             return None
-        bits = self.profile.ipa_bits or 40
-        if new.base_gfn + new.npages > (1 << bits) >> self.profile.page_shift:
+        if new.base_gfn + new.npages > ipa_gfns(self.profile):
             raise PrepareError(IPA_LIMIT)
         gmem_only = new.flags & KVM_MEMSLOT_GMEM_ONLY
         if old is None and new.flags & KVM_MEM_GUEST_MEMFD and not gmem_only:

@@ -39,6 +39,12 @@ class PpcHvArch(ArchHooks):
     source_file: ClassVar[str] = "arch/powerpc/kvm/powerpc.c"
     slot_arch_struct_bytes: ClassVar[int] = 8  # unsigned long *rmap
 
+    @classmethod
+    def huge_page_sizes(cls, page_shift: int) -> tuple[int, ...]:
+        """The radix partition-scoped tree's PMD and PUD leaves (``kvmppc_create_pte``
+        levels 1 and 2): 2M and 1G with 4 KiB and 64 KiB base pages alike."""
+        return (1 << 21, 1 << 30)
+
     def vcpu_create(self, vcpu_id: int, existing: frozenset[int]) -> Rule | None:
         """``kvmppc_core_vcpu_create_hv`` on CPU_FTR_ARCH_300 (POWER9, the lab's ppc64el):
         ids map one to one onto virtual cores below ``KVM_MAX_VCPUS * emul_smt_mode`` (the

@@ -13,9 +13,19 @@ from typing import Any, ClassVar
 
 from ..constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 from ..engine.change import ChangeType, Rule
-from ..engine.hooks import ArchHooks, PrepareError
+from ..engine.hooks import ArchHooks, PrepareError, table_block_sizes
 from ..engine.slot import MemorySlot
 from ..engine.vmas import VmFlag
+from ..profile import Profile
+
+#: Sv48x4: the G-stage size the model assumes when the profile names none.
+DEFAULT_GPA_BITS = 50
+
+
+def gstage_gfns(profile: Profile) -> int:
+    """``kvm_riscv_gstage_gpa_size >> PAGE_SHIFT``: the gfns of the G-stage space."""
+    return (1 << (profile.ipa_bits or DEFAULT_GPA_BITS)) >> profile.page_shift
+
 
 GPA_LIMIT = Rule("riscv-gpa", errno.EFAULT, "kvm_arch_prepare_memory_region",
                  "base_gfn + npages >= G-stage GPA size >> PAGE_SHIFT")
@@ -29,11 +39,24 @@ class RiscvArch(ArchHooks):
     source_file: ClassVar[str] = "arch/riscv/kvm/mmu.c"
     walks_vmas: ClassVar[bool] = True
 
+    @classmethod
+    def huge_page_sizes(cls, page_shift: int) -> tuple[int, ...]:
+        """G-stage megapages and gigapages (PMD and PUD level)."""
+        return table_block_sizes(page_shift)
+
+    @classmethod
+    def gfn_limit(cls, profile: Profile) -> int | None:
+        # base_gfn + npages >= size fails: the last gfn a slot covers is size - 2.
+        return gstage_gfns(profile) - 1
+
+    @classmethod
+    def gpa_limit_text(cls, profile: Profile) -> str:
+        return f"{profile.ipa_bits or DEFAULT_GPA_BITS}-bit"
+
     def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         if new is None:
             return None
-        bits = self.profile.ipa_bits or 50
-        if new.base_gfn + new.npages >= (1 << bits) >> self.profile.page_shift:
+        if new.base_gfn + new.npages >= gstage_gfns(self.profile):
             raise PrepareError(GPA_LIMIT)
         start = new.userspace_addr
         end = start + (new.npages << self.profile.page_shift)

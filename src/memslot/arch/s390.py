@@ -13,6 +13,7 @@ from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
 from ..engine.hooks import ArchHooks, PrepareError
 from ..engine.slot import MemorySlot
+from ..profile import Profile
 
 SEGMENT = 1 << 20
 
@@ -30,6 +31,15 @@ MEM_LIMIT = Rule("s390-mem-limit", errno.EINVAL, "kvm_arch_prepare_memory_region
 
 class S390Arch(ArchHooks):
     source_file: ClassVar[str] = "arch/s390/kvm/kvm-s390.c"
+
+    @classmethod
+    def huge_page_sizes(cls, page_shift: int) -> tuple[int, ...]:
+        """gmap segment (1M) and region-third (2G) entries."""
+        return (SEGMENT, 1 << 31)
+
+    @classmethod
+    def gpa_limit_text(cls, profile: Profile) -> str:
+        return f"{profile.mem_limit:#x}" if profile.mem_limit is not None else "-"
 
     def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         p = self.profile

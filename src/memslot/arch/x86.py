@@ -171,6 +171,18 @@ class X86Arch(ArchHooks):
     slot_arch_struct_bytes: ClassVar[int] = 48
     huge_page_tracking: ClassVar[str | None] = "lpage_info"
 
+    @classmethod
+    def huge_page_sizes(cls, page_shift: int) -> tuple[int, ...]:
+        return tuple(1 << (page_shift + hpage_shift(level)) for level in HUGE_LEVELS)
+
+    @classmethod
+    def gfn_limit(cls, profile: Profile) -> int | None:
+        return profile.max_gfn + 1
+
+    @classmethod
+    def gpa_limit_text(cls, profile: Profile) -> str:
+        return f"gfn<={profile.max_gfn:#x}" if profile.max_gfn_check else "none"
+
     def __init__(self, profile: Profile, ledger: Ledger, variants: frozenset[str]) -> None:
         super().__init__(profile, ledger, variants)
         p = self.profile

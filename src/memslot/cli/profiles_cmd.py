@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..arch import arch_class
 from ..profile import PRESETS, Profile
 from .common import EXIT_OK, Command, emit_json, table
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         profiles.append(detected)
         matched = matching_preset(detected)
     if args.json:
-        emit_json([p.as_dict() for p in profiles])
+        emit_json([_as_dict(p) for p in profiles])
         return EXIT_OK
     rows = []
     for p in profiles:
@@ -66,15 +67,19 @@ def _features(p: Profile) -> str:
 
 
 def _limit(p: Profile) -> str:
-    if p.arch == "x86":
-        if not p.max_gfn_check:
-            return "none"
-        return f"gfn<={p.max_gfn:#x}"
-    if p.ipa_bits:
-        return f"{p.ipa_bits}-bit"
-    if p.mem_limit is not None:
-        return f"{p.mem_limit:#x}"
-    return "-"
+    return arch_class(p).gpa_limit_text(p)
+
+
+def _as_dict(p: Profile) -> dict[str, object]:
+    """The profile's fields plus the arch's derived bound (``max_gfn``: the last gfn a slot
+    may cover) and large-page sizes."""
+    cls = arch_class(p)
+    out: dict[str, object] = p.as_dict()
+    limit = cls.gfn_limit(p)
+    if limit is not None:
+        out["max_gfn"] = limit - 1
+    out["huge_page_sizes"] = list(cls.huge_page_sizes(p.page_shift))
+    return out
 
 
 COMMAND = Command("profiles", "list the host profiles (presets) the model can imitate",

@@ -89,6 +89,7 @@ def _fix_cell(s: dict[str, Any]) -> str:
 
 
 def print_slots(r: dict[str, Any], arrays: bool) -> None:
+    sizes = list(r["totals"]["huge_share"])
     rows = []
     for s in r["slots"]:
         bitmap = (human_bytes(s["dirty_bitmap_bytes"]) if s["dirty_logging"]
@@ -96,13 +97,14 @@ def print_slots(r: dict[str, Any], arrays: bool) -> None:
         rows.append([
             f"{s['as_id']}:{s['id']}", f"{s['guest_phys_addr']:#x}",
             human_bytes(s["memory_size"]), f"{s['userspace_addr']:#x}", s["flag_names"],
-            _huge_cell(s["huge"]["2M"]), _huge_cell(s["huge"]["1G"]), _fix_cell(s),
+            *(_huge_cell(s["huge"][n]) for n in sizes), _fix_cell(s),
             human_bytes(s["metadata_bytes"]), human_bytes(s["metadata_vmalloc_bytes"]), bitmap,
             _pct(s["max_pages_share"]),
         ])
-    render.print_table(rows, ["slot", "gpa", "size", "userspace_addr", "flags", "2M", "1G",
+    after = 6 + len(sizes)  # metadata, vmalloc, dirty bitmap, of max pages
+    render.print_table(rows, ["slot", "gpa", "size", "userspace_addr", "flags", *sizes,
                               "fix (aligned ua)", "metadata", "vmalloc", "dirty bitmap",
-                              "of max pages"], right={2, 8, 9, 10, 11})
+                              "of max pages"], right={2, *range(after, after + 4)})
     if arrays:
         for s in r["slots"]:
             render.line(f"  slot {s['as_id']}:{s['id']}: " + ", ".join(
@@ -112,9 +114,9 @@ def print_slots(r: dict[str, Any], arrays: bool) -> None:
 def print_totals(r: dict[str, Any]) -> None:
     t = r["totals"]
     est = "" if t["huge_source"] == "lpage_info" else " (estimate)"
+    mappable = ", ".join(f"{n} pages {_pct(share)}" for n, share in t["huge_share"].items())
     render.line(f"guest memory {human_bytes(t['guest_bytes'])} in {plural(t['slots'], 'slot')}; "
-          "mappable with "
-          f"2M pages {_pct(t['huge_share']['2M'])}, 1G pages {_pct(t['huge_share']['1G'])}{est}")
+          + (f"mappable with {mappable}{est}" if mappable else "base pages only"))
     render.line(f"metadata {human_bytes(t['metadata_bytes'])} ({t['metadata_bytes']} B), "
           f"VmallocUsed {human_bytes(t['vmalloc_bytes'])}; dirty bitmaps now "
           f"{human_bytes(t['dirty_bitmap_bytes'])}, with logging on every slot "
@@ -160,8 +162,16 @@ def print_reports(path: str, reports: list[dict[str, Any]], arrays: bool) -> Non
         print_comparison(reports)
 
 
+def _mappable(r: dict[str, Any], size: str) -> str:
+    share = r["totals"]["huge_share"].get(size)
+    if share is None:
+        return "-"
+    return _pct(share) + ("" if r["totals"]["huge_source"] == "lpage_info" else " (est.)")
+
+
 def print_comparison(reports: list[dict[str, Any]]) -> None:
     """Metrics as rows, one column per profile; then metadata per slot side by side."""
+    sizes = list(dict.fromkeys(n for r in reports for n in r["totals"]["huge_share"]))
     def row(label: str, fn: Any) -> list[str]:
         return [label] + [fn(r) for r in reports]
 
@@ -171,10 +181,7 @@ def print_comparison(reports: list[dict[str, Any]]) -> None:
         row("guest memory", lambda r: human_bytes(r["totals"]["guest_bytes"])),
         row("metadata", lambda r: human_bytes(r["totals"]["metadata_bytes"])),
         row("VmallocUsed", lambda r: human_bytes(r["totals"]["vmalloc_bytes"])),
-        row("2M-mappable", lambda r: _pct(r["totals"]["huge_share"]["2M"])
-            + ("" if r["arch"] == "x86" else " (est.)")),
-        row("1G-mappable", lambda r: _pct(r["totals"]["huge_share"]["1G"])
-            + ("" if r["arch"] == "x86" else " (est.)")),
+        *(row(f"{n}-mappable", lambda r, n=n: _mappable(r, n)) for n in sizes),
         row("dirty bitmaps, all logging",
             lambda r: human_bytes(r["totals"]["dirty_bitmap_if_logging_bytes"])),
         row("slot headroom", lambda r: ", ".join(

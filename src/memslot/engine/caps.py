@@ -60,7 +60,7 @@ def _derived(p: Profile, cap: int, on_vm: bool) -> int:
     if cap == KVM_CAP_MEMORY_ATTRIBUTES:
         return p.memory_attributes if on_vm else p.memory_attributes_system
     if cap == KVM_CAP_ARM_VM_IPA_SIZE:
-        return (p.ipa_limit or 0) if p.arch == "arm64" else 0
+        return p.ipa_limit or 0  # None on arches without KVM_CAP_ARM_VM_IPA_SIZE
     if cap in (KVM_CAP_USER_MEMORY, KVM_CAP_DESTROY_MEMORY_REGION_WORKS,
                KVM_CAP_JOIN_MEMORY_REGIONS_WORKS, KVM_CAP_CHECK_EXTENSION_VM,
                KVM_CAP_ENABLE_CAP_VM, KVM_CAP_HALT_POLL, KVM_CAP_SYNC_MMU):

@@ -14,6 +14,14 @@ from .slot import MemorySlot
 from .vmas import VmaMap
 
 
+def table_block_sizes(page_shift: int, levels: int = 2) -> tuple[int, ...]:
+    """Block sizes of a radix page table with 8-byte entries, smallest first: each level
+    maps ``2^(page_shift - 3)`` times the one below (4 KiB pages: 2M, 1G; 16 KiB: 32M, 64G;
+    64 KiB: 512M, 4T)."""
+    per = page_shift - 3
+    return tuple(1 << (page_shift + per * k) for k in range(1, levels + 1))
+
+
 class PrepareError(Exception):
     """An arch prepare step refused the change (carries the rule and its errno)."""
 
@@ -46,6 +54,26 @@ class ArchHooks:
     #: ``kvm_arch_prepare_memory_region`` walks the VMAs of the slot's host range (arm64,
     #: riscv), so its answer depends on the process's mappings (:attr:`vmas`).
     walks_vmas: ClassVar[bool] = False
+
+    # -- arch facts that depend on the profile (class methods: no VM needed) ----------------
+    @classmethod
+    def huge_page_sizes(cls, page_shift: int) -> tuple[int, ...]:
+        """The mapping sizes above the base page the arch's MMU can give a slot's gfns,
+        smallest first (x86: the ``lpage_info`` levels; arm64, riscv: stage-2 PMD and PUD
+        blocks); empty where guest memory is mapped at the base page size only."""
+        return ()
+
+    @classmethod
+    def gfn_limit(cls, profile: Profile) -> int | None:
+        """One past the last gfn a slot may cover by the arch's own bound (x86
+        ``kvm_mmu_max_gfn() + 1``, also in versions that do not refuse past it; the arm64
+        IPA and riscv G-stage sizes), or ``None`` where the arch sets none."""
+        return None
+
+    @classmethod
+    def gpa_limit_text(cls, profile: Profile) -> str:
+        """That bound in a few words, for listings (``-`` without one)."""
+        return "-"
 
     def __init__(self, profile: Profile, ledger: Ledger, variants: frozenset[str]) -> None:
         self.profile = profile

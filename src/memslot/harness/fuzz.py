@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .. import constants as c
+from ..arch import arch_class
 from ..backends.base import VM
 from ..backends.dual import Divergence
 from ..backends.model import ModelVM
@@ -133,7 +134,9 @@ class Generator:
                      else [*sorted(DERIVED - host_caps), *UNASSIGNED_CAPS])
         self.user_slots = profile.user_mem_slots
         self.page = profile.page_size
-        self.max_gfn = profile.max_gfn if profile.arch == "x86" else (1 << 40) - 1
+        # The last gfn the arch lets a slot cover: gpas around it probe that bound.
+        limit = arch_class(profile).gfn_limit(profile)
+        self.max_gfn = limit - 1 if limit is not None else (1 << 40) - 1
         self.ua_limit = profile.user_addr_limit or (1 << 64) - PAGE
 
     # -- building blocks ------------------------------------------------------------------

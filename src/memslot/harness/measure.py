@@ -10,6 +10,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ..arch import arch_class
 from ..backends.kvm import KvmVM
 from ..backends.model import ModelVM
 from ..constants import KVM_MEM_LOG_DIRTY_PAGES
@@ -138,12 +139,7 @@ def moved_gfn(profile: Profile) -> int:
     """Where the MOVE step goes: gfn 2^28+1 (unaligned at every large-page level), or the
     middle of the guest physical space plus one where that is smaller (a 40-bit arm64 IPA
     with 4 KiB pages ends at gfn 2^28; TCG's x86 MAXPHYADDR is 40 bits)."""
-    if profile.arch == "x86":
-        top = profile.max_gfn + 1
-    elif profile.ipa_bits:
-        top = 1 << (profile.ipa_bits - profile.page_shift)
-    else:
-        top = 1 << 52
+    top = arch_class(profile).gfn_limit(profile) or 1 << 52
     return min(1 << 28, top // 4) + 1
 
 

@@ -17,11 +17,9 @@ from ..engine.slot import MemorySlot
 from ..harness.replay import Replayer
 from ..profile import Profile
 from ..trace.records import TraceOp
-from ..units import human_bytes, plural
+from ..units import human_bytes, plural, size_label
 from .session import At, ModelRun, Progress
 
-#: Large-page sizes judged: x86 levels 2 and 3, arm64/riscv PMD/PUD blocks, POWER radix.
-HUGE_SIZES: tuple[tuple[str, int], ...] = (("2M", 1 << 21), ("1G", 1 << 30))
 #: The four hosts of a side-by-side comparison: x86 TDP with SMM, x86 shadow, POWER HV, arm64.
 COMPARE_PROFILES = ("x86_64", "x86_64-shadow", "ppc64-hv", "arm64")
 #: Findings at or past these fractions of a limit.
@@ -45,6 +43,12 @@ def aligned_ua(gpa: int, ua: int, frame: int) -> int:
     return ua + (gpa - ua) % frame
 
 
+def huge_sizes(vm: ModelVM) -> list[tuple[str, int]]:
+    """The large-page sizes judged, smallest first, as ``(label, bytes)``: the arch's
+    (x86 lpage_info levels, arm64/riscv PMD/PUD blocks at this page size, POWER radix)."""
+    return [(size_label(s), s) for s in vm.arch.huge_page_sizes(vm.profile.page_shift)]
+
+
 def _huge(vm: ModelVM, slot: MemorySlot, gpa: int, size: int) -> dict[str, Any]:
     """Per huge size: eligible bytes and share, how it was found, and the misalignment."""
     profile = vm.profile
@@ -52,7 +56,7 @@ def _huge(vm: ModelVM, slot: MemorySlot, gpa: int, size: int) -> dict[str, Any]:
     tracking = vm.arch.huge_page_tracking
     ranges = vm.huge_ranges(slot) if tracking is not None else {}
     out: dict[str, Any] = {}
-    for name, frame in HUGE_SIZES:
+    for name, frame in huge_sizes(vm):
         window = huge_window(gpa, size, slot.userspace_addr, frame)
         if tracking is not None:
             got = ranges.get(name, [])
@@ -114,21 +118,24 @@ def findings(report: dict[str, Any]) -> list[dict[str, Any]]:
     for s in report["slots"]:
         name = f"{s['as_id']}:{s['id']}"
         where = f"slot {name} ({human_bytes(s['memory_size'])} at {s['guest_phys_addr']:#x})"
+        first = next(iter(s["huge"]), None)
         for size_name, h in s["huge"].items():
             if h["misaligned"] and h["lost_bytes"] and not h["eligible_bytes"]:
                 est = "" if h["source"] == "lpage_info" else " (estimate)"
-                # 2M misalignment disables every large page of the slot (it implies 1G's);
-                # 1G alone matters only with 1 GiB hugetlbfs backing, so it is a note.
-                smallest = size_name == HUGE_SIZES[0][0]
+                # Misalignment at the smallest size disables every large page of the slot
+                # (it implies the larger ones'); a larger size alone matters only with
+                # hugetlbfs backing of that size, so it is a note.
+                smallest = size_name == first
                 out.append({
-                    "code": "huge-misaligned" if smallest else "huge-misaligned-1g",
+                    "code": "huge-misaligned" if smallest
+                    else f"huge-misaligned-{size_name.lower()}",
                     "severity": "warning" if smallest else "note", "slot": name,
                     "text": f"{where}: gpa is {h['gpa_offset']:#x} into its {size_name} frame "
                             f"but userspace_addr is {h['ua_offset']:#x} into its own, so no "
                             f"{size_name} page can map it{est}; userspace_addr "
                             f"{h['fix_userspace_addr']:#x} (gpa mod {size_name}) would allow "
                             f"{human_bytes(h['lost_bytes'])} of {size_name} mappings"
-                            + ("" if smallest else " (with 1 GiB hugetlbfs backing)"),
+                            + ("" if smallest else f" (with {size_name} hugetlbfs backing)"),
                 })
         if s["max_pages_share"] >= NEAR_MAX_PAGES:
             out.append({
@@ -202,7 +209,7 @@ def run_report(run: ModelRun, total_ops: int) -> dict[str, Any]:
             "guest_bytes": guest,
             "metadata_bytes": vm.metadata_bytes(),
             "vmalloc_bytes": vm.vmalloc_bytes(),
-            "huge_share": {name: share(name) for name, _ in HUGE_SIZES},
+            "huge_share": {name: share(name) for name, _ in huge_sizes(vm)},
             "huge_source": vm.arch.huge_page_tracking or "estimate",
             "dirty_bitmap_bytes": sum(s["dirty_bitmap_bytes"] for s in slots),
             "dirty_bitmap_if_logging_bytes": sum(s["dirty_bitmap_if_logging_bytes"]

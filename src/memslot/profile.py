@@ -133,6 +133,9 @@ class Profile:
     #: KVM_CREATE_VCPU" made it ``unsigned long`` in 6.11 (the lab's 5.10 truncates;
     #: detect_profile() probes it).
     vcpu_id_u32: bool = False
+    #: ``kvm_vm_ioctl_create_vcpu`` refuses a taken id (EEXIST) before the arch hooks run
+    #: (7.3); before, the arch's refusal (ppc64 HV: a taken vcore, EINVAL) came first.
+    vcpu_exists_first: bool = False
     #: ``KVM_CHECK_EXTENSION`` answers the model does not derive, as ``(cap, VM fd answer,
     #: /dev/kvm answer)``, a negative answer being the ioctl's ``-errno``:
     #: ``detect_profile()`` records them; presets state none (0).
@@ -220,6 +223,7 @@ def _generic(v: str) -> dict[str, Any]:
         user_memory2=at_least(v, since("region2")),
         manual_dirty_log_caps=3 if at_least(v, since("initially-set")) else 1,
         vcpu_id_u32=not at_least(v, since("vcpu-id-ulong")),
+        vcpu_exists_first=at_least(v, since("vcpu-exists-first")),
     )
 
 

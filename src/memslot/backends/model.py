@@ -201,11 +201,14 @@ class ModelVM(VM):
         if self.profile.vcpu_id_u32:
             vcpu_id &= 0xFFFFFFFF  # kvm_vm_ioctl_create_vcpu(struct kvm *, u32 id)
         what = f"KVM_CREATE_VCPU id={vcpu_id}"
-        # kvm_vm_ioctl_create_vcpu: the id limit, then kvm->max_vcpus, then a duplicate id.
+        # kvm_vm_ioctl_create_vcpu: the id limit, kvm->max_vcpus, then a duplicate id before
+        # the arch hooks (7.3) or after them.
         if vcpu_id >= self.profile.max_vcpu_ids:
             raise KvmError(VCPU_ID.errno, str(VCPU_ID), what)
         if self._dirty.created_vcpus >= self.profile.max_vcpus:
             raise KvmError(VCPU_MAX.errno, str(VCPU_MAX), what)
+        if self.profile.vcpu_exists_first and vcpu_id in self._vcpu_ids:
+            raise KvmError(VCPU_EXISTS.errno, str(VCPU_EXISTS), what)
         arch_rule = self.arch.vcpu_create(vcpu_id, frozenset(self._vcpu_ids))
         if arch_rule is not None:
             raise KvmError(arch_rule.errno, str(arch_rule), what)

@@ -93,7 +93,8 @@ class ArchHooks:
     def vcpu_create(self, vcpu_id: int, existing: frozenset[int]) -> Rule | None:
         """``kvm_arch_vcpu_create``: the rule refusing vCPU ``vcpu_id`` (``existing`` are the
         ids made so far), or ``None``. It runs before the generic duplicate-id EEXIST of
-        ``kvm_vm_ioctl_create_vcpu``."""
+        ``kvm_vm_ioctl_create_vcpu`` until 7.2 (``Profile.vcpu_exists_first``), after it from
+        7.3."""
         return None
 
     def commit(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> None:

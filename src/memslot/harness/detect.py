@@ -221,6 +221,8 @@ def detect_profile(name: str = "detected") -> Profile:
         ipa_limit = cap(KVM_CAP_ARM_VM_IPA_SIZE) if arch == "arm64" else 0
         vcpus = dict(
             vcpu_id_u32=_vcpu_id_truncated(),
+            # Seen only where the arch refuses a taken id itself (ppc64 HV): by version.
+            vcpu_exists_first=at_least(kernel, since("vcpu-exists-first")),
             nr_vcpus=cap(c.KVM_CAP_NR_VCPUS),
             max_vcpus=cap(c.KVM_CAP_MAX_VCPUS),
             max_vcpu_ids=cap(c.KVM_CAP_MAX_VCPU_ID),

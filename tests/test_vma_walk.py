@@ -156,6 +156,7 @@ VmFlags: rd mr pf io de dd
 
 def test_maps_and_smaps_are_parsed_as_the_walk_sees_them() -> None:
     assert parse_maps(MAPS, 0, 0x3F000) == [Vma(TEXT, 0x59C000, RX)]
+    assert parse_maps(MAPS.encode(), 0, 0x10000) == [] and parse_maps("", 0, 1 << 47) == []
     assert parse_maps(MAPS, 0x59C000, 0x59E000) == [Vma(0x59C000, 0x59D000, R),
                                                     Vma(0x59D000, 0x62B000, ANON_RW)]
     shared = parse_maps(MAPS, 0x7FFF94344000, 0x7FFF94345000)
@@ -189,6 +190,7 @@ def test_this_processs_vmas_are_read_exactly() -> None:
         assert vmas[0].flags & VmFlag.WRITE and vmas[2].flags & VmFlag.WRITE
         assert not any(v.flags & VmFlag.PFNMAP for v in vmas)
         assert read_vmas(addr, addr) == []
+        assert read_vmas(addr, addr + size, pfnmap=False) == vmas  # smaps adds nothing here
     finally:
         libc.munmap(addr, size)
     assert read_vmas(addr, addr + size) == []

@@ -307,9 +307,10 @@ class VmaWalker(Protocol):
 @runtime_checkable
 class VmaSource(Protocol):
     """A backend that can say which VMAs its kernel would walk over a range (``KvmVM``: this
-    process's, from /proc/self/maps; ``ModelVM``: the ones it knows of)."""
+    process's, from /proc/self/maps; ``ModelVM``: the ones it knows of). ``pfnmap=False``
+    allows leaving ``VM_PFNMAP`` out where finding it costs more (/proc/self/smaps)."""
 
-    def process_vmas(self, start: int, end: int) -> list[Vma]: ...
+    def process_vmas(self, start: int, end: int, *, pfnmap: bool = True) -> list[Vma]: ...
 
 
 @runtime_checkable

@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..constants import KVM_MEM_LOG_DIRTY_PAGES
 from ..engine.slot import MemorySlot
 from ..errors import ClosedError, KvmError, MemslotError, UnsupportedError, errno_name
 from ..request import MemoryRegion
@@ -191,13 +192,15 @@ class DualVM(VM):
 
     def _tell_vmas(self, region: MemoryRegion) -> None:
         """Give the model the kernel's VMAs over the request's host range, which
-        ``kvm_arch_prepare_memory_region`` may walk (only requests with a size do)."""
+        ``kvm_arch_prepare_memory_region`` may walk (only requests with a size do).
+        ``VM_PFNMAP`` (costly to find) matters to the walks only with dirty logging."""
         walker, source = self._vma_walker, self._vma_source
         if walker is None or source is None or not region.memory_size:
             return
         start = region.userspace_addr
         end = min(start + region.memory_size, U64 + 1)
-        walker.tell_vmas(start, end, source.process_vmas(start, end))
+        logging = bool(region.flags & KVM_MEM_LOG_DIRTY_PAGES)
+        walker.tell_vmas(start, end, source.process_vmas(start, end, pfnmap=logging))
 
     def apply(self, region: MemoryRegion) -> None:
         check_region_fields(region)

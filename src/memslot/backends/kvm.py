@@ -687,11 +687,11 @@ class KvmVM(VM):
         with self._lock:
             return list(self._mappings)
 
-    def process_vmas(self, start: int, end: int) -> list[Vma]:
+    def process_vmas(self, start: int, end: int, *, pfnmap: bool = True) -> list[Vma]:
         """The VMAs of this process meeting ``[start, end)``: what an arch's
         ``kvm_arch_prepare_memory_region`` walks in ``current->mm`` for a slot there (read
-        from /proc/self/maps and /proc/self/smaps)."""
-        return read_vmas(start, end)
+        from /proc/self/maps, and /proc/self/smaps for ``VM_PFNMAP`` with ``pfnmap``)."""
+        return read_vmas(start, end, pfnmap=pfnmap)
 
     def map_anonymous(
         self, size: int, align: int = PAGE_SIZE, *, hugepages: bool = False,

@@ -362,8 +362,9 @@ class ModelVM(VM):
         self._live()
         self.arch.vmas.replace(start, end, vmas)
 
-    def process_vmas(self, start: int, end: int) -> list[Vma]:
-        """The known VMAs meeting ``[start, end)``, in address order."""
+    def process_vmas(self, start: int, end: int, *, pfnmap: bool = True) -> list[Vma]:
+        """The known VMAs meeting ``[start, end)``, in address order (``pfnmap`` is moot:
+        the model always knows)."""
         self._live()
         return self.arch.vmas.intersecting(start, end)
 

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import re
+
 from ..engine.vmas import Vma, VmFlag
 
 MAPS = "/proc/self/maps"
@@ -14,25 +16,32 @@ _SMAPS_FLAGS = {"rd": VmFlag.READ, "wr": VmFlag.WRITE, "ex": VmFlag.EXEC,
                 "sh": VmFlag.SHARED, "pf": VmFlag.PFNMAP}
 
 
+#: One line of /proc/PID/maps: start, end, permissions.
+_LINE = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) ([-rwxsp]{4})", re.MULTILINE)
+_PERMS = ((ord("r"), VmFlag.READ), (ord("w"), VmFlag.WRITE), (ord("x"), VmFlag.EXEC),
+          (ord("s"), VmFlag.SHARED))
+
+
 def _span(line: str) -> tuple[int, int]:
     lo, _, hi = line.split(None, 1)[0].partition("-")
     return int(lo, 16), int(hi, 16)
 
 
-def parse_maps(text: str, start: int, end: int) -> list[Vma]:
+def parse_maps(text: str | bytes, start: int, end: int) -> list[Vma]:
     """The VMAs of a ``/proc/PID/maps`` text meeting ``[start, end)``, flags from the
-    permission column (``rwxs``/``rwxp``)."""
+    permission column (``rwxs``/``rwxp``). The lines are in address order."""
+    data = text.encode("ascii", "replace") if isinstance(text, str) else text
     out = []
-    for line in text.splitlines():
-        if not line:
+    for m in _LINE.finditer(data):
+        lo = int(m[1], 16)
+        if lo >= end:
+            break
+        hi = int(m[2], 16)
+        if hi <= start:
             continue
-        lo, hi = _span(line)
-        if hi <= start or lo >= end:
-            continue
-        perms = line.split(None, 2)[1]
+        perms = m[3]
         flags = VmFlag.NONE
-        for ch, flag in (("r", VmFlag.READ), ("w", VmFlag.WRITE), ("x", VmFlag.EXEC),
-                         ("s", VmFlag.SHARED)):
+        for ch, flag in _PERMS:
             if ch in perms:
                 flags |= flag
         out.append(Vma(lo, hi, flags))
@@ -57,14 +66,16 @@ def parse_smaps_flags(text: str, starts: set[int]) -> dict[int, VmFlag]:
     return out
 
 
-def read_vmas(start: int, end: int, maps: str = MAPS, smaps: str = SMAPS) -> list[Vma]:
+def read_vmas(start: int, end: int, *, pfnmap: bool = True, maps: str = MAPS,
+              smaps: str = SMAPS) -> list[Vma]:
     """This process's VMAs meeting ``[start, end)`` in address order (``[]`` for an empty
-    range). ``smaps`` (slower: it counts pages) is read only when some VMA meets the range."""
+    range). ``VM_PFNMAP`` shows only in ``smaps``, which costs far more (it counts every
+    VMA's pages): it is read only with ``pfnmap`` and when some VMA meets the range."""
     if start >= end:
         return []
-    with open(maps, encoding="ascii", errors="replace") as f:
+    with open(maps, "rb") as f:
         vmas = parse_maps(f.read(), start, end)
-    if not vmas:
+    if not vmas or not pfnmap:
         return vmas
     try:
         with open(smaps, encoding="ascii", errors="replace") as f:

@@ -103,3 +103,19 @@ def test_no_arch_name_checks_outside_the_arch_package() -> None:
     found = {str(p.relative_to(ROOT)): lines for p in sorted(ROOT.rglob("*.py"))
              if (lines := _arch_name_checks(p))}
     assert found == {}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_agree_with_their_arch_class(name: str) -> None:
+    """The presets (built without the arch package) state what the arch class says."""
+    p = PRESETS[name]
+    cls = arch_class(p)
+    if not p.user_memory2:
+        assert p.unknown_ioctl_errno == cls.unknown_vm_ioctl_errno
+    if cls.private_mem_slots:
+        assert p.internal_mem_slots == cls.private_mem_slots
+    assert (p.ipa_bits is not None) == (cls.guest_addr_space is not None)
+    if p.ipa_limit:
+        assert memslot.constants.KVM_CAP_ARM_VM_IPA_SIZE in cls.arch_caps
+    if p.vm_types:
+        assert memslot.constants.KVM_CAP_VM_TYPES in cls.arch_caps

@@ -16,7 +16,12 @@ from __future__ import annotations
 import errno
 from typing import Any, ClassVar
 
-from ..constants import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_GMEM_ONLY
+from ..constants import (
+    KVM_CAP_ARM_VM_IPA_SIZE,
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEMSLOT_GMEM_ONLY,
+)
 from ..engine.change import ChangeType, Rule
 from ..engine.hooks import ArchHooks, PrepareError, table_block_sizes
 from ..engine.slot import MemorySlot
@@ -44,6 +49,9 @@ class Arm64Arch(ArchHooks):
     source_file: ClassVar[str] = "arch/arm64/kvm/mmu.c"
     tagged_user_addresses: ClassVar[bool] = True
     walks_vmas: ClassVar[bool] = True
+    unknown_vm_ioctl_errno: ClassVar[int] = errno.EINVAL
+    guest_addr_space: ClassVar[str | None] = "IPA"
+    arch_caps: ClassVar[frozenset[int]] = frozenset({KVM_CAP_ARM_VM_IPA_SIZE})
 
     @classmethod
     def huge_page_sizes(cls, page_shift: int) -> tuple[int, ...]:

@@ -38,6 +38,8 @@ VMA_PFNMAP_DIRTY = Rule("riscv-pfnmap-dirty", errno.EINVAL, "kvm_arch_prepare_me
 class RiscvArch(ArchHooks):
     source_file: ClassVar[str] = "arch/riscv/kvm/mmu.c"
     walks_vmas: ClassVar[bool] = True
+    unknown_vm_ioctl_errno: ClassVar[int] = errno.EINVAL
+    guest_addr_space: ClassVar[str | None] = "G-stage GPA"
 
     @classmethod
     def huge_page_sizes(cls, page_shift: int) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any, ClassVar, NamedTuple
 
+from ..constants import KVM_CAP_VM_TYPES
 from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
 from ..engine.hooks import ArchHooks, PrepareError
@@ -170,6 +171,9 @@ class X86Arch(ArchHooks):
     #: rmap[3] and lpage_info[2] pointers (40) and gfn_write_track (8).
     slot_arch_struct_bytes: ClassVar[int] = 48
     huge_page_tracking: ClassVar[str | None] = "lpage_info"
+    private_mem_slots: ClassVar[int] = 3
+    mmu_max_gfn: ClassVar[bool] = True
+    arch_caps: ClassVar[frozenset[int]] = frozenset({KVM_CAP_VM_TYPES})
 
     @classmethod
     def huge_page_sizes(cls, page_shift: int) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ a description of each slot's metadata and integrity checks for it."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -51,6 +52,22 @@ class ArchHooks:
     #: ``lpage_info``), or ``None`` where the arch decides at fault time and the tools can
     #: only estimate from the gpa/hva alignment rule.
     huge_page_tracking: ClassVar[str | None] = None
+    #: What ``kvm_arch_vm_ioctl`` answers for an ioctl it does not know (REGION2 before 6.8,
+    #: KVM_CREATE_GUEST_MEMFD without guest_memfd): ENOTTY, EINVAL on arm64 and riscv.
+    unknown_vm_ioctl_errno: ClassVar[int] = errno.ENOTTY
+    #: Slots KVM keeps for itself beside the user ones (``KVM_PRIVATE_MEM_SLOTS``, later
+    #: ``KVM_INTERNAL_MEM_SLOTS``) on every kernel of the arch: x86's APIC access page,
+    #: identity page table and TSS.
+    private_mem_slots: ClassVar[int] = 0
+    #: The name of the VM-wide guest physical space that bounds slots (arm64 "IPA", riscv
+    #: "G-stage GPA"), sized by ``Profile.ipa_bits``; ``None`` where there is none.
+    guest_addr_space: ClassVar[str | None] = None
+    #: x86's ``kvm_mmu_max_gfn()``: gfns are bounded by the host MAXPHYADDR under TDP
+    #: (refused past it from 5.18), and the TDP / TDP-MMU module parameters apply.
+    mmu_max_gfn: ClassVar[bool] = False
+    #: ``KVM_CHECK_EXTENSION`` numbers only this arch answers that ``detect_profile()``
+    #: records as profile fields (x86 KVM_CAP_VM_TYPES, arm64 KVM_CAP_ARM_VM_IPA_SIZE).
+    arch_caps: ClassVar[frozenset[int]] = frozenset()
     #: ``kvm_arch_prepare_memory_region`` walks the VMAs of the slot's host range (arm64,
     #: riscv), so its answer depends on the process's mappings (:attr:`vmas`).
     walks_vmas: ClassVar[bool] = False

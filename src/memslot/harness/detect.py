@@ -18,6 +18,7 @@ import platform
 from collections.abc import Callable
 
 from .. import constants as c
+from ..arch import ARCH_HOOKS
 from ..backends.base import VM
 from ..engine.caps import DERIVED
 from ..errors import KvmError, KvmUnavailable
@@ -199,6 +200,7 @@ def detect_profile(name: str = "detected") -> Profile:
     arch = _ARCHES.get(machine)
     if arch is None:
         raise KvmUnavailable(f"no profile rules for host architecture {machine!r}")
+    hooks = ARCH_HOOKS[arch]  # the arch's facts: what to probe and how to read it
     page_size = os.sysconf("SC_PAGE_SIZE")
     page_shift = page_size.bit_length() - 1
     release = platform.release()
@@ -217,8 +219,9 @@ def detect_profile(name: str = "detected") -> Profile:
         gmem = bool(cap(c.KVM_CAP_GUEST_MEMFD))
         attributes = cap(c.KVM_CAP_MEMORY_ATTRIBUTES)
         memory_attributes_system = vm.check_system_extension(c.KVM_CAP_MEMORY_ATTRIBUTES)
-        vm_types = cap(c.KVM_CAP_VM_TYPES) if arch == "x86" else 0
-        ipa_limit = cap(KVM_CAP_ARM_VM_IPA_SIZE) if arch == "arm64" else 0
+        vm_types = cap(c.KVM_CAP_VM_TYPES) if c.KVM_CAP_VM_TYPES in hooks.arch_caps else 0
+        ipa_limit = (cap(KVM_CAP_ARM_VM_IPA_SIZE) if KVM_CAP_ARM_VM_IPA_SIZE in hooks.arch_caps
+                     else 0)
         vcpus = dict(
             vcpu_id_u32=_vcpu_id_truncated(),
             # Seen only where the arch refuses a taken id itself (ppc64 HV): by version.
@@ -239,7 +242,7 @@ def detect_profile(name: str = "detected") -> Profile:
     except (ValueError, OSError):
         totalram = 1 << 22
     # KVM_MEM_SLOTS_NUM: SHRT_MAX since 5.12; before, the arch's user slots plus x86's 3.
-    internal = 3 if arch == "x86" else 0
+    internal = hooks.private_mem_slots
     if nr_slots + internal >= c.KVM_MEM_SLOTS_NUM - 2:
         mem_slots_num = c.KVM_MEM_SLOTS_NUM
         internal = c.KVM_MEM_SLOTS_NUM - nr_slots
@@ -274,11 +277,11 @@ def detect_profile(name: str = "detected") -> Profile:
     )
     fields["unknown_ioctl_errno"] = (
         _unknown_ioctl_errno(KvmVM, page_size) if not region2
-        else errno.EINVAL if arch in ("arm64", "riscv") else errno.ENOTTY)
+        else hooks.unknown_vm_ioctl_errno)
     gmem_ioctl, gmem_flags = _guest_memfd_ioctl(KvmVM, page_size)
     fields.update(guest_memfd_ioctl=gmem_ioctl, guest_memfd_flags=gmem_flags)
     notes = []
-    if arch == "x86":
+    if hooks.mmu_max_gfn:
         ept = _param("kvm_intel", "ept")
         npt = _param("kvm_amd", "npt")
         tdp = ept in ("Y", "1") or npt in ("Y", "1")
@@ -299,12 +302,12 @@ def detect_profile(name: str = "detected") -> Profile:
             small_ring_ok = _probe(KvmVM, lambda vm: vm.enable_cap(
                 c.KVM_CAP_DIRTY_LOG_RING, 8192))
             fields["cpu_dirty_log_size"] = 0 if small_ring_ok else PML_LOG_NR_ENTRIES
-    elif arch in ("arm64", "riscv"):
+    elif hooks.guest_addr_space:
         bits = _guest_addr_bits(KvmVM, page_size)
         fields["ipa_bits"] = bits
         if ipa_limit:
             fields["ipa_limit"] = ipa_limit
-        notes.append(f"{'IPA' if arch == 'arm64' else 'G-stage GPA'} size {bits} bits")
+        notes.append(f"{hooks.guest_addr_space} size {bits} bits")
     if gmem:
         fields["gmem_toggle_fix"] = _gmem_toggle_refused(KvmVM, page_size)
         fields["gmem_bind_wraps"] = _gmem_bind_wraps(KvmVM, page_size)

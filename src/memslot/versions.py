@@ -155,13 +155,13 @@ CHANGES: dict[str, Change] = {c.key: c for c in (
            "6.11' (86014c1e20fa): \"Take the vCPU @id as an unsigned long instead of u32\"; "
            "6.1.176 u32 id, 6.12.117 unsigned long; lab amd64 5.10 truncates"),
     Change("vcpu-exists-first", "7.3", "kvm_vm_ioctl_create_vcpu",
-           "KVM: check for a duplicate vCPU id before the arch creates the vCPU",
+           "(commit not found; descriptive) duplicate vCPU id checked before the arch hooks",
            "a taken id fails EEXIST before kvm_arch_vcpu_precreate / kvm_arch_vcpu_create "
            "run (before, the arch's own refusal came first: ppc64 HV answered EINVAL for a "
            "taken vcore) (`vcpu_exists_first`)",
            "7.2.13 checks kvm_get_vcpu_by_id() after kvm_arch_vcpu_create(), 7.3-rc7 before "
            "kvm_arch_vcpu_precreate() under guard(mutex); lab ppc64el 7.3 answers EEXIST "
-           "where 7.2 answers EINVAL (the commit is not pinned)"),
+           "where 7.2 answers EINVAL; no release lies between, so 7.3 is exact"),
     Change("x86-private-mem", "6.12", "kvm_supported_mem_attributes, kvm_gmem_create",
            "KVM: SEV: Select KVM_GENERIC_PRIVATE_MEM when CONFIG_KVM_AMD_SEV=y",
            "Debian's x86 build has the generic memory attributes and guest_memfd: "

@@ -235,3 +235,34 @@ def test_shell_completion_knows_commands_and_options(tmp_path: Path) -> None:
     assert first.split() == ["replay", "report"]
     assert set(second.split()) == {"--json", "--json-lines"}
     assert cli("completion", "zsh")[0] == 0
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_profiles_colour_on_a_terminal_and_fits_the_width(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MEMSLOT_PLAIN", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setenv("COLUMNS", "80")
+    for no_colour in (False, True):
+        if no_colour:
+            monkeypatch.setenv("NO_COLOR", "1")
+        tty = _Tty()
+        with redirect_stdout(tty):
+            assert main(["profiles", "--all"]) == 0
+        out = tty.getvalue()
+        colours = re.findall(r"\x1b\[[0-9;]*3[0-7]m", out)
+        assert bool(colours) != no_colour, colours[:3]
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
+        assert "x86_64@5.10" in plain and "shadow paging" in plain
+        long = [line for line in plain.splitlines() if len(line) > 80]
+        assert not long, long[:3]
+    # piped: no escape codes; with a width, still within it; without one, whole lines
+    code, out, _ = cli("profiles", env={"COLUMNS": "80"})
+    assert code == 0 and "\x1b[" not in out and max(map(len, out.splitlines())) <= 80
+    code, out, _ = cli("profiles", env={"COLUMNS": ""})
+    assert "description" in out.splitlines()[0] and max(map(len, out.splitlines())) > 80

@@ -1,4 +1,9 @@
-"""``memslot profiles``: the host profiles the model can imitate."""
+"""``memslot profiles``: the host profiles the model can imitate.
+
+On a terminal the table is coloured as explain's and report's are (``NO_COLOR`` and
+``TERM=dumb`` respected); with a known width (a terminal, or ``COLUMNS``) the descriptions
+leave the table and follow it, wrapped, so that every line fits; piped output keeps one
+whole-line table for scripts."""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import argparse
 
 from ..arch import arch_class
 from ..profile import PRESETS, Profile
-from .common import EXIT_OK, Command, emit_json, table
+from . import render
+from .common import EXIT_OK, Command, emit_json
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -30,21 +36,33 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json([_as_dict(p) for p in profiles])
         return EXIT_OK
+    limit = render.width()
+    headers = ["profile", "arch", "kernel", "AS", "slots", "RO", "page", "gpa limit",
+               "features"]
     rows = []
     for p in profiles:
         rows.append([
             p.name, p.arch, p.kernel, str(p.nr_address_spaces), str(p.user_mem_slots),
             "yes" if p.readonly_mem else "no", str(p.page_size // 1024) + "K",
-            _limit(p), _features(p), p.description,
+            _limit(p), _features(p),
         ])
-    table(rows, ["profile", "arch", "kernel", "AS", "slots", "RO", "page", "gpa limit",
-                 "features", "description"])
+    if limit is None:  # piped: one table, whole lines
+        for row, p in zip(rows, profiles, strict=True):
+            row.append(p.description)
+        headers.append("description")
+    render.print_table(rows, headers, right={3, 4}, styles={0: "bold cyan", 8: "green"})
+    if limit is not None:
+        render.line("")
+        render.heading("descriptions")
+        for p in profiles:
+            render.line(f"  {p.name}: {p.description}", indent=4)
     if not args.all:
         n = sum("@" in name for name in PRESETS)
-        print(f"(names without @X.Y are the newest of their kind; --all lists the {n} "
-              "versioned presets)")
+        render.line(f"(names without @X.Y are the newest of their kind; --all lists the {n} "
+                    "versioned presets)", "dim")
     if args.detect:
-        print(f"detected: {'= ' + matched if matched else 'matches no preset exactly'}")
+        render.line(f"detected: {'= ' + matched if matched else 'matches no preset exactly'}",
+                    "green" if matched else "yellow")
     return EXIT_OK
 
 

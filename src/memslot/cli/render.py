@@ -92,9 +92,11 @@ def print_table(
     right: set[int] | None = None,
     out: TextIO | None = None,
     keys: int = 1,
+    styles: dict[int, str] | None = None,
 ) -> None:
     """A table: Rich on a terminal, ``common.table`` plain text otherwise. Columns whose
-    index is in ``right`` are right-aligned (numbers). A table wider than the output
+    index is in ``right`` are right-aligned (numbers); ``styles`` gives a column a Rich style
+    (e.g. ``"cyan"``) on a terminal. A table wider than the output
     (:func:`width`) is printed as several narrower ones, each repeating the first ``keys``
     columns; no cell is cut or folded."""
     stream = out or sys.stdout
@@ -103,7 +105,9 @@ def print_table(
         part_rows = [[r[i] for i in part] for r in rows]
         part_headers = [headers[i] for i in part]
         part_right = {j for j, i in enumerate(part) if i in right}
-        _print_one(part_rows, part_headers, title if n == 0 else None, part_right, stream)
+        part_styles = {j: (styles or {})[i] for j, i in enumerate(part) if i in (styles or {})}
+        _print_one(part_rows, part_headers, title if n == 0 else None, part_right, stream,
+                   part_styles)
 
 
 def column_groups(rows: list[list[str]], headers: list[str], limit: int | None,
@@ -132,7 +136,7 @@ def column_groups(rows: list[list[str]], headers: list[str], limit: int | None,
 
 
 def _print_one(rows: list[list[str]], headers: list[str], title: str | None, right: set[int],
-               stream: TextIO) -> None:
+               stream: TextIO, styles: dict[int, str] | None = None) -> None:
     if not fancy(stream):
         if title:
             stream.write(f"{title}\n")
@@ -147,7 +151,8 @@ def _print_one(rows: list[list[str]], headers: list[str], title: str | None, rig
     t = Table(title=title, title_justify="left", header_style="bold", box=None,
               pad_edge=False, show_edge=False)
     for i, h in enumerate(headers):
-        t.add_column(h, justify="right" if i in right else "left", no_wrap=True)
+        t.add_column(h, justify="right" if i in right else "left", no_wrap=True,
+                     style=(styles or {}).get(i))
     for row in rows:
         t.add_row(*(_escape(cell) for cell in row))
     console = _console(stream)

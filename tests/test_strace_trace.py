@@ -177,3 +177,23 @@ def test_dump_lines_round_trip() -> None:
     got = b"".join(d[1] for d in map(parse_dump_line, lines) if d is not None)
     assert got == data
     assert parse_dump_line("not a dump\n") is None
+
+
+def test_replay_shows_the_final_slots_of_every_vm(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from memslot.cli.main import main
+
+    assert main(["replay", "-q", "--profile", "x86_64-shadow", str(VMS)]) == 0
+    out = capsys.readouterr().out
+    assert "final slots of 3 VMs (5):" in out
+    table = out.split("final slots of 3 VMs (5):\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert table[0].split()[:3] == ["vm", "as", "id"]
+    assert sorted((r.split()[0], r.split()[2]) for r in table[1:]) == [
+        ("0", "0"), ("0", "1"), ("0", "3"), ("1", "0"), ("2", "5")]
+    assert "vm 1 metadata:" in out and "vm 2 metadata:" in out
+    assert main(["replay", "-q", "--json", "--profile", "x86_64-shadow", str(VMS)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert sorted((s["vm"], s["as_id"], s["id"]) for s in data["slots"]) == [
+        (0, 0, 0), (0, 0, 1), (0, 0, 3), (1, 0, 0), (2, 0, 5)]
+    assert [(v["vm"], v["slots"]) for v in data["vms"]] == [(0, 3), (1, 1), (2, 1)]

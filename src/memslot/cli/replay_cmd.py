@@ -74,21 +74,29 @@ def _all_slots(vm: VM) -> list[MemorySlot]:
     return [s for as_id in range(vm.nr_address_spaces) for s in vm.memslots(as_id)]
 
 
-def slot_table_rows(vm: VM) -> tuple[list[list[str]], list[str]]:
+def slot_table_rows(vms: dict[int, VM]) -> tuple[list[list[str]], list[str]]:
+    """The final slots of every VM of the trace (a ``vm`` column when there are several)."""
     from ..constants import flag_names
 
+    several = len(vms) > 1
     headers = ["as", "id", "gpa", "size", "userspace_addr", "flags"]
-    model = _model(vm)
-    if model is not None:
+    with_metadata = all(_model(vm) is not None for vm in vms.values())
+    if with_metadata:
         headers += ["metadata", "vmalloc"]
+    if several:
+        headers.insert(0, "vm")
     rows = []
-    for s in _all_slots(vm):
-        row = [str(s.as_id), str(s.id), f"{s.guest_phys_addr:#x}", human_bytes(s.memory_size),
-               f"{s.userspace_addr:#x}", flag_names(s.flags)]
-        if model is not None:
-            d = model.describe_metadata(s)
-            row += [human_bytes(d["bytes"]), human_bytes(d["vmalloc_bytes"])]
-        rows.append(row)
+    for number, vm in sorted(vms.items()):
+        model = _model(vm)
+        for s in _all_slots(vm):
+            row = [str(s.as_id), str(s.id), f"{s.guest_phys_addr:#x}",
+                   human_bytes(s.memory_size), f"{s.userspace_addr:#x}", flag_names(s.flags)]
+            if with_metadata and model is not None:
+                d = model.describe_metadata(s)
+                row += [human_bytes(d["bytes"]), human_bytes(d["vmalloc_bytes"])]
+            if several:
+                row.insert(0, str(number))
+            rows.append(row)
     return rows, headers
 
 
@@ -200,12 +208,13 @@ def run(args: argparse.Namespace) -> int:
                 raise
             interrupted = True
             source.stopped = "interrupted"
-        problems = _check(vm)
+        vms = dict(replayer.vms)
+        problems = _check(vms)
         notice = source.notice(tally.operations)
         if args.json or args.json_lines:
-            out.end(_summary(vm, tally, source, problems, notice))
+            out.end(_summary(vms, tally, source, problems, notice))
         else:
-            print_summary(vm, tally, source.malformed, problems, notice, out.width,
+            print_summary(vms, tally, source.malformed, problems, notice, out.width,
                           source.stopped if source.follow is not None else None)
     finally:
         replayer.close()
@@ -226,9 +235,14 @@ def _current(ops: Iterator[TraceOp], current: list[TraceOp | None]) -> Iterator[
         yield op
 
 
-def _check(vm: VM) -> list[str]:
-    model = _model(vm)
-    return model.check() if model is not None else []
+def _check(vms: dict[int, VM]) -> list[str]:
+    """``check()`` of every model VM (problems of VM N > 0 say which)."""
+    problems = []
+    for number, vm in sorted(vms.items()):
+        model = _model(vm)
+        if model is not None:
+            problems += [f"vm {number}: {p}" if number else p for p in model.check()]
+    return problems
 
 
 _KIND = {"get_dirty_log": "GET_LOG", "clear_dirty_log": "CLEAR_LOG",
@@ -278,7 +292,7 @@ def _plural(n: int, word: str) -> str:
 
 
 def print_summary(
-    vm: VM,
+    vms: dict[int, VM],
     tally: Tally,
     bad_lines: list[str],
     problems: list[str],
@@ -286,28 +300,35 @@ def print_summary(
     limit: int | None = None,
     stopped: str | None = None,
 ) -> None:
-    rows, headers = slot_table_rows(vm)
+    """The final slots of every VM, the counts, each model VM's metadata and the problems."""
+    rows, headers = slot_table_rows(vms)
     if stopped:
         render.line(f"stopped following: {stopped}", "yellow")
     if notice:
         render.line(notice, "yellow")
     print()
-    render.print_table(rows, headers, title=f"final slots ({len(rows)}):",
-                       right={3, 6, 7} if len(headers) > 6 else {3})
+    several = len(vms) > 1
+    title = (f"final slots of {len(vms)} VMs ({len(rows)}):" if several
+             else f"final slots ({len(rows)}):")
+    numbers = {"size", "metadata", "vmalloc"}
+    render.print_table(rows, headers, title=title, keys=2 if several else 1,
+                       right={i for i, h in enumerate(headers) if h in numbers})
     print()
     print("\n".join(render.fit(
         f"{_plural(tally.operations, 'operation')}: {tally.ok} succeeded, {tally.refused} "
         f"refused, {tally.skipped} skipped, {tally.mismatches} mismatched "
         f"{'expectation' if tally.mismatches == 1 else 'expectations'}", [], limit)))
-    model = _model(vm)
-    if model is not None:
-        print("\n".join(render.fit(
-            f"metadata: {human_bytes(model.metadata_bytes())} live "
-            f"({_plural(model.metadata_bytes(), 'byte')}), VmallocUsed "
-            f"{human_bytes(model.vmalloc_bytes())}, nr_memslot_pages "
-            f"{_pages(vm)}, "
-            + ", ".join(f"generation[{i}] {model.generation(i)}"
-                        for i in range(vm.nr_address_spaces)), [], limit)))
+    for number, vm in sorted(vms.items()):
+        model = _model(vm)
+        if model is not None:
+            print("\n".join(render.fit(
+                (f"vm {number} " if several else "")
+                + f"metadata: {human_bytes(model.metadata_bytes())} live "
+                f"({_plural(model.metadata_bytes(), 'byte')}), VmallocUsed "
+                f"{human_bytes(model.vmalloc_bytes())}, nr_memslot_pages "
+                f"{_pages(vm)}, "
+                + ", ".join(f"generation[{i}] {model.generation(i)}"
+                            for i in range(vm.nr_address_spaces)), [], limit)))
     for line in bad_lines:
         render.line(f"skipped malformed line: {line}", "yellow")
     if problems:
@@ -326,20 +347,36 @@ def _pages(vm: VM) -> int:
     return sum(s.npages for s in _all_slots(vm))
 
 
-def _summary(
-    vm: VM, tally: Tally, source: Input, problems: list[str], notice: str | None
-) -> dict[str, Any]:
+def _totals(vm: VM) -> dict[str, Any] | None:
     model = _model(vm)
+    if model is None:
+        return None
+    return {
+        "metadata_bytes": model.metadata_bytes(),
+        "vmalloc_bytes": model.vmalloc_bytes(),
+        "nr_memslot_pages": _pages(vm),
+        "generations": [model.generation(i) for i in range(vm.nr_address_spaces)],
+    }
+
+
+def _summary(
+    vms: dict[int, VM], tally: Tally, source: Input, problems: list[str], notice: str | None
+) -> dict[str, Any]:
+    """The JSON summary: ``slots`` of every VM (each names its ``vm``), ``totals`` of VM 0
+    and, when the trace has several VMs, ``vms``: each one's slot count and totals."""
     slots = []
-    for s in _all_slots(vm):
-        entry: dict[str, Any] = {
-            "as_id": s.as_id, "id": s.id, "base_gfn": s.base_gfn, "npages": s.npages,
-            "guest_phys_addr": s.guest_phys_addr, "memory_size": s.memory_size,
-            "userspace_addr": s.userspace_addr, "flags": s.flags,
-        }
-        if model is not None:
-            entry["metadata"] = model.describe_metadata(s)
-        slots.append(entry)
+    for number, vm in sorted(vms.items()):
+        model = _model(vm)
+        for s in _all_slots(vm):
+            entry: dict[str, Any] = {
+                "vm": number, "as_id": s.as_id, "id": s.id, "base_gfn": s.base_gfn,
+                "npages": s.npages, "guest_phys_addr": s.guest_phys_addr,
+                "memory_size": s.memory_size, "userspace_addr": s.userspace_addr,
+                "flags": s.flags,
+            }
+            if model is not None:
+                entry["metadata"] = model.describe_metadata(s)
+            slots.append(entry)
     out: dict[str, Any] = {
         "slots": slots,
         "operations": tally.operations,
@@ -351,13 +388,12 @@ def _summary(
     }
     if source.follow is not None:
         out["stopped"] = source.stopped
-    if model is not None:
-        out["totals"] = {
-            "metadata_bytes": model.metadata_bytes(),
-            "vmalloc_bytes": model.vmalloc_bytes(),
-            "nr_memslot_pages": _pages(vm),
-            "generations": [model.generation(i) for i in range(vm.nr_address_spaces)],
-        }
+    totals = _totals(vms[0]) if 0 in vms else None
+    if totals is not None:
+        out["totals"] = totals
+    if len(vms) > 1:
+        out["vms"] = [{"vm": n, "slots": sum(1 for s in slots if s["vm"] == n),
+                       "totals": _totals(vm)} for n, vm in sorted(vms.items())]
     return out
 
 

@@ -22,9 +22,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pid", type=int, metavar="PID",
                    help="attach to a running VMM (all its threads) instead of starting one; "
                         "SIGINT/SIGTERM detaches")
+    p.add_argument("--timed-hold", action="store_true",
+                   help="hold every ioctl for --hold-ms under strace, as with --pid, instead "
+                        "of stopping the calls whose structs are read with a seccomp filter "
+                        "until they are read (the default for a COMMAND)")
     p.add_argument("--hold-ms", type=float, default=DEFAULT_HOLD_MS, metavar="MS",
-                   help="how long strace holds each ioctl so that its struct can be read "
-                        f"(default {DEFAULT_HOLD_MS:g}; 0: keep only what strace decodes)")
+                   help="with --pid or --timed-hold: how long strace holds each ioctl so that "
+                        f"its struct can be read (default {DEFAULT_HOLD_MS:g}; 0: keep only "
+                        "what strace decodes)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
                    help="the VMM to run (SIGINT/SIGTERM stop it; the trace is complete)")
 
@@ -73,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         die(f"{path}: is a directory")
     with _create(path) as out:
         try:
-            result = Recorder(out, hold_ms=args.hold_ms, strace=strace).record(
+            result = Recorder(out, hold_ms=args.hold_ms, strace=strace,
+                              timed=args.timed_hold).record(
                 args.pid if args.pid is not None else command)
         except RecordError as exc:
             die(str(exc))
@@ -85,14 +91,18 @@ def run(args: argparse.Namespace) -> int:
     what = f"pid {args.pid}" if args.pid is not None else command[0]
     ended = (f"stopped by {result.stopped_by}" if result.stopped_by
              else f"exit status {result.status}")
+    held = {"seccomp": "calls held by seccomp until read",
+            "timed": f"timed hold of {args.hold_ms:g} ms",
+            "none": "no argument reads"}[result.hold]
     print(f"memslot record: {what} ({ended}): {len(ops)} memslot operation(s), {sets} "
           f"set-region, on {vms} VM(s); {result.lines} lines, {result.dumped} argument dump(s) "
-          f"-> {path}", file=sys.stderr)
+          f"({held}) -> {path}", file=sys.stderr)
     if result.missed:
         shown = ", ".join(f"L{n}" for n in result.missed[:5])
-        print(f"memslot record: {len(result.missed)} call(s) ran on before their arguments "
-              f"were read ({shown}{'...' if len(result.missed) > 5 else ''}); raise --hold-ms",
-              file=sys.stderr)
+        hint = "; raise --hold-ms" if result.hold == "timed" else ""
+        print(f"memslot record: {len(result.missed)} call(s) whose arguments could not be "
+              f"read, marked in the log ({shown}{'...' if len(result.missed) > 5 else ''})"
+              f"{hint}", file=sys.stderr)
     for error in errors[:5]:
         print(f"memslot record: {error}", file=sys.stderr)
     return EXIT_MISMATCH if result.missed or errors else EXIT_OK

@@ -4,21 +4,26 @@ strace (``-f -y -X raw``) traces ``ioctl`` and the calls that make, copy and dro
 and threads, and writes its log into a FIFO this module reads line by line and copies to the
 output. strace decodes ``KVM_SET_USER_MEMORY_REGION`` but prints only the pointer of
 ``KVM_SET_USER_MEMORY_REGION2``, ``KVM_CREATE_GUEST_MEMFD``, ``KVM_ENABLE_CAP`` and the dirty-log
-ioctls, so strace also holds each ioctl at its exit for ``hold_ms``
-(``-e inject=ioctl:delay_exit=``): the line is written before the hold, and while the thread is
-held the recorder reads the struct (and a ``KVM_CLEAR_DIRTY_LOG`` bitmap) from
-``/proc/TID/mem`` and writes it after the line in strace's dump format
-(:func:`memslot.trace.strace.format_dump`). A read counts only when ``/proc/TID/syscall``
-shows the same ioctl before and after it and the thread's context-switch counts did not move
-(it did not run in between); otherwise the call is reported as missed and its line stays
-without bytes (a malformed line for the parser, never a wrong value).
+ioctls, so the recorder reads those structs (and a ``KVM_CLEAR_DIRTY_LOG`` bitmap) from
+``/proc/TID/mem`` and writes them after the call's line in strace's dump format
+(:func:`memslot.trace.strace.format_dump`). How the thread is held while it reads:
 
-The hold costs ``hold_ms`` per ioctl (``KVM_RUN`` included), which suits start-up, hot-plug
-and migration rather than a long guest run; ``hold_ms=0`` reads nothing and keeps only what
-strace decodes.
+* A command (``memslot record -- CMD``): strace starts under a seccomp user-notification
+  filter on exactly those requests (:mod:`memslot.harness.seccomp_notify`), inherited by the
+  VMM and everything it starts. Each such ioctl stops its thread at the entry until the
+  recorder has read the struct and answered, however long that takes on a busy host; the
+  kernel then runs the call unchanged. Nothing is missed, and no other call is slowed
+  (``KVM_RUN`` included).
+* ``--pid`` (a filter cannot be added to a running process), or ``timed=True``: strace holds
+  every ioctl at its exit for ``hold_ms`` (``-e inject=ioctl:delay_exit=``); the line is
+  written before the hold, and while the thread is held the recorder reads. A read counts
+  only when ``/proc/TID/syscall`` shows the same ioctl before and after it and the thread's
+  context-switch counts did not move; a read that came too late is missed. This costs
+  ``hold_ms`` per ioctl and, on a busy host, can miss.
 
-The recorder raises its own priority (niceness - 10, where permitted) while it reads, so that
-reads stay within the hold on a busy host.
+A struct that could not be read is never silent: a `` | memslot record: ...`` line after the
+call's line says why (the parser reports that call as malformed, naming the cause), and
+:class:`Recording` counts it.
 
 Stopping: SIGINT or SIGTERM is passed on to the traced command (``--pid``: strace detaches);
 strace ends when its tracees do, and every line it wrote is in the output. A second signal, or
@@ -33,6 +38,7 @@ import platform
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import tempfile
@@ -44,7 +50,15 @@ from types import FrameType
 from typing import Any, TextIO
 
 from ..backends import uapi
-from ..trace.strace import RAW_REQUESTS, CallReader, LineError, format_dump, ioctl_pointer
+from ..trace.strace import (
+    RAW_REQUESTS,
+    CallReader,
+    LineError,
+    format_dump,
+    format_missed,
+    ioctl_pointer,
+)
+from . import seccomp_notify
 
 #: What strace traces: ioctls, and what makes, copies and drops descriptors and threads.
 TRACED = ("ioctl", "open", "openat", "close", "close_range", "dup", "dup2", "dup3", "fcntl",
@@ -78,11 +92,24 @@ class Recording:
     missed: list[int] = field(default_factory=list)  # output line numbers without their bytes
     status: int | None = None  # strace's exit status (the command's, when it ran one)
     stopped_by: str | None = None
+    hold: str = "none"  # "seccomp" | "timed" | "none": how threads were held for reads
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What the recorder read from a thread stopped at a call's entry."""
+
+    fd: int
+    request: int
+    address: int
+    data: bytes | None
+    why: str = ""
 
 
 def strace_command(strace: str, fifo: str, hold_ms: float, target: Sequence[str] | int,
                    ) -> list[str]:
-    """The strace command line (``target``: a command, or a pid to attach to)."""
+    """The strace command line (``target``: a command, or a pid to attach to; ``hold_ms``:
+    the timed hold, 0 for none)."""
     cmd = [strace, "-f", "-q", "-X", "raw", "-y", "-e", "signal=none",
            "-e", "trace=" + ",".join(TRACED)]
     if hold_ms > 0:
@@ -130,24 +157,33 @@ def _in_call(tid: int, fd: int, request: int, address: int) -> bool:
         return False
 
 
+def read_argument(tid: int, request: int, address: int) -> bytes:
+    """The ``_IOC_SIZE`` argument bytes of ioctl ``request`` at ``address`` in thread ``tid``
+    (and a ``KVM_CLEAR_DIRTY_LOG`` bitmap after them); ``OSError`` if they cannot be read."""
+    size = (request >> 16) & 0x3FFF
+    with open(f"/proc/{tid}/mem", "rb", buffering=0) as mem:
+        data = os.pread(mem.fileno(), size, address)
+        if request == uapi.KVM_CLEAR_DIRTY_LOG and len(data) == size:
+            _, num, _, bitmap = struct.unpack_from("<IIQQ", data)
+            want = ((num + 63) // 64) * 8
+            if bitmap and 0 < want <= MAX_BITMAP:
+                data += os.pread(mem.fileno(), want, bitmap)
+    if len(data) < size:
+        raise OSError(f"{len(data)} of {size} bytes")
+    return data
+
+
 def read_held(tid: int, fd: int, request: int, address: int) -> bytes | None:
-    """The argument bytes of an ioctl thread ``tid`` is held in, or ``None`` if the thread
-    was not provably held at that call for the whole read."""
+    """The argument bytes of an ioctl thread ``tid`` is held in (timed hold), or ``None`` if
+    the thread was not provably held at that call for the whole read."""
     before = _switches(tid)
     if before is None or before[0] != "t" or not _in_call(tid, fd, request, address):
         return None
-    size = (request >> 16) & 0x3FFF
     try:
-        with open(f"/proc/{tid}/mem", "rb", buffering=0) as mem:
-            data = os.pread(mem.fileno(), size, address)
-            if request == uapi.KVM_CLEAR_DIRTY_LOG and len(data) == size:
-                _, num, _, bitmap = struct.unpack_from("<IIQQ", data)
-                want = ((num + 63) // 64) * 8
-                if bitmap and 0 < want <= MAX_BITMAP:
-                    data += os.pread(mem.fileno(), want, bitmap)
+        data = read_argument(tid, request, address)
     except OSError:
         return None
-    if len(data) < size or _switches(tid) != before or not _in_call(tid, fd, request, address):
+    if _switches(tid) != before or not _in_call(tid, fd, request, address):
         return None
     return data
 
@@ -157,14 +193,19 @@ class Recorder:
     ``out``."""
 
     def __init__(self, out: TextIO, hold_ms: float = DEFAULT_HOLD_MS, grace: float = 10.0,
-                 strace: str | None = None) -> None:
+                 strace: str | None = None, timed: bool = False) -> None:
+        """``timed``: hold every ioctl for ``hold_ms`` even for a command (as for a pid)
+        instead of the seccomp hold; ``hold_ms=0`` with it: read nothing."""
         self.out = out
         self.hold_ms = hold_ms
         self.grace = grace
+        self.timed = timed
         self.strace = strace or find_strace()
         self.result = Recording()
         self._calls = CallReader()
         self._fd: int | None = None
+        self._listener: int | None = None  # the seccomp hold's notifications
+        self._held: dict[int, _Held] = {}  # tid -> what was read at its current call's entry
         self._buffer = b""  # a line strace has not finished
         self._queue: deque[bytes] = deque()  # lines read, not handled yet
 
@@ -179,22 +220,63 @@ class Recorder:
             call = self._calls.feed(line, self.result.lines)
         except LineError:  # copied as it is; the parser reports it
             return
+        for tid in self._calls.exited:
+            self._held.pop(tid, None)
         self._calls.exited.clear()
-        if call is None or call.name != "ioctl" or call.ret == "?" or self.hold_ms <= 0:
+        if call is None or call.name != "ioctl" or call.ret.startswith("?"):
+            return  # not a completed ioctl (a restarted one comes again)
+        if self.result.hold == "none":
             return
         found = ioctl_pointer(call)
         if found is None or found[1] not in RAW_REQUESTS:
             return
         fd, request, address = found
-        data = read_held(call.tid, fd, request, address) if address else None
-        if data is not None and self._moved_on(call.tid):
-            data = None  # held, but at a later call: its line is already out
+        data, why = None, ""
+        if self.result.hold == "seccomp":
+            held = self._held.pop(call.tid, None)
+            if held is None:
+                why = "the thread was not stopped at the call (outside the seccomp filter)"
+            elif (held.fd & 0xFFFFFFFF, held.request, held.address) != (
+                    fd & 0xFFFFFFFF, request, address):
+                why = "the thread was stopped at another call"
+            else:
+                data, why = held.data, held.why
+        else:
+            data = read_held(call.tid, fd, request, address) if address else None
+            if data is not None and self._moved_on(call.tid):
+                data = None  # held, but at a later call: its line is already out
+            if data is None:
+                why = (f"the timed hold ({self.hold_ms:g} ms) ended before the read"
+                       if address else "NULL argument")
         if data is None:
             self.result.missed.append(self.result.lines)
+            self._emit(format_missed(why))
             return
         for dump in format_dump(data):
             self._emit(dump)
         self.result.dumped += 1
+
+    def _notified(self) -> None:
+        """Read the struct of a thread the seccomp filter stopped, then let its call run."""
+        assert self._listener is not None
+        note = seccomp_notify.receive(self._listener)
+        if note is None:
+            return
+        data: bytes | None = None
+        why = ""
+        try:
+            if not note.address:
+                why = "NULL argument"
+            else:
+                try:
+                    data = read_argument(note.tid, note.request, note.address)
+                except OSError as exc:
+                    why = f"unreadable argument: {exc.strerror or exc}"
+                if not seccomp_notify.still_waiting(self._listener, note.id):
+                    data, why = None, "the thread left the call while it was read"
+        finally:
+            seccomp_notify.release(self._listener, note.id)
+        self._held[note.tid] = _Held(note.fd, note.request, note.address, data, why)
 
     def _pull(self) -> None:
         """Queue what strace has written so far, without handling it."""
@@ -225,16 +307,33 @@ class Recorder:
     # -- running ----------------------------------------------------------------------------
     def record(self, target: Sequence[str] | int) -> Recording:
         """Record until the command exits (or, attached, until stopped by a signal)."""
+        seccomp = (not self.timed and not isinstance(target, int)
+                   and notify_available(self.strace))
+        self.result.hold = ("seccomp" if seccomp else "timed" if self.hold_ms > 0 else "none")
         workdir = tempfile.mkdtemp(prefix="memslot-record-")
         fifo = os.path.join(workdir, "strace.fifo")
         os.mkfifo(fifo, 0o600)
         # Read and write ends both ours: opening never blocks, and the end is strace's exit.
         fd = self._fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        mine, theirs = socket.socketpair() if seccomp else (None, None)
         try:
+            hold = self.hold_ms if self.result.hold == "timed" else 0
+            preexec = None if theirs is None else _filter_and_send(theirs)
             try:
-                proc = subprocess.Popen(strace_command(self.strace, fifo, self.hold_ms, target))
-            except OSError as exc:
-                raise RecordError(f"cannot run strace: {exc.strerror or exc}") from None
+                proc = subprocess.Popen(strace_command(self.strace, fifo, hold, target),
+                                        preexec_fn=preexec)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise RecordError(f"cannot run strace: {getattr(exc, 'strerror', None) or exc}"
+                                  ) from None
+            if mine is not None:
+                assert theirs is not None
+                theirs.close()
+                _, fds, _, _ = socket.recv_fds(mine, 16, 1)
+                if not fds:
+                    proc.kill()
+                    proc.wait()
+                    raise RecordError("cannot run strace under the seccomp filter")
+                self._listener = fds[0]
             niceness = _boost()
             try:
                 self._loop(proc, fd, target)
@@ -243,6 +342,12 @@ class Recorder:
         finally:
             self._fd = None
             os.close(fd)
+            if self._listener is not None:
+                os.close(self._listener)
+                self._listener = None
+            for sock in (mine, theirs):
+                if sock is not None:
+                    sock.close()
             os.unlink(fifo)
             os.rmdir(workdir)
         if self._buffer:
@@ -265,9 +370,15 @@ class Recorder:
 
         previous = _install({signal.SIGINT: on_signal, signal.SIGTERM: on_signal})
         try:
+            watched = [fd] if self._listener is None else [self._listener, fd]
             while True:
-                ready, _, _ = select.select([fd], [], [], 0.1)
-                if ready:
+                ready, _, _ = select.select(watched, [], [], 0.1)
+                if self._listener is not None and self._listener in ready:
+                    # strace wrote the line of a thread's previous call before letting it
+                    # run on to this one: the log first, so that the line finds its bytes.
+                    self._drain()
+                    self._notified()
+                if fd in ready:
                     self._drain()
                 if proc.poll() is not None:
                     self._drain()
@@ -299,6 +410,33 @@ class Recorder:
                 os.kill(child, signal.SIGKILL if force else signum)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def notify_available(strace: str) -> bool:
+    """Whether this host lets the recorder start strace under the seccomp filter (probed on
+    a short-lived child)."""
+    try:
+        subprocess.run([strace, "-V"], preexec_fn=_probe, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+def _probe() -> None:
+    os.close(seccomp_notify.install(sorted(RAW_REQUESTS)))
+
+
+def _filter_and_send(sock: socket.socket) -> Any:
+    """The ``preexec_fn`` that installs the filter in strace's process (before it runs, so
+    inherited by the VMM it starts) and sends the listener to the recorder."""
+
+    def preexec() -> None:
+        listener = seccomp_notify.install(sorted(RAW_REQUESTS))
+        socket.send_fds(sock, [b"L"], [listener])
+        os.close(listener)
+
+    return preexec
 
 
 def _boost() -> int | None:

@@ -11,7 +11,8 @@ The memslot calls of any VMM, read from its KVM ioctls:
   ``memslot record`` writes after the call's line, in strace's own dump format (``-e write=``):
   `` | 00000  01 00 00 00 04 00 ...  ................ |`` -- the ``_IOC_SIZE`` bytes of the
   struct, then, for ``KVM_CLEAR_DIRTY_LOG`` with a bitmap, the bitmap. Without those bytes
-  (a plain strace log) such a call is a malformed line that names the cause.
+  (a plain strace log) such a call is a malformed line that names the cause; so is a call
+  followed by ``memslot record``'s `` | memslot record: argument bytes not read: WHY`` line.
 * ``KVM_CREATE_VM`` (the type), ``KVM_CHECK_EXTENSION`` (the capability; only the memslot
   ones the model answers are kept, on a VM fd or on ``/dev/kvm``).
 * ``KVM_ENABLE_CAP`` on a VM fd for the dirty-logging capabilities the model owns; other
@@ -31,7 +32,9 @@ to the one process that holds a VM there. VMs are numbered 0, 1, ... as they app
 Lines: ``[PID ]`` or ``[pid PID] ``, an optional timestamp (``-t``/``-tt``/``-ttt``), then
 ``name(args) = ret`` with an optional errno (``-1 EEXIST (File exists)``), ``(DELAYED)`` and
 ``<time>`` (``-T``). ``name(args <unfinished ...>`` and ``<... name resumed>rest`` are joined per
-thread. ``+++ exited ... +++`` ends a thread; signals and other lines are ignored.
+thread. A call that returns ``? ERESTART...`` did not happen: the kernel restarts it, and strace
+prints the restarted call again. ``+++ exited ... +++`` ends a thread; signals and other lines
+are ignored.
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ _RESUMED = re.compile(r"<\.\.\. (?P<name>[a-z_][a-z0-9_]*) resumed>(?P<rest>.*)$
 _EXIT = re.compile(r"\+\+\+ (?:exited with -?\d+|killed by SIG\w+(?: \(core dumped\))?) \+\+\+$")
 _SIGNAL = re.compile(r"--- (?:SIG\w+|stopped by SIG\w+) .*---$")
 _DUMP = re.compile(r" \| (?P<offset>[0-9a-f]{5,8})  (?P<hex>[0-9a-f ]{1,49}?)\s{2,}.{0,16} \|$")
+_MISSED = re.compile(r" \| memslot record: (?P<why>.+)$")
 _UNFINISHED = " <unfinished ...>"
 _RET = re.compile(
     r"(?P<value>-?\d+|0x[0-9a-f]+|\?)(?:<[^>]*(?:<[^>]*>)?[^>]*>)?"
@@ -143,6 +147,7 @@ class Call:
     ret: str
     line: int
     dump: bytearray = field(default_factory=bytearray)
+    missing: str = ""  # why memslot record could not read the argument bytes
 
     @property
     def value(self) -> int | None:
@@ -264,6 +269,18 @@ def parse_dump_line(line: str) -> tuple[int, bytes] | None:
     return int(m.group("offset"), 16), bytes.fromhex(m.group("hex").replace(" ", ""))
 
 
+def format_missed(why: str) -> str:
+    """The line ``memslot record`` writes after a call whose argument bytes it could not read
+    (the parser reports the call with ``why``)."""
+    return f" | memslot record: argument bytes not read: {why}\n"
+
+
+def parse_missed_line(line: str) -> str | None:
+    """The text of a :func:`format_missed` line; ``None`` if not one."""
+    m = _MISSED.match(line.rstrip("\n"))
+    return None if m is None else m.group("why")
+
+
 def format_dump(data: bytes) -> list[str]:
     """strace's hex dump of ``data`` (the lines ``memslot record`` writes after a call)."""
     lines = []
@@ -381,7 +398,9 @@ def _cap(text: str) -> int:
     return _int(text, "capability")
 
 
-def _need(data: bytes, size: int, what: str) -> bytes:
+def _need(data: bytes, size: int, what: str, missing: str = "") -> bytes:
+    if not data and missing:
+        raise LineError(f"{what}: {missing}")
     if not data:
         raise LineError(f"{what}: the argument bytes are not in the log ({_STRACE_HINT})")
     if len(data) < size:
@@ -486,6 +505,8 @@ class StraceParser:
     # calls --------------------------------------------------------------------------------
     def handle(self, call: Call) -> list[TraceOp]:
         name = call.name
+        if call.ret.startswith("? ERESTART"):
+            return []  # interrupted before it took effect; the restart is a call of its own
         if name == "ioctl":
             return self._ioctl(call)
         if name in ("open", "openat", "openat2"):
@@ -597,6 +618,8 @@ class StraceParser:
         if entry.kind != "vm":
             return []
         vm = entry.vm
+        if call.missing and not call.dump and request in RAW_REQUESTS:
+            raise LineError(f"{_REQUEST_NAMES[request]}: {call.missing}")
         if request == _R["KVM_SET_USER_MEMORY_REGION"]:
             region = _region1(call.dump) if call.dump else _region_text(arg)
             return [SetRegion(region, expect, line, "", vm)]
@@ -693,6 +716,10 @@ def parse_strace(
     number = 0
     for number, line in enumerate(lines, 1):
         if held is not None:
+            missing = parse_missed_line(line)
+            if missing is not None and not held.dump:
+                held.missing = f"memslot record: {missing}"
+                continue
             dump = parse_dump_line(line)
             if dump is not None:
                 offset, data = dump

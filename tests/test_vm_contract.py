@@ -209,3 +209,82 @@ def test_sibling_is_a_fresh_vm_of_the_same_kind(vm: VM) -> None:
         assert other.memslots() == []
         assert other.page_size == vm.page_size
     assert other.closed and len(vm.memslots()) == 1
+
+
+# KVM_ENABLE_CAP of x86's own capabilities (kvm_vm_ioctl_enable_cap): what VMMs enable --
+# QEMU 7.2 enables EXCEPTION_PAYLOAD, X86_TRIPLE_FAULT_EVENT, X86_USER_SPACE_MSR and
+# MAX_VCPU_ID on every VM -- and what the fuzzer sends, errno for errno on every backend.
+# Each case: (what comes before: ("cap", CAP, ARG) or ("vcpu", ID)), cap, arg, flags, errno.
+SPLIT, X2APIC, EXITS, PLATFORM, PAYLOAD, USER_MSR = 121, 129, 143, 159, 164, 188
+BUS_LOCK, HYPERCALL, EMULATION, QUIRKS2, TRIPLE, NX, APIC_BUS = 193, 201, 204, 213, 218, 220, 237
+MAX_VCPU_ID, SGX, COPY_ENC = 128, 196, 197
+LIMIT = -(1 << 40)  # stands for KVM_MAX_VCPU_IDS, KVM_CHECK_EXTENSION(KVM_CAP_MAX_VCPU_ID)
+ENABLE_CAP_CASES = [
+    ((), PAYLOAD, 1, 0, 0), ((), TRIPLE, 1, 0, 0), ((), USER_MSR, 4, 0, 0),
+    ((), USER_MSR, 8, 0, errno.EINVAL), ((), PLATFORM, 5, 0, 0), ((), PLATFORM, 1, 1, errno.EINVAL),
+    ((), 116, 1 << 40, 0, 0),
+    ((), MAX_VCPU_ID, 1, 0, 0), ((), MAX_VCPU_ID, 0, 0, 0),
+    ((), MAX_VCPU_ID, LIMIT + 1, 0, errno.EINVAL),
+    ((("cap", MAX_VCPU_ID, 1),), MAX_VCPU_ID, 1, 0, 0),
+    ((("cap", MAX_VCPU_ID, 1),), MAX_VCPU_ID, 2, 0, errno.EINVAL),
+    ((("vcpu", 0),), MAX_VCPU_ID, 1, 0, errno.EINVAL),  # the vCPU fixed KVM_MAX_VCPU_IDS
+    ((("vcpu", 0),), MAX_VCPU_ID, LIMIT, 0, 0),
+    ((), SPLIT, 24, 0, 0), ((), SPLIT, 4096, 0, 0), ((), SPLIT, 4097, 0, errno.EINVAL),
+    ((("cap", SPLIT, 24),), SPLIT, 24, 0, errno.EEXIST),
+    ((("vcpu", 0),), SPLIT, 24, 0, errno.EEXIST),
+    ((), X2APIC, 3, 0, 0), ((), X2APIC, 8, 0, 0), ((), X2APIC, 4, 0, errno.EINVAL),
+    ((("cap", SPLIT, 24),), X2APIC, 4, 0, 0),
+    ((("cap", SPLIT, 24),), X2APIC, 12, 0, errno.EINVAL),
+    ((), X2APIC, 16, 0, errno.EINVAL),
+    ((), BUS_LOCK, 1, 0, 0), ((), BUS_LOCK, 2, 0, 0), ((), BUS_LOCK, 3, 0, errno.EINVAL),
+    ((), BUS_LOCK, 4, 0, errno.EINVAL),
+    ((), HYPERCALL, 1 << 12, 0, 0), ((), HYPERCALL, 1, 0, errno.EINVAL),
+    ((), EMULATION, 1, 0, 0), ((), EMULATION, 2, 0, errno.EINVAL),
+    ((), NX, 0, 0, 0), ((), NX, 1, 0, errno.EINVAL), ((("vcpu", 0),), NX, 0, 0, errno.EINVAL),
+    ((), APIC_BUS, 1, 0, errno.ENXIO), ((("cap", SPLIT, 24),), APIC_BUS, 1, 0, 0),
+    ((("cap", SPLIT, 24),), APIC_BUS, 0, 0, errno.EINVAL),
+    ((("cap", SPLIT, 24),), APIC_BUS, 1 << 40, 0, errno.EINVAL),
+    ((("cap", SPLIT, 24), ("vcpu", 0)), APIC_BUS, 1, 0, errno.EINVAL),
+    ((), SGX, 0, 0, errno.EINVAL), ((), COPY_ENC, 0, 0, errno.EINVAL),
+    ((), 1000, 1, 0, errno.EINVAL),
+]
+
+
+@pytest.mark.parametrize(("before", "cap", "arg", "flags", "expect"), ENABLE_CAP_CASES)
+def test_enable_cap_of_x86_capabilities(make: Callable[[], VM], before: tuple[tuple[int, ...]],
+                                        cap: int, arg: int, flags: int, expect: int) -> None:
+    vm = make()
+    if arg in (LIMIT, LIMIT + 1):
+        arg = vm.check_extension(MAX_VCPU_ID) + arg - LIMIT
+    for step in before:
+        if step[0] == "cap":
+            vm.enable_cap(step[1], step[2])
+        else:
+            vm.create_vcpu(step[1])
+    assert errno_of(lambda: vm.enable_cap(cap, arg, flags=flags)) == expect
+
+
+def test_max_vcpu_id_bounds_vcpu_creation(vm: VM) -> None:
+    """kvm_arch_vcpu_precreate: ids at or above the VM's max vCPU id are EINVAL."""
+    vm.enable_cap(MAX_VCPU_ID, 2)
+    assert vm.create_vcpu(1) == 1
+    assert errno_of(lambda: vm.create_vcpu(2)) == errno.EINVAL
+
+
+PMU, NOTIFY = 212, 219
+
+
+@pytest.mark.parametrize("cap", [QUIRKS2, EXITS, PMU, NOTIFY])
+def test_enable_cap_host_masks_follow_check_extension(make: Callable[[], VM], cap: int) -> None:
+    """Where the host decides (the quirks it supports, the exits it lets a guest keep, its
+    PMU, notify VM exits), KVM_ENABLE_CAP accepts what KVM_CHECK_EXTENSION answered."""
+    mask = make().check_extension(cap)
+    if cap in (QUIRKS2, EXITS):  # each bit alone: accepted where the answer has it
+        cases = {1 << bit: 0 if mask >> bit & 1 else errno.EINVAL for bit in range(12)}
+    elif cap == PMU:  # KVM_PMU_CAP_DISABLE, with a PMU
+        cases = {0: 0 if mask else errno.EINVAL, 1: 0 if mask else errno.EINVAL,
+                 2: errno.EINVAL}
+    else:  # KVM_X86_NOTIFY_VMEXIT_ENABLED, where the CPU has notify VM exits
+        cases = {1: 0 if mask else errno.EINVAL, 0: errno.EINVAL, 4: errno.EINVAL}
+    for value, want in cases.items():
+        assert errno_of(lambda v=value: make().enable_cap(cap, v)) == want, (cap, value, mask)

@@ -40,6 +40,7 @@ from ..engine.ledger import (
 )
 from ..engine.slot import MemorySlot
 from ..profile import Profile
+from .x86_caps import X86VmCaps
 
 KVM_NR_PAGE_SIZES = 3  # 4K, 2M, 1G
 HUGE_LEVELS = (2, 3)
@@ -199,6 +200,7 @@ class X86Arch(ArchHooks):
         self._max_gfn = p.max_gfn if p.max_gfn_check else (1 << 64) - 1
         self._move_refused = p.external_page_tracker
         self._shape_key = (self.have_rmaps, self.write_tracking, p.page_size)
+        self.caps = X86VmCaps(p)  # KVM_ENABLE_CAP's per-VM state
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -214,6 +216,15 @@ class X86Arch(ArchHooks):
         return p.external_write_tracking or not p.tdp or self.shadow_root_allocated
 
     # -- hooks ------------------------------------------------------------------------------
+    def enable_cap(self, cap: int, args: tuple[int, ...], flags: int,
+                   created_vcpus: int) -> Rule | None:
+        """``kvm_vm_ioctl_enable_cap`` of ``arch/x86/kvm/x86.c`` (``x86_caps.py``)."""
+        return self.caps.enable_cap(cap, args, flags, created_vcpus)
+
+    def vcpu_create(self, vcpu_id: int, existing: frozenset[int]) -> Rule | None:
+        """``kvm_arch_vcpu_precreate``: below the VM's max vCPU id (``x86_caps.py``)."""
+        return self.caps.vcpu_precreate(vcpu_id)
+
     def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
         if change is ch.FLAGS_ONLY:
             assert old is not None

@@ -10,7 +10,6 @@ from ..arch import make_arch
 from ..engine import caps
 from ..engine import gmem as gmem_files
 from ..engine.change import (
-    ENABLE_CAP_UNKNOWN,
     GMEM_CREATE,
     GMEM_UNSUPPORTED,
     OTHER_MM,
@@ -184,8 +183,11 @@ class ModelVM(VM):
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         check_enable_cap_args(cap, args, flags)
         self._ioctl()
-        if not self._dirty.enable_cap(cap, tuple(args), flags):
-            rule = ENABLE_CAP_UNKNOWN
+        if self._dirty.enable_cap(cap, tuple(args), flags):
+            return
+        # kvm_vm_ioctl_enable_cap_generic's default: the arch's kvm_vm_ioctl_enable_cap
+        rule = self.arch.enable_cap(cap, tuple(args), flags, self._dirty.created_vcpus)
+        if rule is not None:
             raise KvmError(rule.errno, str(rule), f"KVM_ENABLE_CAP cap={cap}")
 
     def create_vcpu(self, vcpu_id: int | None = None) -> int:

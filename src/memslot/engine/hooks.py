@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from ..profile import Profile
-from .change import ChangeType, Rule
+from .change import ENABLE_CAP_UNKNOWN, ChangeType, Rule
 from .ledger import Allocation, AllocGroup, Ledger
 from .slot import MemorySlot
 from .vmas import VmaMap
@@ -113,6 +113,12 @@ class ArchHooks:
         ``kvm_vm_ioctl_create_vcpu`` until 7.2 (``Profile.vcpu_exists_first``), after it from
         7.3."""
         return None
+
+    def enable_cap(self, cap: int, args: tuple[int, ...], flags: int,
+                   created_vcpus: int) -> Rule | None:
+        """``kvm_vm_ioctl_enable_cap``, for a capability the generic code does not own: the
+        rule refusing it, or ``None`` once applied. Here: none can be enabled (EINVAL)."""
+        return ENABLE_CAP_UNKNOWN
 
     def commit(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> None:
         """``kvm_arch_commit_memory_region``."""

@@ -337,6 +337,13 @@ class Generator:
             return EnableCap(c.KVM_CAP_HALT_POLL, args, r.choice([0, 0, 0, 1, 1 << 31]))
         if x < 0.75:
             return EnableCap(r.choice(NOT_ENABLEABLE), (r.choice(wide),))
+        if x < 0.85 and self.detected and self.p.arch == "x86":
+            # x86's own capabilities (what VMMs enable), their arguments at the edges of each
+            # check; a detected profile records the host answers some of them depend on.
+            arg = r.choice([0, 1, 2, 3, 4, 8, 12, 16, 24, 48, 49, 0x1000, 4096, 4097,
+                            (1 << 32) | 1, *wide])
+            return EnableCap(r.choice(sorted(c.X86_ENABLE_CAPS)), (arg,),
+                             r.choice([0, 0, 0, 0, 1]))
         # Mostly sizes the kernel refuses, also in the high 32 bits that
         # kvm_vm_ioctl_enable_dirty_log_ring truncates away; a valid one (rarely) turns the
         # ring on for the rest of the sequence (sequences also start with one, see _sequence).

@@ -15,7 +15,8 @@ The memslot calls of any VMM, read from its KVM ioctls:
   followed by ``memslot record``'s `` | memslot record: argument bytes not read: WHY`` line.
 * ``KVM_CREATE_VM`` (the type), ``KVM_CHECK_EXTENSION`` (the capability; only the memslot
   ones the model answers are kept, on a VM fd or on ``/dev/kvm``).
-* ``KVM_ENABLE_CAP`` on a VM fd for the dirty-logging capabilities the model owns; other
+* ``KVM_ENABLE_CAP`` on a VM fd for the dirty-logging capabilities and the x86 ones the model
+  owns (``arch/x86_caps.py``); other
   capabilities, vCPU and device ioctls are not memslot operations and are left out (so is an
   ``KVM_ENABLE_CAP`` without its bytes: the capability is unknown).
 
@@ -67,11 +68,12 @@ MEMSLOT_CAPS = frozenset({
     c.KVM_CAP_DIRTY_LOG_RING, c.KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
     c.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, c.KVM_CAP_GUEST_MEMFD,
 })
-#: ``KVM_ENABLE_CAP`` capabilities kept: the dirty-logging ones the model owns.
+#: ``KVM_ENABLE_CAP`` capabilities kept: the dirty-logging ones the generic code owns and the
+#: x86 ones the model knows (QEMU enables EXCEPTION_PAYLOAD, MAX_VCPU_ID, ... on every VM).
 ENABLE_CAPS = frozenset({
     c.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, c.KVM_CAP_DIRTY_LOG_RING,
     c.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, c.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
-})
+}) | c.X86_ENABLE_CAPS
 #: The KVM ioctls read here (numbers as ``backends/uapi.py`` computes them; a test checks).
 REQUESTS: dict[str, int] = {
     "KVM_CREATE_VM": 0xAE01,

@@ -71,6 +71,9 @@ def _model(vm: VM) -> ModelIntrospection | None:
 
 
 def _all_slots(vm: VM) -> list[MemorySlot]:
+    """Every slot of ``vm``; none once the trace closed its fd (``close_vm``)."""
+    if vm.closed:
+        return []
     return [s for as_id in range(vm.nr_address_spaces) for s in vm.memslots(as_id)]
 
 
@@ -240,14 +243,16 @@ def _check(vms: dict[int, VM]) -> list[str]:
     problems = []
     for number, vm in sorted(vms.items()):
         model = _model(vm)
-        if model is not None:
+        if model is not None and not vm.closed:
             problems += [f"vm {number}: {p}" if number else p for p in model.check()]
     return problems
 
 
 _KIND = {"get_dirty_log": "GET_LOG", "clear_dirty_log": "CLEAR_LOG",
          "enable_cap": "ENABLE_CAP", "mark_dirty": "WRITE", "create_vm": "CREATE_VM",
-         "check_extension": "CHECK_EXT", "create_guest_memfd": "GMEM"}
+         "check_extension": "CHECK_EXT", "create_guest_memfd": "GMEM",
+         "create_vcpu": "VCPU", "close_vcpu": "CLOSE_VCPU", "close_guest_memfd": "CLOSE_GMEM",
+         "fork": "FORK", "close_vm": "CLOSE_VM"}
 
 
 def format_step(step: ReplayStep, limit: int | None = None) -> list[str]:
@@ -320,7 +325,9 @@ def print_summary(
         f"{'expectation' if tally.mismatches == 1 else 'expectations'}", [], limit)))
     for number, vm in sorted(vms.items()):
         model = _model(vm)
-        if model is not None:
+        if vm.closed:
+            print(f"vm {number}: closed by the trace" if several else "the trace closed the VM")
+        elif model is not None:
             print("\n".join(render.fit(
                 (f"vm {number} " if several else "")
                 + f"metadata: {human_bytes(model.metadata_bytes())} live "
@@ -388,7 +395,7 @@ def _summary(
     }
     if source.follow is not None:
         out["stopped"] = source.stopped
-    totals = _totals(vms[0]) if 0 in vms else None
+    totals = _totals(vms[0]) if 0 in vms and not vms[0].closed else None
     if totals is not None:
         out["totals"] = totals
     if len(vms) > 1:

@@ -10,18 +10,16 @@ order (the VM fd before or after its guest_memfds and vCPUs, the references comp
 every step).
 
 Each sequence runs on a fresh VM pair; a divergence ends the sequence and yields a
-JSON-lines reproducer (the sequence up to the diverging request, with the kernel's errno as
-``expect``) that ``memslot replay --backend both`` replays; the lifetime operations the trace
-format has no record for (closing fds, vCPUs, forks, teardown) are not replayed: they appear in
-the ``note`` of the next record (of the last one at the end).
+JSON-lines reproducer (the sequence up to the diverging operation, with the kernel's errno as
+``expect``) that ``memslot replay --backend both`` replays whole: the lifetime operations
+(vCPUs made and closed, guest_memfds closed, forks, the teardown's closes) are trace records
+too (``create_vcpu``, ``close_vcpu``, ``close_guest_memfd``, ``fork``, ``close_vm``), run
+through the same replayer as the requests.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import json
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -39,15 +37,22 @@ from ..profile import Profile
 from ..request import MemoryRegion
 from ..trace.jsonl import dumps
 from ..trace.records import (
+    FORK_CALLS,
+    FORK_HOWS,
     CheckExtension,
     ClearDirtyLog,
+    CloseGuestMemfd,
+    CloseVcpu,
+    CloseVm,
     CreateGuestMemfd,
+    CreateVcpu,
     EnableCap,
+    Fork,
     GetDirtyLog,
     SetRegion,
     TraceOp,
 )
-from .replay import Replayer
+from .replay import Replayer, ReplayStep
 
 PAGE = c.PAGE_SIZE
 UA_BASE = 0x7F0000000000
@@ -67,36 +72,8 @@ NOT_ENABLEABLE = (0, c.KVM_CAP_USER_MEMORY, c.KVM_CAP_NR_VCPUS, c.KVM_CAP_NR_MEM
                   c.KVM_CAP_SYNC_MMU, c.KVM_CAP_GUEST_MEMFD, 1000, 0xFFFFFFFF)
 
 
-# -- lifetime operations the trace format has no record for --------------------------------
-@dataclass(frozen=True)
-class CloseGuestMemfd:
-    fd: int
-    op: str = "close_guest_memfd"
-
-
-@dataclass(frozen=True)
-class CreateVcpu:
-    vcpu_id: int | None
-    op: str = "create_vcpu"
-
-
-@dataclass(frozen=True)
-class CloseVcpu:
-    vcpu_id: int
-    op: str = "close_vcpu"
-
-
-@dataclass(frozen=True)
-class Fork:
-    """Fork (``how``: ``os.fork`` or libc's ``fork()``) and make one call in the child."""
-
-    how: str
-    call: str
-    op: str = "fork"
-
-
-Lifetime = CloseGuestMemfd | CreateVcpu | CloseVcpu | Fork
-FuzzOp = TraceOp | Lifetime
+#: What a sequence is made of: trace records (lifetime ones included).
+FuzzOp = TraceOp
 
 
 @dataclass
@@ -224,7 +201,7 @@ class Generator:
         elif x < 0.995:
             op = self._vcpu()
         else:
-            op = Fork(r.choice(["os.fork", "libc"]), r.choice(FORK_CALLS))
+            op = Fork(r.choice(FORK_HOWS), r.choice(FORK_CALLS))
         return self._safe(op)
 
     # -- guest_memfd ------------------------------------------------------------------------
@@ -367,9 +344,6 @@ class Generator:
         return op
 
 
-#: What a forked child calls (each a VM ioctl refused with EIO, or a system ioctl that works).
-FORK_CALLS = ("set_user_memory_region", "get_dirty_log", "check_extension", "create_vcpu",
-              "create_guest_memfd", "enable_cap", "check_system_extension")
 TEARDOWNS = ("close", "vm-fd-first", "files-first", "interleaved")
 
 
@@ -432,33 +406,19 @@ def _sequence(
         for index in range(count):
             op = first.pop() if first and index == 0 else gen.next(model)
             report.requests += 1
-            if isinstance(op, CloseGuestMemfd | CreateVcpu | CloseVcpu | Fork):
-                try:
-                    key = _lifetime(vm, gen, op)
-                except _Diverged as exc:
-                    history.note(_note(op, exc.what))
-                    report.divergences.append((f"divergence: {exc.what}", history.lines()))
-                    return
-                history.note(_note(op, key[1]))
-                report.outcomes[key] += 1
-            else:
-                if isinstance(op, SetRegion) and op.region.guest_memfd is not None:
-                    # The number as generated (a live, closed or foreign fd), never one the
-                    # replayer would create for a trace that names an fd without creating it.
-                    number = op.region.guest_memfd
-                    replayer._gmem.setdefault((op.vm, number), number)
-                step = replayer.step(op)
-                report.outcomes[_outcome_key(op, step, model)] += 1
-                if isinstance(op, CreateGuestMemfd) and step.errno == 0 and step.value is not None:
-                    gen.gmems[step.value] = op.size
-                    op = dataclasses.replace(op, fd=step.value)
-                if isinstance(op, CheckExtension) and step.errno == 0:
-                    op = dataclasses.replace(op, value=step.value)
-                history.record(_with_expect(op, step.errno))
-                divergent = [p for p in step.problems if p.startswith("divergence")]
-                if divergent:
-                    report.divergences.append((divergent[0], history.lines()))
-                    return
+            if isinstance(op, SetRegion) and op.region.guest_memfd is not None:
+                # The number as generated (a live, closed or foreign fd), never one the
+                # replayer would create for a trace that names an fd without creating it.
+                number = op.region.guest_memfd
+                replayer._gmem.setdefault((op.vm, number), number)
+            step = replayer.step(op)
+            report.outcomes[_outcome_key(op, step, model)] += 1
+            op = _track(gen, op, step)
+            history.record(_with_expect(op, step.errno))
+            divergent = [p for p in step.problems if p.startswith("divergence")]
+            if divergent:
+                report.divergences.append((divergent[0], history.lines()))
+                return
             report.agreed += 1
             if backend == "model":
                 problems = model.check()
@@ -481,10 +441,9 @@ def _sequence(
                     return
         order = rnd.choice(TEARDOWNS)
         try:
-            _teardown(vm, model, gen, order, rnd)
+            _teardown(replayer, history, model, gen, order, rnd)
             closed = True
         except _Diverged as exc:
-            history.note(f"teardown {order}: {exc.what}")
             report.divergences.append((f"divergence: teardown {order}: {exc.what}",
                                        history.lines()))
             return
@@ -495,156 +454,69 @@ def _sequence(
 
 
 class _History:
-    """The reproducer of a sequence: trace records, with the lifetime operations (which the
-    trace format cannot express) carried in the notes."""
+    """The reproducer of a sequence: every operation done so far, as trace records with the
+    kernel's errno as ``expect`` (lifetime operations included)."""
 
     def __init__(self) -> None:
         self.ops: list[TraceOp] = []
-        self.pending: list[str] = []
 
     def record(self, op: TraceOp) -> None:
-        if self.pending:
-            op = dataclasses.replace(op, note="; ".join([*self.pending, op.note]).strip("; "))
-            self.pending = []
         self.ops.append(op)
 
-    def note(self, text: str) -> None:
-        self.pending.append(text)
-
     def lines(self) -> list[str]:
-        ops = list(self.ops)
-        if self.pending and ops:
-            last = ops[-1]
-            ops[-1] = dataclasses.replace(
-                last, note="; ".join([last.note, "then: " + "; ".join(self.pending)]).strip("; "))
-        elif self.pending:
-            return []  # nothing replayable happened before: the divergence text says it all
-        return [dumps(op) for op in ops]
+        return [dumps(op) for op in self.ops]
 
 
-def _note(op: Lifetime, outcome: str) -> str:
-    """A lifetime operation as text (for a reproducer's notes)."""
-    fields = {k: v for k, v in dataclasses.asdict(op).items() if k != "op"}
-    return f"{op.op} {json.dumps(fields)} -> {outcome}"
+def _track(gen: Generator, op: TraceOp, step: ReplayStep) -> TraceOp:
+    """Keep the generator's view of live fds and vCPUs; returns ``op`` as the reproducer
+    records it (with the guest_memfd number or capability value the call gave)."""
+    if step.errno != 0:
+        return op
+    if isinstance(op, CreateGuestMemfd) and step.value is not None:
+        gen.gmems[step.value] = op.size
+        return dataclasses.replace(op, fd=step.value)
+    if isinstance(op, CheckExtension):
+        return dataclasses.replace(op, value=step.value)
+    if isinstance(op, CloseGuestMemfd):
+        gen.gmems.pop(op.fd, None)
+        gen.closed_fds.append(op.fd)
+    elif isinstance(op, CreateVcpu) and step.value is not None:
+        gen.vcpus.append(step.value)
+        gen.vcpu_ids.add(step.value)
+    elif isinstance(op, CloseVcpu) and op.vcpu_id in gen.vcpus:
+        gen.vcpus.remove(op.vcpu_id)
+    return op
 
 
-def _lifetime(vm: VM, gen: Generator, op: Lifetime) -> tuple[str, str]:
-    """Perform a lifetime operation on ``vm`` (both halves through a DualVM); returns its
-    outcome class."""
-    from ..backends.dual import Divergence
+def _teardown(replayer: Replayer, history: _History, model: ModelVM, gen: Generator,
+              order: str, rnd: random.Random) -> None:
+    """Close the VM in ``order`` (each close a record of the reproducer); the references must
+    agree at every step, and the model must keep every slot's metadata until the last
+    reference goes (kvm_destroy_vm)."""
+    vm = replayer.vm
+
+    def close(op: TraceOp) -> None:
+        step = replayer.step(op)
+        history.record(_with_expect(op, step.errno))
+        divergent = [p for p in step.problems if p.startswith("divergence")]
+        if divergent:
+            raise _Diverged(divergent[0].removeprefix("divergence: "))
 
     try:
-        if isinstance(op, CloseGuestMemfd):
-            vm.close_guest_memfd(op.fd)
-            gen.gmems.pop(op.fd, None)
-            gen.closed_fds.append(op.fd)
-            return (op.op, "ok")
-        if isinstance(op, CreateVcpu):
-            try:
-                vcpu = vm.create_vcpu(op.vcpu_id)
-            except KvmError as exc:
-                return (op.op, errno_name(exc.errno or 0))
-            gen.vcpus.append(vcpu)
-            gen.vcpu_ids.add(vcpu)
-            return (op.op, "ok")
-        if isinstance(op, CloseVcpu):
-            vm.close_vcpu(op.vcpu_id)
-            gen.vcpus.remove(op.vcpu_id)
-            return (op.op, "ok")
-        return (op.op, f"{op.how} {op.call} {_fork_and_call(vm, op)}")
-    except Divergence as exc:
-        raise _Diverged(str(exc), exc.kernel_errno) from None
-
-
-def _child_call(vm: VM, call: str) -> str:
-    """One call in a forked child; its outcome as text."""
-    from ..backends.dual import Divergence
-
-    actions: dict[str, Callable[[], object]] = {
-        "set_user_memory_region": lambda: vm.set_user_memory_region(
-            11, 0, 0x7FF00000 * vm.page_size, vm.page_size, UA_BASE),
-        "get_dirty_log": lambda: vm.get_dirty_log(0),
-        "check_extension": lambda: vm.check_extension(c.KVM_CAP_USER_MEMORY),
-        "create_vcpu": lambda: vm.create_vcpu(),
-        "create_guest_memfd": lambda: vm.create_guest_memfd(vm.page_size),
-        "enable_cap": lambda: vm.enable_cap(c.KVM_CAP_HALT_POLL, 0),
-        "check_system_extension": lambda: vm.check_system_extension(c.KVM_CAP_NR_MEMSLOTS),
-    }
-    try:
-        value = actions[call]()
-    except KvmError as exc:
-        return errno_name(exc.errno or 0)
-    except Divergence as exc:
-        return f"DIVERGENCE {exc}"
-    return "ok" if value is None else f"ok {value}"
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _fork_and_call(vm: VM, op: Fork) -> str:
-    """Fork (``os.fork`` or libc's ``fork()``, which runs no Python at-fork hook), make one
-    call in the child, report it over a pipe and reap the child."""
-    global _libc
-    read_end, write_end = os.pipe()
-    try:
-        if op.how == "libc":
-            if _libc is None:
-                _libc = ctypes.CDLL(None, use_errno=True)
-            pid = int(_libc.fork())
-            if pid < 0:
-                raise OSError(ctypes.get_errno(), "fork")
-        else:
-            pid = os.fork()
-    except BaseException:
-        os.close(read_end)
-        os.close(write_end)
-        raise
-    if pid == 0:  # the child: never returns
-        code = 1
-        try:
-            os.write(write_end, _child_call(vm, op.call).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    try:
-        with os.fdopen(read_end, "rb") as pipe:
-            answer = pipe.read().decode()
-    finally:
-        _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0 or not answer:
-        raise _Diverged(f"forked child failed (status {status:#x})")
-    if answer.startswith("DIVERGENCE"):
-        raise _Diverged(f"in a forked child: {answer[11:]}")
-    # A forked child is not the VM's mm: every VM ioctl is EIO, /dev/kvm still answers.
-    return "EIO" if answer == "EIO" else answer.split()[0]
-
-
-def _teardown(vm: VM, model: ModelVM, gen: Generator, order: str, rnd: random.Random) -> None:
-    """Close the VM in ``order``; the references must agree at every step, and the model
-    must keep every slot's metadata until the last reference goes (kvm_destroy_vm)."""
-    from ..backends.dual import Divergence
-
-    if order == "close":
-        vm.close()
-        if model.vmalloc_bytes() or model.metadata_bytes():
-            raise _Diverged("metadata left after close()")
-        return
-    held = [("gmem", fd) for fd in sorted(gen.gmems)] + [("vcpu", v) for v in gen.vcpus]
-    rnd.shuffle(held)
-    position = {"vm-fd-first": 0, "files-first": len(held)}.get(
-        order, rnd.randrange(len(held) + 1))
-    held.insert(position, ("vm", 0))
-    metadata = model.metadata_bytes()
-    try:
+        if order == "close":
+            close(CloseVm("all"))
+            if model.vmalloc_bytes() or model.metadata_bytes():
+                raise _Diverged("metadata left after close()")
+            return
+        held = [("gmem", fd) for fd in sorted(gen.gmems)] + [("vcpu", v) for v in gen.vcpus]
+        rnd.shuffle(held)
+        position = {"vm-fd-first": 0, "files-first": len(held)}.get(
+            order, rnd.randrange(len(held) + 1))
+        held.insert(position, ("vm", 0))
+        metadata = model.metadata_bytes()
         for kind, number in held:
-            if kind == "vm":
-                vm.close_vm_fd()
-            elif kind == "gmem":
-                vm.close_guest_memfd(number)
-            else:
-                vm.close_vcpu(number)
+            close(CloseVm("fd") if kind == "vm" else
+                  CloseGuestMemfd(number) if kind == "gmem" else CloseVcpu(number))
             refs = vm.references()
             if refs.alive and model.metadata_bytes() != metadata:
                 raise _Diverged(f"metadata freed while {refs} hold the VM")
@@ -674,6 +546,9 @@ def _outcome_key(op: TraceOp, step: object, model: ModelVM) -> tuple[str, str]:
         wide = " 64-bit" if any(a >> 32 for a in op.args) else ""
         result = "ok" if not step.errno else errno_name(step.errno or 0)
         return (f"enable_cap {name.removeprefix('KVM_CAP_')}{wide}", result)
+    if isinstance(op, Fork):
+        result = "ok" if not step.errno else errno_name(step.errno or 0)
+        return (op.op, f"{op.how} {op.call} {result}")
     return (op.op, "ok" if not step.errno else errno_name(step.errno or 0))
 
 

@@ -28,14 +28,20 @@ from ..trace.jsonl import to_object
 from ..trace.records import (
     CheckExtension,
     ClearDirtyLog,
+    CloseGuestMemfd,
+    CloseVcpu,
+    CloseVm,
     CreateGuestMemfd,
+    CreateVcpu,
     CreateVm,
     EnableCap,
+    Fork,
     GetDirtyLog,
     MarkDirty,
     SetRegion,
     TraceOp,
 )
+from .lifetime import ForkFailed, fork_and_call
 
 
 @dataclass(slots=True)
@@ -282,6 +288,31 @@ class Replayer:
             if not isinstance(vm, FaultInjection):
                 return ReplayStep(index, op, None, message="guest writes need the model")
             return self._call(index, op, lambda: vm.mark_page_dirty(op.gfn, op.as_id))
+        return self._lifetime(index, op, vm)
+
+    def _lifetime(self, index: int, op: TraceOp, vm: VM) -> ReplayStep:
+        """The lifetime operations: vCPUs and guest_memfds made and closed, forks, the VM
+        closed. Every backend does them (a DualVM on both halves, compared)."""
+        if isinstance(op, CreateVcpu):
+            return self._call(index, op, lambda: vm.create_vcpu(op.vcpu_id))
+        if isinstance(op, CloseVcpu):
+            return self._call(index, op, lambda: vm.close_vcpu(op.vcpu_id))
+        if isinstance(op, CloseGuestMemfd):
+            # The one made in the recorded fd's place (its number stays mapped: a later
+            # request naming it meets a closed fd, as the recording did).
+            fd = self._gmem.get((op.vm, op.fd), op.fd)
+            return self._call(index, op, lambda: vm.close_guest_memfd(fd))
+        if isinstance(op, Fork):
+            try:
+                err = fork_and_call(vm, op.how, op.call)
+            except ForkFailed as exc:
+                return ReplayStep(index, op, None, problems=[f"divergence: {exc}"],
+                                  message=str(exc))
+            return ReplayStep(index, op, err)
+        if isinstance(op, CloseVm):
+            if op.how == "fd":
+                return self._call(index, op, vm.close_vm_fd)
+            return self._call(index, op, vm.close)
         raise TypeError(f"not a trace operation: {op!r}")
 
     def _gmem_for(self, op: SetRegion, vm: VM) -> MemoryRegion:
@@ -386,4 +417,14 @@ def describe_op(op: TraceOp) -> str:
         return f"CREATE_GUEST_MEMFD size={op.size:#x} flags={op.flags:#x} fd={op.fd}"
     if isinstance(op, CreateVm):
         return f"CREATE_VM vm={op.vm} type={op.vm_type}"
+    if isinstance(op, CreateVcpu):
+        return f"CREATE_VCPU id={'next' if op.vcpu_id is None else op.vcpu_id}"
+    if isinstance(op, CloseVcpu):
+        return f"CLOSE_VCPU id={op.vcpu_id}"
+    if isinstance(op, CloseGuestMemfd):
+        return f"CLOSE_GUEST_MEMFD fd={op.fd}"
+    if isinstance(op, Fork):
+        return f"FORK {op.how}, child calls {op.call}"
+    if isinstance(op, CloseVm):
+        return "CLOSE_VM fd only" if op.how == "fd" else "CLOSE_VM fds"
     return f"GUEST_WRITE gfn={op.gfn:#x} as={op.as_id}"

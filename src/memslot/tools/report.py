@@ -16,7 +16,7 @@ from ..engine.ledger import KIND_DIRTY_BITMAP
 from ..engine.slot import MemorySlot
 from ..harness.replay import Replayer
 from ..profile import Profile
-from ..trace.records import TraceOp
+from ..trace.records import CloseVm, TraceOp
 from ..units import human_bytes, plural, size_label
 from .session import At, ModelRun, Progress
 
@@ -235,21 +235,26 @@ def report_trace(
 ) -> list[dict[str, Any]]:
     """One report per profile for the same trace (prefix: ``upto`` operations, or an
     :class:`At`), read once: each operation goes to every profile's VM in turn. The rest of
-    the trace is read, not applied, to count its operations. ``ValueError`` when the trace
-    ends before ``upto``."""
+    the trace is read, not applied, to count its operations, as is everything from a
+    ``close_vm`` of the first VM on (the report is of the VM it closed). ``ValueError`` when the
+    trace ends before ``upto``."""
     at = At(upto) if isinstance(upto, int) else upto
     runs = [ModelRun(ModelVM(p), p) for p in profiles]
     try:
         replayers = [Replayer(run.vm) for run in runs]
         stream = iter(ops)
-        applied = 0
+        applied = closing = 0
         for op in at.take(stream) if at is not None else stream:
+            if isinstance(op, CloseVm) and op.vm == 0:
+                closing = 1
+                break
             for replayer, run in zip(replayers, runs, strict=True):
                 run.tally.add(replayer.step(op))
             applied += 1
             if progress is not None and applied % 500 == 0:
                 progress(applied)
-        total = applied + sum(1 for _ in stream) + (at.overshoot if at is not None else 0)
+        total = (applied + closing + sum(1 for _ in stream)
+                 + (at.overshoot if at is not None else 0))
         if at is not None and at.problem() is not None:
             raise ValueError(at.problem())
         return [run_report(run, total) for run in runs]

@@ -10,7 +10,7 @@ from ..backends.model import ModelVM
 from ..harness.replay import Replayer, StepHandler, Tally
 from ..profile import Profile
 from ..trace.reader import iter_trace
-from ..trace.records import TraceFormatError, TraceOp
+from ..trace.records import CloseVm, TraceFormatError, TraceOp
 from ..units import plural
 
 Progress = Callable[[int], None]
@@ -139,10 +139,12 @@ def replay_model(
     on_step: StepHandler | None = None,
 ) -> ModelRun:
     """Replay ``ops`` (the first ``upto`` of them when given) on a fresh :class:`ModelVM`;
-    ``on_step`` sees every step, ``progress`` is called with the count now and then."""
+    ``on_step`` sees every step, ``progress`` is called with the count now and then. The run
+    ends before a ``close_vm`` of the first VM: what the tools study is the VM it closed."""
     vm = ModelVM(profile, variants=variants)
     run = ModelRun(vm, profile)
     try:
+        ops = _until_closed(ops)
         if upto is not None:
             ops = At(upto).take(ops)
         if progress is not None:
@@ -154,6 +156,14 @@ def replay_model(
     if progress is not None:
         progress(run.applied)
     return run
+
+
+def _until_closed(ops: Iterable[TraceOp]) -> Iterator[TraceOp]:
+    """``ops`` up to (not including) the first that closes VM 0."""
+    for op in ops:
+        if isinstance(op, CloseVm) and op.vm == 0:
+            return
+        yield op
 
 
 def _counted(ops: Iterable[TraceOp], progress: Progress, every: int = 500) -> Iterator[TraceOp]:

@@ -10,7 +10,10 @@ original trace it came from, as ``memslot convert`` writes it). Other operations
 ``{"op": "enable_cap", "cap": "KVM_CAP_..." | N, "args": [...]}``,
 ``{"op": "mark_dirty", "gfn": G, "as_id": A}``, ``{"op": "create_vm", "vm_type": T}``,
 ``{"op": "check_extension", "cap": ..., "value": V, "system": false}``,
-``{"op": "create_guest_memfd", "size": S, "flags": F, "fd": N}``; any line may name its VM
+``{"op": "create_guest_memfd", "size": S, "flags": F, "fd": N}``; the lifetime operations
+``{"op": "create_vcpu", "vcpu_id": N | null}``, ``{"op": "close_vcpu", "vcpu_id": N}``,
+``{"op": "close_guest_memfd", "fd": N}``, ``{"op": "fork", "how": "os.fork" | "libc",
+"call": C}`` and ``{"op": "close_vm", "how": "fd" | "all"}``; any line may name its VM
 with ``"vm": N`` (default 0) when a trace holds several. Integers may be written as JSON
 numbers or as ``"0x..."`` strings. Blank lines are skipped. Unknown keys are errors.
 The whole format: docs/trace-format.md.
@@ -26,12 +29,20 @@ from .. import constants
 from ..errors import errno_name, errno_value
 from ..request import MemoryRegion
 from .records import (
+    CLOSE_HOWS,
+    FORK_CALLS,
+    FORK_HOWS,
     BadLine,
     CheckExtension,
     ClearDirtyLog,
+    CloseGuestMemfd,
+    CloseVcpu,
+    CloseVm,
     CreateGuestMemfd,
+    CreateVcpu,
     CreateVm,
     EnableCap,
+    Fork,
     GetDirtyLog,
     MarkDirty,
     SetRegion,
@@ -50,6 +61,11 @@ _KEYS: dict[str, set[str]] = {
     "create_vm": _COMMON | {"vm_type"},
     "check_extension": _COMMON | {"cap", "value", "system"},
     "create_guest_memfd": _COMMON | {"size", "flags", "fd"},
+    "create_vcpu": _COMMON | {"vcpu_id"},
+    "close_vcpu": _COMMON | {"vcpu_id"},
+    "close_guest_memfd": _COMMON | {"fd"},
+    "fork": _COMMON | {"how", "call"},
+    "close_vm": _COMMON | {"how"},
 }
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "set": ("slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr"),
@@ -60,6 +76,11 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "create_vm": (),
     "check_extension": ("cap",),
     "create_guest_memfd": ("size",),
+    "create_vcpu": (),
+    "close_vcpu": ("vcpu_id",),
+    "close_guest_memfd": ("fd",),
+    "fork": ("how", "call"),
+    "close_vm": (),
 }
 _U64 = (1 << 64) - 1
 
@@ -130,14 +151,16 @@ def _bitmap(obj: dict[str, Any], key: str = "bitmap") -> bytes | None:
         raise _LineError(f"field {key!r} is not hex: {value[:40]!r}") from None
 
 
-def _cap(obj: dict[str, Any]) -> int:
+def _cap(obj: dict[str, Any], limit: int = 0xFFFFFFFF) -> int:
+    """A ``KVM_CAP_*`` name or number: ``struct kvm_enable_cap``'s u32 ``cap``, or (``limit``
+    64 bits) ``KVM_CHECK_EXTENSION``'s ``unsigned long`` argument."""
     value = obj["cap"]
     if isinstance(value, str) and not value.lower().startswith("0x"):
         cap = getattr(constants, value, None)
         if not value.startswith("KVM_CAP_") or not isinstance(cap, int):
             raise _LineError(f"unknown capability {value!r}")
         return cap
-    return _int(obj, "cap", limit=0xFFFFFFFF)
+    return _int(obj, "cap", limit=limit)
 
 
 def parse_object(obj: Any, line: int = 0) -> TraceOp:
@@ -203,12 +226,33 @@ def parse_object(obj: Any, line: int = 0) -> TraceOp:
         system = obj.get("system", False)
         if not isinstance(system, bool):
             raise _LineError("field 'system' must be true or false")
-        return CheckExtension(_cap(obj), value, system, expect, line, note, vm)
+        return CheckExtension(_cap(obj, _U64), value, system, expect, line, note, vm)
     if op == "create_guest_memfd":
         fd = None if obj.get("fd") is None else _int(obj, "fd", limit=0x7FFFFFFF)
         return CreateGuestMemfd(_int(obj, "size"), _int(obj, "flags", 0), fd, expect, line, note,
                                 vm)
+    if op == "create_vcpu":
+        vcpu = None if obj.get("vcpu_id") is None else _int(obj, "vcpu_id")
+        return CreateVcpu(vcpu, expect, line, note, vm)
+    if op == "close_vcpu":
+        return CloseVcpu(_int(obj, "vcpu_id"), expect, line, note, vm)
+    if op == "close_guest_memfd":
+        return CloseGuestMemfd(_int(obj, "fd", limit=0x7FFFFFFF), expect, line, note, vm)
+    if op == "fork":
+        return Fork(_choice(obj, "how", FORK_HOWS), _choice(obj, "call", FORK_CALLS), expect,
+                    line, note, vm)
+    if op == "close_vm":
+        return CloseVm(_choice(obj, "how", CLOSE_HOWS, "all"), expect, line, note, vm)
     return MarkDirty(_int(obj, "gfn"), _int(obj, "as_id", 0, 0xFFFF), expect, line, note, vm)
+
+
+def _choice(obj: dict[str, Any], key: str, choices: tuple[str, ...],
+            default: str | None = None) -> str:
+    value = obj.get(key, default)
+    if value not in choices:
+        raise _LineError(f"field {key!r} must be one of {', '.join(choices)}: {value!r}")
+    assert isinstance(value, str)
+    return value
 
 
 try:  # a C parser for the common line (3-4x the standard library's speed, measured in
@@ -373,6 +417,14 @@ def to_object(op: TraceOp, keep_line: bool = False) -> dict[str, Any]:
             out["system"] = True
     elif isinstance(op, CreateGuestMemfd):
         out = {"op": op.op, "size": _hex(op.size), "flags": op.flags, "fd": op.fd}
+    elif isinstance(op, CreateVcpu | CloseVcpu):
+        out = {"op": op.op, "vcpu_id": op.vcpu_id}
+    elif isinstance(op, CloseGuestMemfd):
+        out = {"op": op.op, "fd": op.fd}
+    elif isinstance(op, Fork):
+        out = {"op": op.op, "how": op.how, "call": op.call}
+    elif isinstance(op, CloseVm):
+        out = {"op": op.op, "how": op.how}
     else:
         out = {"op": op.op, "gfn": _hex(op.gfn)}
         if op.as_id:

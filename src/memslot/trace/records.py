@@ -123,10 +123,90 @@ class CreateGuestMemfd:
     op: str = field(default="create_guest_memfd", init=False)
 
 
+@dataclass(frozen=True, slots=True)
+class CreateVcpu:
+    """``KVM_CREATE_VCPU`` of ``vcpu_id`` (``None``: the lowest id the VM has not handed out,
+    as both backends choose). Later records name the vCPU by that id."""
+
+    vcpu_id: int | None = None
+    expect: int | None = None
+    line: int = 0
+    note: str = ""
+    vm: int = 0
+    op: str = field(default="create_vcpu", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CloseVcpu:
+    """``close()`` of vCPU ``vcpu_id``'s fd (``kvm_vcpu_release``: the VM loses a
+    reference; the vCPU lives until the VM is destroyed)."""
+
+    vcpu_id: int
+    expect: int | None = None
+    line: int = 0
+    note: str = ""
+    vm: int = 0
+    op: str = field(default="close_vcpu", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CloseGuestMemfd:
+    """``close()`` of guest_memfd ``fd`` (the number the trace's ``CreateGuestMemfd`` got;
+    a replay closes the one it made in its place)."""
+
+    fd: int
+    expect: int | None = None
+    line: int = 0
+    note: str = ""
+    vm: int = 0
+    op: str = field(default="close_guest_memfd", init=False)
+
+
+#: How :class:`Fork` forks: Python's ``os.fork`` (its at-fork hooks run) or libc's ``fork()``.
+FORK_HOWS = ("os.fork", "libc")
+#: What a forked child calls on the VM: each a VM ioctl (EIO: not the VM's mm) or a system one.
+FORK_CALLS = ("set_user_memory_region", "get_dirty_log", "check_extension", "create_vcpu",
+              "create_guest_memfd", "enable_cap", "check_system_extension")
+
+
+@dataclass(frozen=True, slots=True)
+class Fork:
+    """Fork the VMM (``how``, one of :data:`FORK_HOWS`) and make one call (``call``, one of
+    :data:`FORK_CALLS`) in the child; ``expect`` is the child's result."""
+
+    how: str
+    call: str
+    expect: int | None = None
+    line: int = 0
+    note: str = ""
+    vm: int = 0
+    op: str = field(default="fork", init=False)
+
+
+#: What :class:`CloseVm` closes: only the VM's fd (its guest_memfds and vCPUs keep it alive),
+#: or everything the VM holds.
+CLOSE_HOWS = ("fd", "all")
+
+
+@dataclass(frozen=True, slots=True)
+class CloseVm:
+    """Close the VM: ``how="fd"`` closes its fd only (``kvm_vm_release``), ``"all"`` every
+    fd it holds (VM, vCPUs, guest_memfds: ``kvm_destroy_vm``)."""
+
+    how: str = "all"
+    expect: int | None = None
+    line: int = 0
+    note: str = ""
+    vm: int = 0
+    op: str = field(default="close_vm", init=False)
+
+
 TraceOp = (
     SetRegion | GetDirtyLog | ClearDirtyLog | EnableCap | MarkDirty | CreateVm | CheckExtension
-    | CreateGuestMemfd
+    | CreateGuestMemfd | CreateVcpu | CloseVcpu | CloseGuestMemfd | Fork | CloseVm
 )
+#: The lifetime operations: descriptors and processes, no memslot request.
+LIFETIME_OPS = frozenset({"create_vcpu", "close_vcpu", "close_guest_memfd", "fork", "close_vm"})
 
 
 class TraceFormatError(ValueError):

@@ -112,10 +112,11 @@ class X86VmCaps:
         return self.profile.at_least(version)
 
     def _host(self, cap: int) -> int:
-        """What ``KVM_CHECK_EXTENSION(cap)`` answered on the VM fd (0 where not recorded)."""
+        """What ``KVM_CHECK_EXTENSION(cap)`` answered on the VM fd (0 where not recorded or
+        where it answered an error)."""
         for number, vm_answer, _ in self.profile.extensions:
             if number == cap:
-                return vm_answer
+                return max(vm_answer, 0)
         return 0
 
     def vcpu_precreate(self, vcpu_id: int) -> Rule | None:

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any, ClassVar, NamedTuple
 
-from ..constants import KVM_CAP_VM_TYPES
+from ..constants import KVM_CAP_VM_TYPES, X86_ENABLE_CAPS
 from ..engine import change as ch
 from ..engine.change import ChangeType, Rule
 from ..engine.hooks import ArchHooks, PrepareError
@@ -175,6 +175,7 @@ class X86Arch(ArchHooks):
     private_mem_slots: ClassVar[int] = 3
     mmu_max_gfn: ClassVar[bool] = True
     arch_caps: ClassVar[frozenset[int]] = frozenset({KVM_CAP_VM_TYPES})
+    enable_caps: ClassVar[frozenset[int]] = X86_ENABLE_CAPS
 
     @classmethod
     def huge_page_sizes(cls, page_shift: int) -> tuple[int, ...]:

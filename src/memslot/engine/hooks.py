@@ -71,6 +71,9 @@ class ArchHooks:
     #: ``kvm_arch_prepare_memory_region`` walks the VMAs of the slot's host range (arm64,
     #: riscv), so its answer depends on the process's mappings (:attr:`vmas`).
     walks_vmas: ClassVar[bool] = False
+    #: The capabilities the arch's ``kvm_vm_ioctl_enable_cap`` accepts in the model (the
+    #: fuzzer sends them; the rest of the arch's are refused).
+    enable_caps: ClassVar[frozenset[int]] = frozenset()
 
     # -- arch facts that depend on the profile (class methods: no VM needed) ----------------
     @classmethod

@@ -113,6 +113,7 @@ class Generator:
         self.page = profile.page_size
         # The last gfn the arch lets a slot cover: gpas around it probe that bound.
         limit = arch_class(profile).gfn_limit(profile)
+        self.arch_caps = sorted(arch_class(profile).enable_caps)
         self.max_gfn = limit - 1 if limit is not None else (1 << 40) - 1
         self.ua_limit = profile.user_addr_limit or (1 << 64) - PAGE
 
@@ -314,13 +315,12 @@ class Generator:
             return EnableCap(c.KVM_CAP_HALT_POLL, args, r.choice([0, 0, 0, 1, 1 << 31]))
         if x < 0.75:
             return EnableCap(r.choice(NOT_ENABLEABLE), (r.choice(wide),))
-        if x < 0.85 and self.detected and self.p.arch == "x86":
-            # x86's own capabilities (what VMMs enable), their arguments at the edges of each
-            # check; a detected profile records the host answers some of them depend on.
+        if x < 0.85 and self.detected and self.arch_caps:
+            # The arch's own capabilities (what VMMs enable), their arguments at the edges of
+            # each check; a detected profile records the host answers some of them depend on.
             arg = r.choice([0, 1, 2, 3, 4, 8, 12, 16, 24, 48, 49, 0x1000, 4096, 4097,
                             (1 << 32) | 1, *wide])
-            return EnableCap(r.choice(sorted(c.X86_ENABLE_CAPS)), (arg,),
-                             r.choice([0, 0, 0, 0, 1]))
+            return EnableCap(r.choice(self.arch_caps), (arg,), r.choice([0, 0, 0, 0, 1]))
         # Mostly sizes the kernel refuses, also in the high 32 bits that
         # kvm_vm_ioctl_enable_dirty_log_ring truncates away; a valid one (rarely) turns the
         # ring on for the rest of the sequence (sequences also start with one, see _sequence).

@@ -21,6 +21,7 @@ from .. import constants as c
 from ..arch import ARCH_HOOKS
 from ..backends.base import VM
 from ..engine.caps import DERIVED
+from ..engine.gmem import GUEST_MEMFD_FLAG_MMAP
 from ..errors import KvmError, KvmUnavailable
 from ..profile import PML_LOG_NR_ENTRIES, PRESETS, Profile
 from ..versions import at_least, since, version_tuple
@@ -308,10 +309,13 @@ def detect_profile(name: str = "detected") -> Profile:
         if ipa_limit:
             fields["ipa_limit"] = ipa_limit
         notes.append(f"{hooks.guest_addr_space} size {bits} bits")
-    if gmem:
-        fields["gmem_toggle_fix"] = _gmem_toggle_refused(KvmVM, page_size)
-        fields["gmem_bind_wraps"] = _gmem_bind_wraps(KvmVM, page_size)
-        fields["gmem_bind_eexist"] = _gmem_bound_errno(KvmVM, page_size) == errno.EEXIST
+    bind_flags = _gmem_bind_flags(KvmVM, page_size) if gmem else None
+    if bind_flags is not None:
+        # Probed with a file this arch lets a slot bind (arm64: mmap-able files only).
+        fields["gmem_toggle_fix"] = _gmem_toggle_refused(KvmVM, page_size, bind_flags)
+        fields["gmem_bind_wraps"] = _gmem_bind_wraps(KvmVM, page_size, bind_flags)
+        fields["gmem_bind_eexist"] = (
+            _gmem_bound_errno(KvmVM, page_size, bind_flags) == errno.EEXIST)
     fields["description"] = (
         f"detected from /dev/kvm on {platform.node() or 'this host'} "
         f"(Linux {release}, {machine}" + (f"; {notes[0]}" if notes else "") + ")"
@@ -351,11 +355,28 @@ def _guest_memfd_ioctl(make_vm: Callable[[], VM], page_size: int) -> tuple[bool,
         vm.close()
 
 
-def _gmem_toggle_refused(make_vm: Callable[[], VM], page_size: int) -> bool:
+def _gmem_bind_flags(make_vm: Callable[[], VM], page_size: int) -> int | None:
+    """Creation flags of a guest_memfd a slot can bind here: 0, else GUEST_MEMFD_FLAG_MMAP
+    (arm64's kvm_arch_prepare_memory_region takes gmem-only slots alone); ``None`` if
+    neither binds (the gmem facts then follow the version)."""
+    for flags in (0, GUEST_MEMFD_FLAG_MMAP):
+        vm = make_vm()
+        try:
+            fd = vm.create_guest_memfd(page_size, flags)
+            vm.set_user_memory_region2(0, c.KVM_MEM_GUEST_MEMFD, 0, page_size, UA, fd, 0)
+            return flags
+        except KvmError:
+            continue
+        finally:
+            vm.close()
+    return None
+
+
+def _gmem_toggle_refused(make_vm: Callable[[], VM], page_size: int, flags: int) -> bool:
     """Whether dropping GUEST_MEMFD from a slot is refused (the 6.18.y fix)."""
     vm = make_vm()
     try:
-        fd = vm.create_guest_memfd(page_size)
+        fd = vm.create_guest_memfd(page_size, flags)
         vm.set_user_memory_region2(
             0, c.KVM_MEM_GUEST_MEMFD, 0, page_size, UA, fd, 0)
         return not _accepted(lambda: vm.set_user_memory_region(
@@ -392,11 +413,11 @@ def _kernel_build() -> str:
     return "debian" if "debian" in text.lower() else "custom"
 
 
-def _gmem_bind_wraps(make_vm: Callable[[], VM], page_size: int) -> bool:
+def _gmem_bind_wraps(make_vm: Callable[[], VM], page_size: int, flags: int) -> bool:
     """Whether kvm_gmem_bind accepts a range whose end reaches 2^63 (signed loff_t wrap)."""
     vm = make_vm()
     try:
-        fd = vm.create_guest_memfd(2 * page_size)
+        fd = vm.create_guest_memfd(2 * page_size, flags)
         return _accepted(lambda: vm.set_user_memory_region2(
             0, c.KVM_MEM_GUEST_MEMFD, 0, page_size, UA, fd, (1 << 63) - page_size))
     except KvmError:
@@ -405,11 +426,11 @@ def _gmem_bind_wraps(make_vm: Callable[[], VM], page_size: int) -> bool:
         vm.close()
 
 
-def _gmem_bound_errno(make_vm: Callable[[], VM], page_size: int) -> int:
+def _gmem_bound_errno(make_vm: Callable[[], VM], page_size: int, flags: int) -> int:
     """The errno kvm_gmem_bind answers for a file range another slot holds (0: accepted)."""
     vm = make_vm()
     try:
-        fd = vm.create_guest_memfd(2 * page_size)
+        fd = vm.create_guest_memfd(2 * page_size, flags)
         vm.set_user_memory_region2(0, c.KVM_MEM_GUEST_MEMFD, 0, page_size, UA, fd, 0)
         vm.set_user_memory_region2(1, c.KVM_MEM_GUEST_MEMFD, page_size, page_size, UA, fd, 0)
     except KvmError as e:

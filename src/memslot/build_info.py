@@ -9,6 +9,7 @@ import importlib.machinery
 #: The modules ``setup.py`` compiles with mypyc when it can.
 COMPILED_MODULES = (
     "memslot.engine.memslots",
+    "memslot.engine.dirty",
     "memslot.engine.slotset",
     "memslot.engine.sorted_ints",
     "memslot.engine.hva_index",
@@ -20,6 +21,7 @@ COMPILED_MODULES = (
     "memslot.arch.arm64",
     "memslot.arch.riscv",
     "memslot.arch.s390",
+    "memslot.trace.jsonl",
 )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Final, NamedTuple
 
 from ..constants import KVM_CAP_VM_TYPES, X86_ENABLE_CAPS
 from ..engine import change as ch
@@ -50,6 +50,12 @@ LPAGE_INFO_SIZE = 4  # struct kvm_lpage_info { int disallow_lpage; }
 WRITE_TRACK_SIZE = 2  # unsigned short
 
 VARIANT_REUSE_ARCH_ON_MOVE = "x86-reuse-arch-on-move"
+
+# Final names: mypyc keeps them in C statics (a module attribute lookup each time otherwise).
+_CREATE: Final = ch.CREATE
+_MOVE: Final = ch.MOVE
+_FLAGS_ONLY: Final = ch.FLAGS_ONLY
+_new: Final = tuple.__new__  # a NamedTuple without its Python-level __new__
 
 MAX_GFN = Rule("x86-max-gfn", errno.EINVAL, "kvm_arch_prepare_memory_region",
                "last gfn above kvm_mmu_max_gfn()")
@@ -227,16 +233,16 @@ class X86Arch(ArchHooks):
         return self.caps.vcpu_precreate(vcpu_id)
 
     def prepare(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> Any:
-        if change is ch.FLAGS_ONLY:
+        if change is _FLAGS_ONLY:
             assert old is not None
             return old.arch  # memcpy(&new->arch, &old->arch): the arrays are shared
-        if change is ch.MOVE and self._move_refused:
+        if change is _MOVE and self._move_refused:
             raise PrepareError(PAGE_TRACK_MOVE)
-        if (change is ch.CREATE or change is ch.MOVE) and new is not None:
+        if (change is _CREATE or change is _MOVE) and new is not None:
             last = new.base_gfn + new.npages - 1
             if last > self._max_gfn:
                 raise PrepareError(MAX_GFN, f"last gfn {last:#x} > {self._max_gfn:#x}")
-            if change is ch.MOVE and self.reuse_on_move:
+            if change is _MOVE and self.reuse_on_move:
                 assert old is not None
                 return old.arch  # kernels before the 2020 fix kept the old arrays
             return self._alloc_metadata(new.as_id, new.id, new.base_gfn, new.npages,
@@ -248,18 +254,20 @@ class X86Arch(ArchHooks):
     ) -> X86SlotArch:
         """``kvm_alloc_memslot_metadata``: rmaps (levels 1..3), lpage_info (2, 3), write
         track, in that order; on failure everything allocated so far is freed."""
-        specs = metadata_specs(base_gfn & 0x3FFFF, npages, *self._shape_key)
+        rmaps, track, page_size = self._shape_key
+        specs = metadata_specs(base_gfn & 0x3FFFF, npages, rmaps, track, page_size)
         try:
             group = self.ledger.alloc_group(as_id, slot_id, specs)
         except AllocFailed as failed:
             s = failed.spec
             name = f"{s.kind}[{LEVEL_NAMES[s.level]}]" if s.level else s.kind
             raise PrepareError(ALLOC_METADATA, name) from None
-        return X86SlotArch(base_gfn, npages, uaddr, (group,))
+        arch: X86SlotArch = _new(X86SlotArch, (base_gfn, npages, uaddr, (group,)))
+        return arch
 
     def commit(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> None:
         # kvm_arch_commit_memory_region: a MOVE frees the old arrays (kvm_arch_free_memslot).
-        if change is ch.MOVE and not self.reuse_on_move:
+        if change is _MOVE and not self.reuse_on_move:
             assert old is not None
             self.free(old)
 

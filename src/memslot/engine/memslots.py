@@ -78,7 +78,15 @@ ULONG_MAX: Final = (1 << 64) - 1
 _V1_FLAGS: Final = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 _IMMUTABLE_FLAGS: Final = KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD
 # Building a NamedTuple through tuple.__new__ skips its Python-level __new__ (4x faster).
-_new_slot = tuple.__new__
+_new_slot: Final = tuple.__new__
+_getpid: Final = os.getpid
+# The change types as Final names: mypyc keeps them in C statics (otherwise each use is an
+# attribute lookup on the change module).
+CREATE: Final = ch.CREATE
+DELETE: Final = ch.DELETE
+MOVE: Final = ch.MOVE
+FLAGS_ONLY: Final = ch.FLAGS_ONLY
+NOOP: Final = ch.NOOP
 
 
 class SwapEvent(NamedTuple):
@@ -195,7 +203,7 @@ class Memslots:
     def foreign_caller(self) -> bool:
         """True in a process forked after this VM was created (``kvm->mm != current->mm``):
         another pid (any fork, ``os.fork`` or libc's) or a fork Python saw."""
-        return os.getpid() != self.creator_pid or _fork_generation != self._creator_fork_generation
+        return _getpid() != self.creator_pid or _fork_generation != self._creator_fork_generation
 
     # ==================================================================================
     # kvm_set_memory_region
@@ -233,7 +241,7 @@ class Memslots:
         return (
             gmem_fd is None
             and not internal
-            and os.getpid() == self.creator_pid
+            and _getpid() == self.creator_pid
             and _fork_generation == self._creator_fork_generation
             and not flags & self._fast_bad_flags
             and slot & 0xFFFF < self._user_slots
@@ -324,13 +332,13 @@ class Memslots:
                 raise _Failed(ch.DELETE_MISSING)
             if self.nr_memslot_pages < old.npages:
                 raise _Failed(ch.DELETE_ACCOUNTING)
-            res.change = ch.DELETE
-            self._set_memslot(old, None, ch.DELETE)
+            res.change = DELETE
+            self._set_memslot(old, None, DELETE)
             return
 
         base_gfn = gpa >> self._page_shift
         if old is None:
-            change = ch.CREATE
+            change = CREATE
             if self.nr_memslot_pages + npages > ULONG_MAX:
                 raise _Failed(ch.PAGES_WRAP)
         else:
@@ -343,15 +351,15 @@ class Memslots:
             ):
                 raise _Failed(ch.MODIFY_IMMUTABLE)
             if base_gfn != old.base_gfn:
-                change = ch.MOVE
+                change = MOVE
             elif flags != old.flags & 0xFFFF:
-                change = ch.FLAGS_ONLY
+                change = FLAGS_ONLY
             else:
-                res.change = ch.NOOP
+                res.change = NOOP
                 steps.append(STEP_NOOP)
                 return
         res.change = change
-        if change is not ch.FLAGS_ONLY:
+        if change is not FLAGS_ONLY:
             other = slots.overlapping_other(slot_id, base_gfn, base_gfn + npages)
             if other is not None:
                 raise _Failed(ch.OVERLAP, f"slot {as_id}:{other.id} at gfn "
@@ -389,7 +397,7 @@ class Memslots:
         is ``None`` for DELETE, as in the kernel."""
         invalid = None
         invalid_struct = None
-        if change is ch.DELETE or change is ch.MOVE:
+        if change is DELETE or change is MOVE:
             assert old is not None
             self._steps.append(STEP_ALLOC_INVALID)
             invalid_struct = self.ledger.alloc(old.as_id, old.id, self._invalid_spec)
@@ -406,13 +414,13 @@ class Memslots:
                 self._steps.append(STEP_FREE_INVALID)
                 self.ledger.free(invalid_struct)
             raise
-        if change is ch.CREATE:
+        if change is CREATE:
             assert new is not None
             self._create_memslot(new)
-        elif change is ch.DELETE:
+        elif change is DELETE:
             assert invalid is not None
             self._delete_memslot(invalid)
-        elif change is ch.MOVE:
+        elif change is MOVE:
             assert invalid is not None and new is not None
             self._move_memslot(new, invalid)
         else:
@@ -489,22 +497,22 @@ class Memslots:
     def _create_memslot(self, new: MemorySlot) -> None:
         """``kvm_create_memslot``: add ``new`` to the set."""
         self._steps.append(STEP_INSTALL)
-        self._swap_active_memslots(ch.CREATE, "install", None, new)
+        self._swap_active_memslots(CREATE, "install", None, new)
 
     def _delete_memslot(self, invalid: MemorySlot) -> None:
         """``kvm_delete_memslot``: drop the INVALID copy that stands for the old slot."""
         self._steps.append(STEP_REMOVE)
-        self._swap_active_memslots(ch.DELETE, "install", invalid, None)
+        self._swap_active_memslots(DELETE, "install", invalid, None)
 
     def _move_memslot(self, new: MemorySlot, invalid: MemorySlot) -> None:
         """``kvm_move_memslot``: ``new`` (at its new base) replaces the INVALID copy."""
         self._steps.append(STEP_INSTALL)
-        self._swap_active_memslots(ch.MOVE, "install", invalid, new)
+        self._swap_active_memslots(MOVE, "install", invalid, new)
 
     def _update_flags_memslot(self, old: MemorySlot, new: MemorySlot) -> None:
         """``kvm_update_flags_memslot``: ``new`` replaces ``old`` in place, no INVALID step."""
         self._steps.append(STEP_INSTALL)
-        self._swap_active_memslots(ch.FLAGS_ONLY, "install", old, new)
+        self._swap_active_memslots(FLAGS_ONLY, "install", old, new)
 
     def _commit_memory_region(
         self, old: MemorySlot | None, new: MemorySlot | None, change: ChangeType
@@ -516,20 +524,20 @@ class Memslots:
         steps.append(STEP_COMMIT)
         old_flags = 0 if old is None else old.flags
         new_flags = 0 if new is None else new.flags
-        if change is ch.DELETE:
+        if change is DELETE:
             assert old is not None
             self.nr_memslot_pages -= old.npages
-        elif change is ch.CREATE:
+        elif change is CREATE:
             assert new is not None
             self.nr_memslot_pages += new.npages
         if (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
             self.nr_memslots_dirty_logging += 1 if new_flags & KVM_MEM_LOG_DIRTY_PAGES else -1
         self.arch.commit(change, old, new)
-        if change is ch.CREATE:
+        if change is CREATE:
             return
         assert old is not None
         steps.append(STEP_FREE_OLD)
-        if change is ch.DELETE:
+        if change is DELETE:
             self._free_memslot(old)
             return
         assert new is not None

@@ -21,6 +21,7 @@ The whole format: docs/trace-format.md.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -48,6 +49,7 @@ from .records import (
     SetRegion,
     TraceFormatError,
     TraceOp,
+    new_set_region,
 )
 
 _COMMON = {"op", "expect", "note", "vm", "line"}
@@ -257,12 +259,14 @@ def _choice(obj: dict[str, Any], key: str, choices: tuple[str, ...],
 
 try:  # a C parser for the common line (3-4x the standard library's speed, measured in
     # bench/bench_replay.py); the standard library decides every line orjson refuses, and
-    # words every error
-    from orjson import loads as _orjson_loads
-
-    _fast_loads: Callable[[str], Any] = _orjson_loads
+    # words every error. (Imported by name: the mypyc build type-checks this module without
+    # orjson installed.)
+    _fast_loads: Callable[[str | bytes], Any] = importlib.import_module("orjson").loads
+    #: :func:`parse_lines` may be given undecoded lines (orjson parses only UTF-8 bytes).
+    PARSES_BYTES = True
 except ImportError:  # orjson is a dependency; without it the same results, slower
     _fast_loads = json.loads
+    PARSES_BYTES = False  # json.loads would guess UTF-16/32 bytes
 
 #: The keys of the common request line (v1, address space in ``slot``, the first VM).
 _FAST_KEYS = frozenset({"slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr",
@@ -310,16 +314,22 @@ def _fast_set(obj: dict[str, Any], line: int) -> SetRegion | None:
             return None
         line = source
     region = _new_region(MemoryRegion, (slot, flags, gpa, size, ua, 0, None))
-    return SetRegion(region, expect, line, note)
+    return new_set_region(region, expect, line, note)
 
 
 def parse_lines(
-    lines: Iterable[str],
+    lines: Iterable[str | bytes],
     path: str = "<input>",
     errors: list[TraceFormatError] | None = None,
+    decode: Callable[[bytes], str] | None = None,
 ) -> Iterator[TraceOp]:
     """Parse JSON lines lazily; raises :class:`TraceFormatError` naming the line, or, when
-    ``errors`` is a list, records the error there and goes on with the next line."""
+    ``errors`` is a list, records the error there and goes on with the next line.
+
+    Lines may also come as raw ``bytes`` with ``decode`` to make text of them (the reader's
+    rules: a :class:`BadLine` for what is not text). The common line is then parsed from its
+    bytes, undecoded (orjson refuses whatever is not UTF-8 or holds a NUL, so such a line
+    goes through ``decode`` and fails the same way); any other line is decoded first."""
     loads = _fast_loads
     fast_set = _fast_set
     for number, text in enumerate(lines, 1):
@@ -333,6 +343,11 @@ def parse_lines(
                 if fast is not None:
                     yield fast
                     continue
+        if type(text) is bytes:
+            if decode is None:
+                raise TypeError("parse_lines: bytes lines need decode")
+            text = decode(text)
+        assert isinstance(text, str)
         if not text or text.isspace():
             if type(text) is not BadLine:
                 continue

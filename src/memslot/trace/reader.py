@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .jsonl import parse_lines
+from .jsonl import PARSES_BYTES, parse_lines
 from .records import BadLine, TraceFormatError, TraceOp
 
 FORMATS = ("auto", "jsonl", "qemu", "strace")
@@ -57,24 +57,41 @@ def _open_binary(path: str) -> BinaryIO:
         raise TraceFormatError(path, 0, exc.strerror or str(exc)) from None
 
 
-def _bounded(stream: BinaryIO) -> Iterator[bytes]:
+class _Counter:
+    """Lines read so far (the reader's ``lines``)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+#: Stands for a line longer than MAX_LINE (consumed, not held). Its NUL byte makes sure that
+#: no parser of undecoded lines takes it for text.
+TOO_LONG = b"\0(line too long)\n"
+
+
+def _bounded(stream: BinaryIO, counter: _Counter) -> Iterator[bytes]:
     """Lines of ``stream`` as they arrive, never more than MAX_LINE bytes of one held; a longer
-    line is consumed and yielded cut (it is reported as too long)."""
+    line is consumed and yielded as :data:`TOO_LONG`."""
     readline = stream.readline
     limit = MAX_LINE + 1
     while True:
         line = readline(limit)
         if not line:
             return
-        if len(line) == limit and not line.endswith(b"\n"):
-            while True:
-                rest = readline(MAX_LINE)
-                if not rest or rest.endswith(b"\n"):
-                    break
+        counter.n += 1
+        if len(line) == limit:
+            if not line.endswith(b"\n"):
+                while True:
+                    rest = readline(MAX_LINE)
+                    if not rest or rest.endswith(b"\n"):
+                        break
+            line = TOO_LONG
         yield line
 
 
-def _followed(stream: BinaryIO, path: str, follow: Follow) -> Iterator[bytes]:
+def _followed(stream: BinaryIO, path: str, follow: Follow, counter: _Counter) -> Iterator[bytes]:
     """Lines of a file that keeps growing: at the end, wait for more. A partial last line is
     held until its newline arrives (or the follow ends)."""
     pending = b""
@@ -85,12 +102,14 @@ def _followed(stream: BinaryIO, path: str, follow: Follow) -> Iterator[bytes]:
         if chunk:
             pending += chunk
             if pending.endswith(b"\n") or len(pending) > MAX_LINE:
-                if not pending.endswith(b"\n"):  # too long: skip to its end
-                    pending += b"\n"
-                    while True:
-                        rest = stream.readline(MAX_LINE)
-                        if not rest or rest.endswith(b"\n"):
-                            break
+                if len(pending) > MAX_LINE:  # too long: skip to its end
+                    if not pending.endswith(b"\n"):
+                        while True:
+                            rest = stream.readline(MAX_LINE)
+                            if not rest or rest.endswith(b"\n"):
+                                break
+                    pending = TOO_LONG
+                counter.n += 1
                 yield pending
                 pending = b""
                 quiet_since = time.monotonic()
@@ -101,6 +120,7 @@ def _followed(stream: BinaryIO, path: str, follow: Follow) -> Iterator[bytes]:
             reason = f"no new line for {follow.timeout:g} s"
         if reason is not None:
             if pending:
+                counter.n += 1
                 yield pending
             if follow.on_stop is not None:
                 follow.on_stop(reason)
@@ -181,34 +201,36 @@ class TraceReader:
         self.path = path
         self.format = fmt
         self.errors = errors
-        self.lines = 0
+        self._count = _Counter()
         self._stream = _open_binary(path)
-        raw = (_followed(self._stream, path, follow) if follow is not None and path != "-"
-               else _bounded(self._stream))
-        self._text = self._decoded(raw)
+        self._raw = (_followed(self._stream, path, follow, self._count)
+                     if follow is not None and path != "-" else _bounded(self._stream, self._count))
+        self._text = (self._decode(line) for line in self._raw)
 
-    def _decoded(self, raw: Iterable[bytes]) -> Iterator[str]:
-        """Text lines, counted (a UTF-8 BOM at the start dropped); a line that is not text
-        becomes a :class:`BadLine` for the parser to report with its number."""
-        first = True
-        for line in raw:
-            self.lines += 1
-            if len(line) > MAX_LINE:
-                yield BadLine(f"line longer than {MAX_LINE} characters")
-                continue
-            if b"\0" in line:
-                yield BadLine("binary data (NUL byte)")
-                continue
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError:
-                yield BadLine("not UTF-8 text")
-                continue
-            if first:
-                first = False
-                if text.startswith(_BOM):
-                    text = text[1:]
-            yield text
+    @property
+    def lines(self) -> int:
+        """Lines read so far."""
+        return self._count.n
+
+    def _decode(self, line: bytes) -> str:
+        """A line as text (a UTF-8 BOM at the start of the input dropped); a line that is not
+        text becomes a :class:`BadLine` for the parser to report with its number."""
+        if line is TOO_LONG:
+            return BadLine(f"line longer than {MAX_LINE} characters")
+        if b"\0" in line:
+            return BadLine("binary data (NUL byte)")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return BadLine("not UTF-8 text")
+        if self._count.n == 1 and text.startswith(_BOM):
+            text = text[1:]
+        return text
+
+    def _jsonl_lines(self) -> Iterator[str] | Iterator[bytes]:
+        """The lines still to read, for the JSON-lines parser: undecoded where it parses
+        bytes (it decodes, with :meth:`_decode`, the lines it does not take as they are)."""
+        return self._raw if PARSES_BYTES else self._text
 
     def __iter__(self) -> Iterator[TraceOp]:
         try:
@@ -224,8 +246,8 @@ class TraceReader:
                 if self.format == "none" and len(head) >= SNIFF_LINES:
                     self.format = "qemu"  # a long log without an event so far: keep reading
             if self.format == "jsonl":  # reports a BadLine itself
-                yield from parse_lines(itertools.chain(head, self._text), self.path,
-                                       self.errors)
+                yield from parse_lines(itertools.chain(head, self._jsonl_lines()), self.path,
+                                       self.errors, self._decode)
                 return
             lines = _checked_lines(itertools.chain(head, self._text), self.path, self.errors)
             if self.format == "strace":

@@ -207,3 +207,41 @@ def test_jsonl_unhashable_op(tmp_path: Path) -> None:
     trace.write_text('{"op": []}\n')
     with pytest.raises(TraceFormatError):
         list(iter_trace(str(trace)))
+
+
+_SET_VALUES = (st.none() | st.booleans() | st.integers(-2, (1 << 64) + 1)
+               | st.sampled_from(["0x1000", "0X10", "0x", "0xg", "0x1_000", "0x10 ", "4096",
+                                  "EEXIST", "einval", "", "a\x1bb", 1.5, 0.0, [], {}]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["slot", "flags", "guest_phys_addr", "memory_size",
+                                        "userspace_addr", "expect", "note", "line", "vm",
+                                        "as_id", "bogus"]),
+                       _SET_VALUES, max_size=9),
+       st.booleans())
+def test_lean_line_parser_agrees_with_the_general_one(obj: dict[str, object],
+                                                      common: bool) -> None:
+    """The lean path for the common request line (``_fast_set``, from raw bytes) gives the
+    operation the general path gives, or leaves the line to it: never a different operation,
+    never one the general path refuses (null ``line``, unknown keys, bad hex...)."""
+    from memslot.trace import jsonl
+
+    if common:  # mostly well-formed lines, with the odd field changed
+        base: dict[str, object] = {"slot": 3, "flags": 1, "guest_phys_addr": "0x2000",
+                                   "memory_size": "0x1000", "userspace_addr": 4096,
+                                   "expect": 0}
+        obj = {**base, **dict(list(obj.items())[:1])}
+    text = json.dumps(obj)
+    try:
+        general: object = list(jsonl.parse_lines([text]))
+    except TraceFormatError as exc:
+        general = ("refused", str(exc))
+    try:
+        lean: object = list(jsonl.parse_lines([text.encode()], decode=bytes.decode))
+    except TraceFormatError as exc:
+        lean = ("refused", str(exc))
+    assert lean == general
+    fast = jsonl._fast_set(json.loads(text), 1)
+    if fast is not None:
+        assert [fast] == general

@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from .. import constants
 from ..errors import errno_name, errno_value
@@ -49,7 +49,6 @@ from .records import (
     SetRegion,
     TraceFormatError,
     TraceOp,
-    new_set_region,
 )
 
 _COMMON = {"op", "expect", "note", "vm", "line"}
@@ -268,29 +267,47 @@ except ImportError:  # orjson is a dependency; without it the same results, slow
     _fast_loads = json.loads
     PARSES_BYTES = False  # json.loads would guess UTF-16/32 bytes
 
-#: The keys of the common request line (v1, address space in ``slot``, the first VM).
-_FAST_KEYS = frozenset({"slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr",
-                        "expect", "note", "line"})
 _EXPECT: dict[int | str, int] = {}
-_new_region = tuple.__new__
+_new_region: Final = tuple.__new__
+
+
+# A frozen dataclass's __init__ sets each field with object.__setattr__ (about 2 us for a
+# SetRegion); the slot descriptors do the same stores directly.
+_SET_REGION_STORES: Final = tuple(getattr(SetRegion, name).__set__
+                                  for name in ("region", "expect", "line", "note", "vm", "op"))
+
+
+def _new_set_region(region: MemoryRegion, expect: int | None, line: int, note: str) -> SetRegion:
+    """``SetRegion(region, expect, line, note)`` (VM 0), built without the dataclass
+    ``__init__``: the same object, several times faster."""
+    op: SetRegion = object.__new__(SetRegion)
+    s_region, s_expect, s_line, s_note, s_vm, s_op = _SET_REGION_STORES
+    s_region(op, region)
+    s_expect(op, expect)
+    s_line(op, line)
+    s_note(op, note)
+    s_vm(op, 0)
+    s_op(op, "set")
+    return op
 
 
 def _fast_set(obj: dict[str, Any], line: int) -> SetRegion | None:
     """The common request line (v1, address space in ``slot``, numbers or ``"0x"`` strings)
     without the general checks; ``None`` for anything else, which :func:`parse_object` then
     decides (the result is the same either way)."""
-    if not obj.keys() <= _FAST_KEYS:
-        return None
     try:
-        slot, flags = obj["slot"], obj["flags"]
-        gpa, size, ua = obj["guest_phys_addr"], obj["memory_size"], obj["userspace_addr"]
+        slot = obj["slot"]
+        flags = obj["flags"]
+        gpa = obj["guest_phys_addr"]
+        size = obj["memory_size"]
+        ua = obj["userspace_addr"]
     except KeyError:
         return None
-    if type(gpa) is str and gpa[:2] in ("0x", "0X"):
+    if isinstance(gpa, str) and (gpa.startswith("0x") or gpa.startswith("0X")):
         gpa = int(gpa, 16)
-    if type(size) is str and size[:2] in ("0x", "0X"):
+    if isinstance(size, str) and (size.startswith("0x") or size.startswith("0X")):
         size = int(size, 16)
-    if type(ua) is str and ua[:2] in ("0x", "0X"):
+    if isinstance(ua, str) and (ua.startswith("0x") or ua.startswith("0X")):
         ua = int(ua, 16)
     if (
         type(slot) is not int or type(flags) is not int or type(gpa) is not int
@@ -299,22 +316,33 @@ def _fast_set(obj: dict[str, Any], line: int) -> SetRegion | None:
                 and 0 <= size <= _U64 and 0 <= ua <= _U64)
     ):
         return None
-    expect = obj.get("expect")
-    if expect is not None:
-        cached = _EXPECT.get(expect) if type(expect) in (int, str) else None
-        if cached is None:
-            return None
-        expect = cached
-    note = obj.get("note", "")
-    if type(note) is not str or not note.isprintable():
-        return None  # printable() in the general path
-    source = obj.get("line")
-    if source is not None:
-        if type(source) is not int or not 1 <= source <= 0xFFFFFFFF:
-            return None
-        line = source
+    expect: int | None = None
+    note = ""
+    extra = len(obj) - 5  # keys besides the five fields: only expect, note and line here
+    if extra:
+        if "expect" in obj:
+            extra -= 1
+            spelling = obj["expect"]
+            if spelling is not None:
+                cached = _EXPECT.get(spelling) if type(spelling) in (int, str) else None
+                if cached is None:
+                    return None
+                expect = cached
+        if "note" in obj:
+            extra -= 1
+            note = obj["note"]
+            if type(note) is not str or not note.isprintable():
+                return None  # printable() in the general path
+        if "line" in obj:
+            extra -= 1
+            source = obj["line"]
+            if type(source) is not int or not 1 <= source <= 0xFFFFFFFF:
+                return None  # (null included: the general path refuses it)
+            line = source
+        if extra:
+            return None  # another key: the general path says which
     region = _new_region(MemoryRegion, (slot, flags, gpa, size, ua, 0, None))
-    return new_set_region(region, expect, line, note)
+    return _new_set_region(region, expect, line, note)
 
 
 def parse_lines(

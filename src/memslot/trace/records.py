@@ -24,26 +24,6 @@ class SetRegion:
     op: str = field(default="set", init=False)
 
 
-# A frozen dataclass's __init__ sets each field with object.__setattr__ (about 2 us for a
-# SetRegion); the slot descriptors do the same stores directly, for the parser's hot path.
-_SET_REGION_STORES = tuple(getattr(SetRegion, name).__set__
-                           for name in ("region", "expect", "line", "note", "vm", "op"))
-
-
-def new_set_region(region: MemoryRegion, expect: int | None, line: int, note: str) -> SetRegion:
-    """``SetRegion(region, expect, line, note)`` (VM 0), built without the dataclass
-    ``__init__``: the same object, several times faster."""
-    op: SetRegion = object.__new__(SetRegion)
-    s_region, s_expect, s_line, s_note, s_vm, s_op = _SET_REGION_STORES
-    s_region(op, region)
-    s_expect(op, expect)
-    s_line(op, line)
-    s_note(op, note)
-    s_vm(op, 0)
-    s_op(op, "set")
-    return op
-
-
 @dataclass(frozen=True, slots=True)
 class GetDirtyLog:
     """``KVM_GET_DIRTY_LOG``; ``expect_bitmap`` (hex in files) is checked when given."""

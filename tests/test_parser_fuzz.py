@@ -12,7 +12,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from memslot.cli.main import main
@@ -215,6 +215,9 @@ _SET_VALUES = (st.none() | st.booleans() | st.integers(-2, (1 << 64) + 1)
 
 
 @settings(max_examples=400, deadline=None)
+@example({"memory_size": "0x0x20000"}, True)  # a traceback from the lean path, once
+@example({"guest_phys_addr": "0x"}, True)
+@example({"line": None}, True)  # the lean path took it, the general one refuses it
 @given(st.dictionaries(st.sampled_from(["slot", "flags", "guest_phys_addr", "memory_size",
                                         "userspace_addr", "expect", "note", "line", "vm",
                                         "as_id", "bogus"]),

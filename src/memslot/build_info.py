@@ -10,6 +10,7 @@ import importlib.machinery
 COMPILED_MODULES = (
     "memslot.engine.memslots",
     "memslot.engine.dirty",
+    "memslot.engine.mm",
     "memslot.engine.slotset",
     "memslot.engine.sorted_ints",
     "memslot.engine.hva_index",
@@ -22,6 +23,8 @@ COMPILED_MODULES = (
     "memslot.arch.riscv",
     "memslot.arch.s390",
     "memslot.trace.jsonl",
+    "memslot.trace.lines",
+    "memslot.request",
 )
 
 

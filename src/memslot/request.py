@@ -3,7 +3,7 @@ kvm_userspace_memory_region{,2}`` in include/uapi/linux/kvm.h)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Final, NamedTuple
 
 from .constants import KVM_ADDRESS_SPACE_SHIFT, PAGE_SHIFT, flag_names
 
@@ -56,6 +56,23 @@ class MemoryRegion(NamedTuple):
         if self.guest_memfd is not None:
             text += f" gmem={self.guest_memfd}@{self.guest_memfd_offset:#x}"
         return text
+
+
+_U32: Final = (1 << 32) - 1
+_U64: Final = (1 << 64) - 1
+
+
+def plain_v1(region: Any) -> bool:
+    """True for the common request: a v1 ``MemoryRegion`` whose fields are ints that fit the
+    ioctl struct (the backends' field check passes it at once; anything else it looks at
+    field by field)."""
+    slot, flags, gpa, size, uaddr, offset, fd = region
+    return (
+        type(slot) is int and type(flags) is int and type(gpa) is int and type(size) is int
+        and type(uaddr) is int
+        and 0 <= slot <= _U32 and 0 <= flags <= _U32 and 0 <= gpa <= _U64
+        and 0 <= size <= _U64 and 0 <= uaddr <= _U64 and offset == 0 and fd is None
+    )
 
 
 def slot_field(as_id: int, slot_id: int) -> int:

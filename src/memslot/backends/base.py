@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from ..closing import Closing
 from ..engine.slot import MemorySlot
-from ..request import MemoryRegion
+from ..request import MemoryRegion, plain_v1
 
 if TYPE_CHECKING:
     from ..engine.ledger import Allocation, Ledger
@@ -81,12 +81,7 @@ def check_host_range(addr: int, size: int) -> None:
 
 def check_region_fields(region: MemoryRegion) -> None:
     """Reject values the ioctl struct cannot carry (``ValueError``): the kernel never sees them."""
-    slot, flags, gpa, size, uaddr, offset, fd = region
-    if (
-        int is type(slot) is type(flags) is type(gpa) is type(size) is type(uaddr)
-        and 0 <= slot <= U32 and 0 <= flags <= U32 and 0 <= gpa <= U64 and 0 <= size <= U64
-        and 0 <= uaddr <= U64 and offset == 0 and fd is None
-    ):
+    if plain_v1(region):
         return  # the common v1 request
     for name, limit in (
         ("slot", U32),

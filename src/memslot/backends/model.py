@@ -25,7 +25,7 @@ from ..engine.slot import MemorySlot
 from ..engine.vmas import ANON_RW, Vma, VmaMap, VmFlag
 from ..errors import ClosedError, KvmError
 from ..profile import DEFAULT_PROFILE, Profile, get_profile
-from ..request import MemoryRegion
+from ..request import MemoryRegion, plain_v1
 from .base import (
     KVM_HVA_ERR_BAD,
     KVM_HVA_ERR_RO_BAD,
@@ -94,9 +94,11 @@ class ModelVM(VM):
     # -- requests -------------------------------------------------------------------------
     def submit(self, region: MemoryRegion) -> OpResult:
         """Apply a request and return its record (a refusal is ``result.errno``, not raised)."""
-        check_region_fields(region)
-        result = self._live().set_memory_region(region)
-        self.last_result = result
+        if not plain_v1(region):  # (the common request is checked by compiled code)
+            check_region_fields(region)
+        if self._closed:
+            raise ClosedError("this ModelVM is closed")
+        result = self.last_result = self._m.set_memory_region(region)
         return result
 
     def apply(self, region: MemoryRegion) -> None:
@@ -110,7 +112,8 @@ class ModelVM(VM):
         # The hot path of the shared API, without the generic wrapper layers.
         region = _new(MemoryRegion, (slot, flags, guest_phys_addr, memory_size, userspace_addr,
                                      0, None))
-        check_region_fields(region)
+        if not plain_v1(region):
+            check_region_fields(region)
         if self._closed:
             raise ClosedError("this ModelVM is closed")
         result = self.last_result = self._m.set_memory_region(region)

@@ -200,7 +200,10 @@ def run(args: argparse.Namespace) -> int:
             with render.progress(source.size() or 0, "replaying",
                                  not (args.json or args.json_lines or source.streaming),
                                  unit="bytes") as update:
-                ops = render.tracked(_current(iter(source), current),
+                # (the line of the request in progress is needed only to name it when the
+                # kernel-memory budget refuses it: no wrapper otherwise)
+                ops = render.tracked(iter(source) if budget is None
+                                     else _current(iter(source), current),
                                      lambda: update(source.position()))
                 replayer.replay(ops, handler, tally)
         except KernelMemoryLimitError as exc:

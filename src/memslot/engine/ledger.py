@@ -40,7 +40,7 @@ KINDS: Final = (
 )
 
 _LEVEL_NAMES: Final = {1: "4K", 2: "2M", 3: "1G"}
-_new = tuple.__new__  # NamedTuple construction without the Python-level __new__
+_new: Final = tuple.__new__  # NamedTuple construction without the Python-level __new__
 
 
 def vmalloc_footprint(nbytes: int, page_size: int = 4096) -> int:

@@ -40,6 +40,7 @@ from .ledger import (
     AllocGroup,
     Ledger,
 )
+from .mm import current as current_mm
 from .result import (
     STAGE_ALLOC_INVALID,
     STAGE_ALLOC_SLOT,
@@ -79,7 +80,6 @@ _V1_FLAGS: Final = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 _IMMUTABLE_FLAGS: Final = KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD
 # Building a NamedTuple through tuple.__new__ skips its Python-level __new__ (4x faster).
 _new_slot: Final = tuple.__new__
-_getpid: Final = os.getpid
 # The change types as Final names: mypyc keeps them in C statics (otherwise each use is an
 # attribute lookup on the change module).
 CREATE: Final = ch.CREATE
@@ -102,17 +102,6 @@ class SwapEvent(NamedTuple):
 
 
 Observer = Callable[[SwapEvent], None]
-
-
-_fork_generation = 0
-
-
-def _after_fork_in_child() -> None:
-    global _fork_generation
-    _fork_generation += 1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Failed(Exception):
@@ -163,7 +152,7 @@ class Memslots:
         self._bitmap_lock = threading.Lock()
         self.observers: list[Observer] = []
         self.creator_pid = os.getpid()
-        self._creator_fork_generation = _fork_generation
+        self._mm = current_mm()  # kvm->mm
         self.struct_size = _struct_size(profile, arch)
         self._struct_spec = ledger.spec(KIND_SLOT, 1, self.struct_size, KMALLOC)
         self._invalid_spec = ledger.spec(KIND_INVALID_SLOT, 1, self.struct_size, KMALLOC)
@@ -202,8 +191,8 @@ class Memslots:
     @property
     def foreign_caller(self) -> bool:
         """True in a process forked after this VM was created (``kvm->mm != current->mm``):
-        another pid (any fork, ``os.fork`` or libc's) or a fork Python saw."""
-        return _getpid() != self.creator_pid or _fork_generation != self._creator_fork_generation
+        any fork, ``os.fork`` or libc's (see :mod:`memslot.engine.mm`)."""
+        return current_mm() != self._mm
 
     # ==================================================================================
     # kvm_set_memory_region
@@ -241,14 +230,13 @@ class Memslots:
         return (
             gmem_fd is None
             and not internal
-            and _getpid() == self.creator_pid
-            and _fork_generation == self._creator_fork_generation
+            and current_mm() == self._mm
             and not flags & self._fast_bad_flags
             and slot & 0xFFFF < self._user_slots
             and not (size | gpa | uaddr) & self._page_mask
             and uaddr + size <= self._fast_uaddr_limit
             and slot >> 16 < self.nr_as
-            and gpa + size <= ULONG_MAX
+            and not (gpa + size) >> 64  # <= ULONG_MAX, without a boxed compare
             and size <= self._max_size
         )
 
@@ -339,7 +327,7 @@ class Memslots:
         base_gfn = gpa >> self._page_shift
         if old is None:
             change = CREATE
-            if self.nr_memslot_pages + npages > ULONG_MAX:
+            if (self.nr_memslot_pages + npages) >> 64:  # > ULONG_MAX
                 raise _Failed(ch.PAGES_WRAP)
         else:
             if flags & KVM_MEM_GUEST_MEMFD:

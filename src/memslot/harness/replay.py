@@ -199,28 +199,32 @@ class Replayer:
         # The lean loop: a v1 request on the first VM whose result is what the trace recorded
         # is counted, not kept; anything else goes through step().
         submit = model.submit
+        set_region = SetRegion
         index = self.index
         ok = refused = 0
         try:
             for op in ops:
-                if type(op) is SetRegion and op.vm == 0 and op.region.guest_memfd is None:
-                    index += 1
-                    try:
-                        result = submit(op.region)
-                    except (KvmError, Divergence) as exc:
-                        tally.add(_failed(index, op, exc))
+                if type(op) is set_region and not op.vm:
+                    region = op.region
+                    if region.guest_memfd is None:
+                        index += 1
+                        try:
+                            result = submit(region)
+                        except (KvmError, Divergence) as exc:
+                            tally.add(_failed(index, op, exc))
+                            continue
+                        err = result.errno
+                        expect = op.expect
+                        if expect is None or err == expect:
+                            if err:
+                                refused += 1
+                            else:
+                                ok += 1
+                            continue
+                        step = ReplayStep(index, op, err, result)
+                        step.problems.append(_differs(expect, err))
+                        tally.add(step)
                         continue
-                    err = result.errno
-                    if op.expect is None or err == op.expect:
-                        if err:
-                            refused += 1
-                        else:
-                            ok += 1
-                        continue
-                    step = ReplayStep(index, op, err, result)
-                    step.problems.append(_differs(op.expect, err))
-                    tally.add(step)
-                    continue
                 self.index = index
                 tally.add(self.step(op))
                 index = self.index

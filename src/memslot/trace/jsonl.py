@@ -303,12 +303,15 @@ def _fast_set(obj: dict[str, Any], line: int) -> SetRegion | None:
         ua = obj["userspace_addr"]
     except KeyError:
         return None
-    if isinstance(gpa, str) and (gpa.startswith("0x") or gpa.startswith("0X")):
-        gpa = int(gpa, 16)
-    if isinstance(size, str) and (size.startswith("0x") or size.startswith("0X")):
-        size = int(size, 16)
-    if isinstance(ua, str) and (ua.startswith("0x") or ua.startswith("0X")):
-        ua = int(ua, 16)
+    try:  # a bad hex string ("0x", "0x0x1") is the general path's to word
+        if isinstance(gpa, str) and (gpa.startswith("0x") or gpa.startswith("0X")):
+            gpa = int(gpa, 16)
+        if isinstance(size, str) and (size.startswith("0x") or size.startswith("0X")):
+            size = int(size, 16)
+        if isinstance(ua, str) and (ua.startswith("0x") or ua.startswith("0X")):
+            ua = int(ua, 16)
+    except ValueError:
+        return None
     if (
         type(slot) is not int or type(flags) is not int or type(gpa) is not int
         or type(size) is not int or type(ua) is not int

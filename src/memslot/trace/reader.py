@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .jsonl import PARSES_BYTES, parse_lines
+from .lines import MAX_LINE, TOO_LONG, Counter, bounded
 from .records import BadLine, TraceFormatError, TraceOp
 
 FORMATS = ("auto", "jsonl", "qemu", "strace")
-#: Longest line read whole; a longer one is an error (memory stays bounded per line).
-MAX_LINE = 1 << 20
 #: Lines read to decide the format before giving up (then: a QEMU log that has no event yet).
 SNIFF_LINES = 100_000
 #: What the hint of an input without operations suggests.
@@ -57,41 +56,7 @@ def _open_binary(path: str) -> BinaryIO:
         raise TraceFormatError(path, 0, exc.strerror or str(exc)) from None
 
 
-class _Counter:
-    """Lines read so far (the reader's ``lines``)."""
-
-    __slots__ = ("n",)
-
-    def __init__(self) -> None:
-        self.n = 0
-
-
-#: Stands for a line longer than MAX_LINE (consumed, not held). Its NUL byte makes sure that
-#: no parser of undecoded lines takes it for text.
-TOO_LONG = b"\0(line too long)\n"
-
-
-def _bounded(stream: BinaryIO, counter: _Counter) -> Iterator[bytes]:
-    """Lines of ``stream`` as they arrive, never more than MAX_LINE bytes of one held; a longer
-    line is consumed and yielded as :data:`TOO_LONG`."""
-    readline = stream.readline
-    limit = MAX_LINE + 1
-    while True:
-        line = readline(limit)
-        if not line:
-            return
-        counter.n += 1
-        if len(line) == limit:
-            if not line.endswith(b"\n"):
-                while True:
-                    rest = readline(MAX_LINE)
-                    if not rest or rest.endswith(b"\n"):
-                        break
-            line = TOO_LONG
-        yield line
-
-
-def _followed(stream: BinaryIO, path: str, follow: Follow, counter: _Counter) -> Iterator[bytes]:
+def _followed(stream: BinaryIO, path: str, follow: Follow, counter: Counter) -> Iterator[bytes]:
     """Lines of a file that keeps growing: at the end, wait for more. A partial last line is
     held until its newline arrives (or the follow ends)."""
     pending = b""
@@ -201,10 +166,10 @@ class TraceReader:
         self.path = path
         self.format = fmt
         self.errors = errors
-        self._count = _Counter()
+        self._count = Counter()
         self._stream = _open_binary(path)
         self._raw = (_followed(self._stream, path, follow, self._count)
-                     if follow is not None and path != "-" else _bounded(self._stream, self._count))
+                     if follow is not None and path != "-" else bounded(self._stream, self._count))
         self._text = (self._decode(line) for line in self._raw)
 
     @property

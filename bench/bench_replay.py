@@ -93,6 +93,26 @@ def run_once(trace: str, extra: list[str]) -> tuple[float, float, int]:
     return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 
+def model_alone(trace: str, runs: int) -> float:
+    """Microseconds of CPU per request of the model alone: ``ModelVM.submit`` of the trace's
+    requests, parsed beforehand (median of ``runs`` replays on fresh VMs, in this process)."""
+    from memslot import ModelVM
+    from memslot.trace.reader import iter_trace
+    from memslot.trace.records import SetRegion
+
+    regions = [op.region for op in iter_trace(trace) if isinstance(op, SetRegion)]
+    times = []
+    for _ in range(runs):
+        vm = ModelVM()
+        submit = vm.submit
+        start = time.process_time()
+        for region in regions:
+            submit(region)
+        times.append(time.process_time() - start)
+        vm.close()
+    return statistics.median(times) / len(regions) * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=200_000)
@@ -111,6 +131,7 @@ def main() -> None:
         size = os.path.getsize(trace)
         print(f"trace: {args.requests:,} requests, {size / 1e6:.1f} MB; model {compiled}; "
               f"python {sys.version.split()[0]}")
+        alone = model_alone(trace, args.runs)
         for mode in args.modes:
             big_runs = [run_once(trace, [mode]) for _ in range(args.runs)]
             small_runs = [run_once(small, [mode]) for _ in range(args.runs)]
@@ -126,6 +147,9 @@ def main() -> None:
                   f"(the {extra:,} requests between {small_n:,} and {args.requests:,})")
             print(f"{'':20} peak RSS {rss / 1024:.0f} MiB ({s_rss / 1024:.0f} MiB for "
                   f"{small_n:,} requests); medians of {args.runs} runs")
+            print(f"{'':20} per request: {(cpu - s_cpu) / extra * 1e6:.1f} us of CPU end to "
+                  f"end past start-up, {alone:.1f} us the model alone (ModelVM.submit of "
+                  f"parsed requests)")
 
 
 def _compiled() -> bool:

@@ -148,6 +148,12 @@ class Memslots:
         self.dirty = DirtyLogConfig()
         self.slots_lock = threading.Lock()
         self.srcu = threading.Lock()
+        # The locks' methods, bound once: every request takes slots_lock and every swap srcu
+        # (a with block looks both methods up each time).
+        self._slots_acquire = self.slots_lock.acquire
+        self._slots_release = self.slots_lock.release
+        self._srcu_acquire = self.srcu.acquire
+        self._srcu_release = self.srcu.release
         # Serialises dirty-bitmap words between markers and log readers (DirtyBitmap).
         self._bitmap_lock = threading.Lock()
         self.observers: list[Observer] = []
@@ -206,7 +212,8 @@ class Memslots:
         res = OpResult(r)
         if self._observer_thread is not None and self._observer_thread == threading.get_ident():
             raise RuntimeError("a memslot request was issued from inside an observer")
-        with self.slots_lock:
+        self._slots_acquire()
+        try:
             ledger = self.ledger
             ledger.allocated = res._allocated
             ledger.freed = res._freed
@@ -220,6 +227,8 @@ class Memslots:
                 res.stage = failure.stage
             if res.generation_before is not None:
                 res.generation_after = self.sets[r.slot >> 16].generation
+        finally:
+            self._slots_release()
         return res
 
     def _passes_fast_checks(self, r: MemoryRegion, internal: bool) -> bool:
@@ -566,15 +575,21 @@ class Memslots:
         else:
             assert new is not None
             slots = self.sets[new.as_id]
-        with self.srcu:
+        # (no update is in progress outside slots_lock, so bit 63 of the generation is clear
+        # here and the final store is the old value plus N_AS)
+        before = slots.generation
+        self._srcu_acquire()
+        try:
             if old is None:
                 slots.insert(new)  # type: ignore[arg-type]
             elif new is None:
                 slots.remove(old)
             else:
                 slots.replace(old, new)
-            gen = slots.generation | GEN_UPDATE_IN_PROGRESS
+            gen = before | GEN_UPDATE_IN_PROGRESS
             slots.generation = gen
+        finally:
+            self._srcu_release()
         if self.observers:
             event = SwapEvent(slots.as_id, change, phase, gen, old, new)
             self._observer_thread = threading.get_ident()
@@ -583,7 +598,7 @@ class Memslots:
                     observer(event)
             finally:
                 self._observer_thread = None
-        slots.generation = (gen & ~GEN_UPDATE_IN_PROGRESS) + self.nr_as
+        slots.generation = before + self.nr_as
 
     # ==================================================================================
     # guest_memfd binding (kvm_gmem_bind / kvm_gmem_unbind)

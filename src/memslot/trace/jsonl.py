@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from .. import constants
 from ..errors import errno_name, errno_value
@@ -348,6 +348,17 @@ def _fast_set(obj: dict[str, Any], line: int) -> SetRegion | None:
     return _new_set_region(region, expect, line, note)
 
 
+class _ErrorSink(Protocol):
+    def append(self, error: TraceFormatError, /) -> None: ...
+
+
+def _record(errors: _ErrorSink, error: TraceFormatError) -> None:
+    """``errors.append(error)`` through the object's own method: compiled code would call
+    the list's directly, and a caller's list may be a subclass that keeps a bounded sample
+    (``--keep-going``'s ErrorSample)."""
+    errors.append(error)
+
+
 def parse_lines(
     lines: Iterable[str | bytes],
     path: str = "<input>",
@@ -385,14 +396,14 @@ def parse_lines(
             error = TraceFormatError(path, number, text.problem)
             if errors is None:
                 raise error
-            errors.append(error)
+            _record(errors, error)
             continue
         try:
             op = _parse_line(text.strip(), number, path)
         except TraceFormatError as exc:
             if errors is None:
                 raise
-            errors.append(exc)
+            _record(errors, exc)
             continue
         yield op
 

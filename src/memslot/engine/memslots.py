@@ -148,12 +148,6 @@ class Memslots:
         self.dirty = DirtyLogConfig()
         self.slots_lock = threading.Lock()
         self.srcu = threading.Lock()
-        # The locks' methods, bound once: every request takes slots_lock and every swap srcu
-        # (a with block looks both methods up each time).
-        self._slots_acquire = self.slots_lock.acquire
-        self._slots_release = self.slots_lock.release
-        self._srcu_acquire = self.srcu.acquire
-        self._srcu_release = self.srcu.release
         # Serialises dirty-bitmap words between markers and log readers (DirtyBitmap).
         self._bitmap_lock = threading.Lock()
         self.observers: list[Observer] = []
@@ -212,8 +206,7 @@ class Memslots:
         res = OpResult(r)
         if self._observer_thread is not None and self._observer_thread == threading.get_ident():
             raise RuntimeError("a memslot request was issued from inside an observer")
-        self._slots_acquire()
-        try:
+        with self.slots_lock:
             ledger = self.ledger
             ledger.allocated = res._allocated
             ledger.freed = res._freed
@@ -227,8 +220,6 @@ class Memslots:
                 res.stage = failure.stage
             if res.generation_before is not None:
                 res.generation_after = self.sets[r.slot >> 16].generation
-        finally:
-            self._slots_release()
         return res
 
     def _passes_fast_checks(self, r: MemoryRegion, internal: bool) -> bool:
@@ -578,8 +569,7 @@ class Memslots:
         # (no update is in progress outside slots_lock, so bit 63 of the generation is clear
         # here and the final store is the old value plus N_AS)
         before = slots.generation
-        self._srcu_acquire()
-        try:
+        with self.srcu:
             if old is None:
                 slots.insert(new)  # type: ignore[arg-type]
             elif new is None:
@@ -588,8 +578,6 @@ class Memslots:
                 slots.replace(old, new)
             gen = before | GEN_UPDATE_IN_PROGRESS
             slots.generation = gen
-        finally:
-            self._srcu_release()
         if self.observers:
             event = SwapEvent(slots.as_id, change, phase, gen, old, new)
             self._observer_thread = threading.get_ident()

@@ -333,9 +333,10 @@ def _fast_set(obj: dict[str, Any], line: int) -> SetRegion | None:
                 expect = cached
         if "note" in obj:
             extra -= 1
-            note = obj["note"]
-            if type(note) is not str or not note.isprintable():
+            text = obj["note"]  # (Any: a str local would be type-checked as it is assigned)
+            if type(text) is not str or not text.isprintable():
                 return None  # printable() in the general path
+            note = text
         if "line" in obj:
             extra -= 1
             source = obj["line"]

@@ -33,7 +33,7 @@ runs, two alternating sessions each; CPU figures are the ones that hold under lo
 
 (Wall figures swing with the other work: 37k-42k before, 46k-58k after.) Instructions per
 request (callgrind, deterministic): about 84,000 end to end before, 56,000 after; the engine's
-``set_memory_region`` 42,000 before, 34,000 after. The goal of 100,000 requests per second is
+``set_memory_region`` 42,000 before, about 36,000 after. The goal of 100,000 requests per second is
 not reached: start-up is about 0.3 s of CPU (numpy's import the largest part), and past it a
 request still costs about twice the model's own time (parse, the SetRegion record, the replay
 loop, the generator layers of the reader and the CLI).

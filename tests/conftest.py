@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 from collections.abc import Iterator
 
 import pytest
 
 import memslot
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The Ctrl-C tests need SIGINT delivered: a shell without job control starts background
+    commands (``make test &``, CI runners) with SIGINT ignored, which Python keeps, so
+    ``_thread.interrupt_main()`` did nothing and children inherited the ignore."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

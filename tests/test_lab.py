@@ -10,6 +10,7 @@ import io
 import json
 import lzma
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -875,6 +876,9 @@ def test_ctrl_c_on_a_parallel_matrix_ends_every_guest(
         started.extend(_started(pids, 2))
         _thread.interrupt_main()
 
+    # interrupt_main() does nothing while SIGINT is ignored (a background launch) or left at
+    # SIG_DFL: Python's own handler for the length of the test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     helper = threading.Thread(target=interrupt)
     helper.start()
     opts = matrix.MatrixOptions(measure=False, guest_checks=False, preset=False)
@@ -884,6 +888,7 @@ def test_ctrl_c_on_a_parallel_matrix_ends_every_guest(
             matrix.run_matrix([get_target(n) for n in names], opts, jobs=2)
     finally:
         helper.join(30)
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 30
     assert len(started) == 2 and len(pids.read_text().split()) == 2  # the third never ran
     assert not any(_alive(pid) for pid in started)

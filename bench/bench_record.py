@@ -20,36 +20,18 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 from memslot.trace.reader import iter_trace
 from memslot.trace.records import TraceFormatError
 
-VMM = textwrap.dedent("""
-    import ctypes, mmap, sys
-    from memslot import KvmVM
-    from memslot.constants import KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_MEM_GUEST_MEMFD
-    rounds = int(sys.argv[1])
-    ram = mmap.mmap(-1, 4 << 20)
-    ua = ctypes.addressof(ctypes.c_char.from_buffer(ram))
-    with KvmVM() as vm:
-        vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 3)
-        vm.set_user_memory_region(0, 1, 0, 2 << 20, ua)  # dirty-logged
-        for i in range(rounds):
-            fd = vm.create_guest_memfd(2 << 20)
-            vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, 1 << 32, 2 << 20, ua, fd, 0)
-            vm.clear_dirty_log(0, 64 * (i % 8), 64, bytes([i & 0xFF]) * 8)
-            vm.set_user_memory_region2(1, 0, 0, 0, ua, 0, 0)  # DELETE
-    del ram
-""")
+VMM = Path(__file__).resolve().parent.parent / "examples" / "vmms" / "struct_churn.py"
 
 
 def record(workdir: Path, rounds: int, hogs: int, extra: list[str]) -> tuple[int, int, float]:
     """(structs expected, structs missed, seconds) of one recording under ``hogs`` busy loops."""
-    script = workdir / "vmm.py"
-    script.write_text(VMM)
+    script = VMM
     out = workdir / "rec.strace"
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
     try:

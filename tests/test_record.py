@@ -364,23 +364,7 @@ def test_a_thread_not_held_at_the_call_is_never_read() -> None:
         sleeper.wait()
 
 
-LOADED = textwrap.dedent("""
-    import ctypes, mmap, sys
-    from memslot import KvmVM
-    from memslot.constants import KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_MEM_GUEST_MEMFD
-    rounds = int(sys.argv[1])
-    ram = mmap.mmap(-1, 4 << 20)
-    ua = ctypes.addressof(ctypes.c_char.from_buffer(ram))
-    with KvmVM() as vm:
-        vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 3)
-        vm.set_user_memory_region(0, 1, 0, 2 << 20, ua)  # dirty-logged
-        for i in range(rounds):
-            fd = vm.create_guest_memfd(2 << 20)
-            vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, 1 << 32, 2 << 20, ua, fd, 0)
-            vm.clear_dirty_log(0, 64 * (i % 8), 64, bytes([i & 0xFF]) * 8)
-            vm.set_user_memory_region2(1, 0, 0, 0, ua, 0, 0)  # DELETE
-    del ram
-""")
+LOADED = Path(__file__).resolve().parent.parent / "examples" / "vmms" / "struct_churn.py"
 
 
 def cpu_hogs(n: int) -> list[subprocess.Popen[bytes]]:
@@ -391,8 +375,7 @@ def cpu_hogs(n: int) -> list[subprocess.Popen[bytes]]:
 def recorded_under_load(tmp_path: Path, rounds: int, *extra: str,
                         ) -> tuple[subprocess.CompletedProcess[str], list[TraceOp],
                                    list[TraceFormatError]]:
-    script = tmp_path / "loaded.py"
-    script.write_text(LOADED)
+    script = LOADED
     hogs = cpu_hogs(2 * (os.cpu_count() or 1))
     try:
         out = tmp_path / "loaded.strace"
@@ -454,8 +437,7 @@ def test_a_missed_struct_is_marked_in_the_log_and_named_by_the_parser() -> None:
 def test_a_timed_hold_too_short_marks_every_missed_struct(tmp_path: Path) -> None:
     """The timed hold (as --pid uses) may end before the read: each such call is marked in
     the log, counted, and reported by the parser with the cause, never decoded wrongly."""
-    script = tmp_path / "loaded.py"
-    script.write_text(LOADED)
+    script = LOADED
     out = tmp_path / "short.strace"
     done = subprocess.run(
         [sys.executable, "-m", "memslot", "record", "--timed-hold", "--hold-ms", "0.001",

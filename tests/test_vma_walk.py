@@ -10,16 +10,18 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import os
 
 import pytest
 
 from memslot import DualVM, KvmError, KvmVM, ModelVM, detect_profile
-from memslot.backends.procmaps import parse_maps, parse_smaps_flags, read_vmas
+from memslot.backends.procmaps import ProcessVmas, parse_maps, parse_smaps_flags, read_vmas
 from memslot.constants import KVM_MEM_LOG_DIRTY_PAGES as LOG
 from memslot.constants import KVM_MEM_READONLY as RO
 from memslot.engine.vmas import ANON_RW, Vma, VmaMap, VmFlag
 
 PAGE = 4096
+MAP_FIXED_NOREPLACE = 0x100000  # Linux 4.17, every arch
 TEXT = 0x10000  # where the lab's riscv64 python3.13 text starts
 R = VmFlag.READ
 RX = VmFlag.READ | VmFlag.EXEC
@@ -136,6 +138,52 @@ def test_dual_vm_tells_the_model_the_kernels_vmas() -> None:
         dual.verify()
 
 
+class CountingKernel(ModelVM):
+    """A model standing in for the kernel that counts the reads of its VMAs."""
+
+    def __init__(self, profile: str) -> None:
+        super().__init__(profile)
+        self.reads: list[tuple[int, int, bool]] = []
+
+    def process_vmas(self, start: int, end: int, *, pfnmap: bool = True) -> list[Vma]:
+        self.reads.append((start, end, pfnmap))
+        return super().process_vmas(start, end, pfnmap=pfnmap)
+
+
+def test_dual_vm_reads_the_vmas_only_where_an_arch_walk_happens() -> None:
+    kernel = CountingKernel("riscv64@7.2")
+    kernel.tell_vmas(0, 1 << 32, [Vma(TEXT, 0x59C000, RX)])
+    with DualVM(ModelVM("riscv64@7.2"), kernel) as dual:
+        dual.set_user_memory_region(0, 0, 0, 0x2000, 1 << 30)  # a writable CREATE: walked
+        assert kernel.reads == [(1 << 30, (1 << 30) + 0x2000, False)]
+        kernel.reads.clear()
+        with pytest.raises(KvmError):
+            dual.set_user_memory_region(1, 0, 0, 0x2000, 1 << 31)  # overlap: refused before
+        with pytest.raises(KvmError):
+            dual.set_user_memory_region(1, 0x80, 1 << 32, 0x2000, 1 << 31)  # unknown flag
+        dual.set_user_memory_region(1, RO, 1 << 32, 0x2000, 1 << 31)  # nothing to refuse
+        dual.set_user_memory_region(1, 0, 1 << 32, 0, 1 << 31)  # DELETE never walks
+        assert kernel.reads == []
+        with pytest.raises(KvmError):  # riscv's walk refuses: the reads happen, with PFNMAP
+            dual.set_user_memory_region(8, LOG, 0xFFFFF000, 0x3F000, 0)
+        assert kernel.reads == [(0, 0x3F000, True)]
+        dual.verify()
+    kernel = CountingKernel("arm64@7.2")
+    with DualVM(ModelVM("arm64@7.2"), kernel) as dual:
+        dual.set_user_memory_region(0, 0, 0, 0x2000, 1 << 30)  # arm64 reads only VM_PFNMAP,
+        dual.set_user_memory_region(0, 0, 0x2000, 0x2000, 1 << 30)  # for dirty logging
+        assert kernel.reads == []
+        dual.set_user_memory_region(0, LOG, 0x2000, 0x2000, 1 << 30)  # FLAGS_ONLY walks
+        assert kernel.reads == [(1 << 30, (1 << 30) + 0x2000, True)]
+
+
+def test_a_closed_dual_vm_leaves_its_model_without_a_source() -> None:
+    model = ModelVM("riscv64@7.2")
+    with DualVM(model, ModelVM("riscv64@7.2")):
+        assert model.vmas.source is not None
+    assert model.vmas.source is None
+
+
 # -- /proc/self/maps --------------------------------------------------------------------------
 MAPS = """\
 00010000-0059c000 r-xp 00000000 00:02 31                                 /usr/bin/python3.13
@@ -194,6 +242,88 @@ def test_this_processs_vmas_are_read_exactly() -> None:
     finally:
         libc.munmap(addr, size)
     assert read_vmas(addr, addr + size) == []
+
+
+def _readers() -> list[ProcessVmas]:
+    return [ProcessVmas(), ProcessVmas(query=False)]
+
+
+def test_the_query_and_the_text_read_the_same_vmas_and_see_every_change() -> None:
+    """PROCMAP_QUERY (6.11) and /proc/self/maps agree, and nothing is cached: an mprotect,
+    munmap or mmap between two reads is seen by the next."""
+    libc = _libc()
+    size = 4 * PAGE
+    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    readers = _readers()
+    try:
+        first = [r.vmas(addr, addr + size) for r in readers]
+        assert first[0] == first[1] and all(v.flags & VmFlag.WRITE for v in first[0])
+        assert libc.mprotect(addr + PAGE, PAGE, mmap.PROT_READ) == 0
+        for r in readers:
+            vmas = r.vmas(addr, addr + size)
+            assert len(vmas) == 3 and vmas[1] == Vma(addr + PAGE, addr + 2 * PAGE, R)
+        libc.munmap(addr + 2 * PAGE, 2 * PAGE)
+        for r in readers:
+            assert r.vmas(addr + 2 * PAGE, addr + size) == []
+            assert r.vmas(addr + PAGE, addr + size) == [Vma(addr + PAGE, addr + 2 * PAGE, R)]
+        again = libc.mmap(addr + 2 * PAGE, PAGE, mmap.PROT_READ | mmap.PROT_EXEC,
+                          mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+        assert again == addr + 2 * PAGE
+        for r in readers:
+            assert r.vmas(addr + 2 * PAGE, addr + size) == [Vma(again, again + PAGE, RX)]
+        # the whole user range below the vsyscall page, which no find_vma sees
+        whole = [r.vmas(0, 1 << 47) for r in readers]
+        assert whole[0] == whole[1] and len(whole[0]) > 10
+    finally:
+        libc.munmap(addr, size)
+        for r in readers:
+            r.close()
+
+
+def test_a_forked_child_reads_its_own_vmas() -> None:
+    """/proc/self/maps names the mm of the process that opened it: a child opens its own."""
+    libc = _libc()
+    reader = ProcessVmas()
+    assert reader.vmas(0, 1 << 47)  # the parent's descriptor is open
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        code = 1
+        try:
+            addr = libc.mmap(None, PAGE, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                             -1, 0)
+            code = 0 if reader.vmas(addr, addr + PAGE) == [Vma(addr, addr + PAGE, R)] else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    reader.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_smaps_is_read_only_for_vmas_that_could_be_pfnmap(tmp_path: object) -> None:
+    """Private anonymous memory (no file, no name) is never VM_PFNMAP: its flags come from
+    the query; a shared mapping has a file (shmem) and its VmFlags are read."""
+    from pathlib import Path
+
+    libc = _libc()
+    private = libc.mmap(None, PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    shared = libc.mmap(None, PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
+                       mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, -1, 0)
+    # a stand-in smaps saying both are IO memory: only the shared one may be asked
+    fake = Path(str(tmp_path)) / "smaps"
+    fake.write_text("".join(f"{a:x}-{a + PAGE:x} rw-p 00000000 00:00 0\nVmFlags: rd wr pf\n"
+                            for a in sorted((private, shared))))
+    try:
+        for reader in (ProcessVmas(smaps=str(fake)), ProcessVmas(query=False, smaps=str(fake))):
+            [p] = [v for v in reader.vmas(private, private + PAGE) if v.start <= private]
+            [s] = reader.vmas(shared, shared + PAGE)
+            assert not p.flags & VmFlag.PFNMAP and s.flags & VmFlag.PFNMAP
+            assert not reader.vmas(shared, shared + PAGE, pfnmap=False)[0].flags & VmFlag.PFNMAP
+            reader.close()
+    finally:
+        libc.munmap(private, PAGE)
+        libc.munmap(shared, PAGE)
 
 
 # -- the kernel path on this host: x86 walks no VMAs --------------------------------------------

@@ -78,7 +78,7 @@ class Arm64Arch(ArchHooks):
         if new.flags & KVM_MEM_LOG_DIRTY_PAGES:
             start = new.userspace_addr
             end = start + (new.npages << self.profile.page_shift)
-            for vma in self.vmas.intersecting(start, end):
+            for vma in self.vmas.walk(start, end, True):
                 if vma.flags & VmFlag.PFNMAP:
                     raise PrepareError(VMA_PFNMAP_DIRTY, vma.describe())
         return None

@@ -63,8 +63,10 @@ class RiscvArch(ArchHooks):
         start = new.userspace_addr
         end = start + (new.npages << self.profile.page_shift)
         writable = not new.flags & KVM_MEM_READONLY
-        logging = new.flags & KVM_MEM_LOG_DIRTY_PAGES
-        for vma in self.vmas.intersecting(start, end):
+        logging = bool(new.flags & KVM_MEM_LOG_DIRTY_PAGES)
+        if not writable and not logging:
+            return None  # the walk can refuse nothing: the VMAs need not be known
+        for vma in self.vmas.walk(start, end, logging):
             if writable and not vma.flags & VmFlag.WRITE:
                 raise PrepareError(VMA_WRITE, vma.describe())
             if logging and vma.flags & VmFlag.PFNMAP:

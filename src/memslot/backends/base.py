@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..engine.ledger import Allocation, Ledger
     from ..engine.memslots import Observer
     from ..engine.result import OpResult
-    from ..engine.vmas import Vma
+    from ..engine.vmas import Vma, VmaReader
 
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
@@ -291,12 +291,15 @@ class ModelIntrospection(Protocol):
 @runtime_checkable
 class VmaWalker(Protocol):
     """A model whose arch may walk the process's VMAs (``ModelVM``): it answers from the VMAs
-    it was told of, so a differential backend tells it the real ones first."""
+    it was told of, or reads them from a source as it walks (a differential backend sets
+    the kernel's)."""
 
     @property
     def walks_vmas(self) -> bool: ...
 
     def tell_vmas(self, start: int, end: int, vmas: Iterable[Vma]) -> None: ...
+
+    def set_vma_source(self, source: VmaReader | None) -> None: ...
 
 
 @runtime_checkable

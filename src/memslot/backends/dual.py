@@ -17,7 +17,6 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..constants import KVM_MEM_LOG_DIRTY_PAGES
 from ..engine.slot import MemorySlot
 from ..errors import ClosedError, KvmError, MemslotError, UnsupportedError, errno_name
 from ..request import MemoryRegion
@@ -103,12 +102,15 @@ class DualVM(VM):
         self._since_checkpoint = 0
         self._slot_count = 0  # at the last whole-set comparison
         self.calls = 0
-        #: Where the model's arch walks the process's VMAs (arm64, riscv), the kernel's VMAs
-        #: over each request's host range are told to the model first (the kernel walks
+        #: Where the model's arch walks the process's VMAs (arm64, riscv), it reads the
+        #: kernel's over the range it walks, when it walks (the kernel walks
         #: ``current->mm``; the model knows only what it is told).
         self._vma_walker = (model if isinstance(model, VmaWalker) and model.walks_vmas
-                            else None)
-        self._vma_source = kernel if isinstance(kernel, VmaSource) else None
+                            and isinstance(kernel, VmaSource) else None)
+        if self._vma_walker is not None:
+            source = kernel.process_vmas  # type: ignore[attr-defined]
+            self._vma_walker.set_vma_source(
+                lambda start, end, pfnmap: source(start, end, pfnmap=pfnmap))
 
     def __repr__(self) -> str:
         return f"<DualVM {self.model!r} | {self.kernel!r}>"
@@ -190,22 +192,9 @@ class DualVM(VM):
             return region._replace(guest_memfd=self._plain_fd)
         return region
 
-    def _tell_vmas(self, region: MemoryRegion) -> None:
-        """Give the model the kernel's VMAs over the request's host range, which
-        ``kvm_arch_prepare_memory_region`` may walk (only requests with a size do).
-        ``VM_PFNMAP`` (costly to find) matters to the walks only with dirty logging."""
-        walker, source = self._vma_walker, self._vma_source
-        if walker is None or source is None or not region.memory_size:
-            return
-        start = region.userspace_addr
-        end = min(start + region.memory_size, U64 + 1)
-        logging = bool(region.flags & KVM_MEM_LOG_DIRTY_PAGES)
-        walker.tell_vmas(start, end, source.process_vmas(start, end, pfnmap=logging))
-
     def apply(self, region: MemoryRegion) -> None:
         check_region_fields(region)
         self._guard()
-        self._tell_vmas(region)
         model_region = self._model_region(region)
         what = region.describe()
         (m_err, _, _), (k_err, _, k_exc) = self._pair(
@@ -422,6 +411,8 @@ class DualVM(VM):
         if self._plain_fd >= 0:
             os.close(self._plain_fd)
             self._plain_fd = -1
+        if self._vma_walker is not None:
+            self._vma_walker.set_vma_source(None)
         try:
             self.model.close()
         finally:

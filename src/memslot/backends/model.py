@@ -22,7 +22,7 @@ from ..engine.ledger import Allocation, Ledger
 from ..engine.memslots import Memslots, Observer
 from ..engine.result import OpResult
 from ..engine.slot import MemorySlot
-from ..engine.vmas import ANON_RW, Vma, VmaMap, VmFlag
+from ..engine.vmas import ANON_RW, Vma, VmaMap, VmaReader, VmFlag
 from ..errors import ClosedError, KvmError
 from ..profile import DEFAULT_PROFILE, Profile, get_profile
 from ..request import MemoryRegion, plain_v1
@@ -366,6 +366,14 @@ class ModelVM(VM):
         process's, from /proc/self/maps: what ``find_vma_intersection`` would walk)."""
         self._live()
         self.arch.vmas.replace(start, end, vmas)
+
+    def set_vma_source(self, source: VmaReader | None) -> None:
+        """Have the arch walks read the VMAs they walk from ``source`` (a real process's:
+        what ``find_vma_intersection`` would find in ``current->mm``), each time one walks;
+        ``None``: the known VMAs only."""
+        if source is not None:
+            self._live()
+        self.arch.vmas.source = source
 
     def process_vmas(self, start: int, end: int, *, pfnmap: bool = True) -> list[Vma]:
         """The known VMAs meeting ``[start, end)``, in address order (``pfnmap`` is moot:

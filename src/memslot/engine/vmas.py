@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import enum
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 
@@ -46,13 +46,23 @@ class Vma(NamedTuple):
         return f"VMA {self.start:#x}-{self.end:#x} {names}"
 
 
+#: Reads a live process's VMAs meeting ``[start, end)`` in address order; the flag says
+#: whether ``VM_PFNMAP`` is needed (it may cost more to find).
+VmaReader = Callable[[int, int, bool], list[Vma]]
+
+
 class VmaMap:
     """Non-overlapping known VMAs in address order (the part of ``mm->mm_mt`` the model was
-    told). Lookups bisect; an update costs what it touches plus one list splice."""
+    told). Lookups bisect; an update costs what it touches plus one list splice.
+
+    With a :attr:`source` (a real process's VMAs, set by the differential backend), each
+    :meth:`walk` first learns the walked range from it: the process is read only when an
+    arch walk happens, never for a request refused before it or one no walk could refuse."""
 
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._vmas: list[Vma] = []
+        self.source: VmaReader | None = None
 
     def __len__(self) -> int:
         return len(self._vmas)
@@ -100,6 +110,14 @@ class VmaMap:
             lo, hi = max(vma.start, start), min(vma.end, end)
             if lo < hi:
                 self.map(lo, hi, vma.flags)
+
+    def walk(self, start: int, end: int, pfnmap: bool) -> list[Vma]:
+        """What ``find_vma_intersection`` visits over ``[start, end)`` in an arch walk: the
+        :attr:`source`'s VMAs there when one is set (and then known), else the known ones.
+        ``pfnmap``: the walk reads ``VM_PFNMAP``."""
+        if self.source is not None:
+            self.replace(start, end, self.source(start, end, pfnmap))
+        return self.intersecting(start, end)
 
     def intersecting(self, start: int, end: int) -> list[Vma]:
         """The known VMAs meeting ``[start, end)`` in address order: the successive answers

@@ -103,6 +103,16 @@ class Input:
         return self.reader.position()
 
     def notice(self, operations: int) -> str | None:
+        """What to say about the input once read, one line each: what it could not tell
+        (:attr:`TraceReader.notes`), and when it held no operation, that; else ``None``."""
+        shown = "standard input" if self.path == "-" else self.path
+        notes = [f"{shown}: {note}" for note in self.reader.notes]
+        empty = self._empty(operations)
+        if empty is not None:
+            notes.append(empty)
+        return "\n".join(notes) if notes else None
+
+    def _empty(self, operations: int) -> str | None:
         """What to say when the input held no operation (``None`` when it did)."""
         if operations:
             return None

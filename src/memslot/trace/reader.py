@@ -1,5 +1,7 @@
 """Open a trace in any supported format: memslot JSON lines, a QEMU ``-trace
-kvm_set_user_memory`` log or an strace log (auto-detected from the first meaningful line).
+kvm_set_user_memory`` log or an strace log (auto-detected from the first meaningful line;
+a path that names no file but the ``PATH.PID`` files of ``strace -ff -o PATH``, those files
+as one log: :mod:`memslot.trace.strace_ff`).
 
 Traces are read as a stream, one line at a time, from a file, from stdin (``-``) as lines
 arrive, or (``follow``) from a log that keeps growing, like ``tail -f``. Nothing is held but
@@ -20,6 +22,7 @@ from typing import BinaryIO
 from .jsonl import PARSES_BYTES, parse_lines
 from .lines import MAX_LINE, TOO_LONG, Counter, bounded
 from .records import BadLine, TraceFormatError, TraceOp
+from .strace_ff import MergedLog, ff_files
 
 FORMATS = ("auto", "jsonl", "qemu", "strace")
 #: Lines read to decide the format before giving up (then: a QEMU log that has no event yet).
@@ -166,10 +169,24 @@ class TraceReader:
         self.path = path
         self.format = fmt
         self.errors = errors
+        #: What the input could not tell (one line each, e.g. the strace options that leave
+        #: calls out), known once it has been read.
+        self.notes: list[str] = []
         self._count = Counter()
-        self._stream = _open_binary(path)
-        self._raw = (_followed(self._stream, path, follow, self._count)
-                     if follow is not None and path != "-" else bounded(self._stream, self._count))
+        self._merged: MergedLog | None = None
+        files = ff_files(path) if follow is None and path != "-" and not os.path.lexists(
+            path) else []
+        if files:  # strace -ff -o PATH: PATH.PID, one file per process and thread
+            try:
+                self._merged = MergedLog(files, self.notes)
+            except OSError as exc:
+                raise TraceFormatError(path, 0, exc.strerror or str(exc)) from None
+            self._raw = self._merged.lines(self._count)
+        else:
+            self._stream = _open_binary(path)
+            self._raw = (_followed(self._stream, path, follow, self._count)
+                         if follow is not None and path != "-"
+                         else bounded(self._stream, self._count))
         self._text = (self._decode(line) for line in self._raw)
 
     @property
@@ -218,7 +235,7 @@ class TraceReader:
             if self.format == "strace":
                 from .strace import parse_strace
 
-                yield from parse_strace(lines, self.path, self.errors)
+                yield from parse_strace(lines, self.path, self.errors, self.notes)
             elif self.format == "qemu":
                 from .qemu import parse_qemu_trace
 
@@ -231,13 +248,17 @@ class TraceReader:
 
     def position(self) -> int:
         """Bytes read so far (0 where the input cannot tell)."""
+        if self._merged is not None:
+            return self._merged.tell()
         try:
             return self._stream.tell()
         except (OSError, ValueError):
             return 0
 
     def close(self) -> None:
-        if self._stream is not sys.stdin.buffer:
+        if self._merged is not None:
+            self._merged.close()
+        elif self._stream is not sys.stdin.buffer:
             self._stream.close()
 
 

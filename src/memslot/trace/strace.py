@@ -30,12 +30,17 @@ the clone lines still works: a thread's first VM call on a descriptor it has not
 to the one process that holds a VM there. VMs are numbered 0, 1, ... as they appear
 (``op.vm``).
 
-Lines: ``[PID ]`` or ``[pid PID] ``, an optional timestamp (``-t``/``-tt``/``-ttt``), then
-``name(args) = ret`` with an optional errno (``-1 EEXIST (File exists)``), ``(DELAYED)`` and
-``<time>`` (``-T``). ``name(args <unfinished ...>`` and ``<... name resumed>rest`` are joined per
-thread. A call that returns ``? ERESTART...`` did not happen: the kernel restarts it, and strace
-prints the restarted call again. ``+++ exited ... +++`` ends a thread; signals and other lines
-are ignored.
+Lines: ``[PID ]`` or ``[pid PID] `` (``PID<comm>`` with ``--decode-pids=comm``), an optional
+timestamp (``-t``/``-tt``/``-ttt``/``-r``), syscall number (``-n``) and instruction pointer
+(``-i``), then ``name(args) = ret`` with an optional errno (``-1 EEXIST (File exists)``),
+``(DELAYED)``, ``<unavailable>`` and ``<time>`` (``-T``); arguments may carry names
+(``fd=4``, newer strace), requests may be numbers or ``_IOC(...)`` (``-X raw``, older strace).
+``name(args <unfinished ...>`` and ``<... name resumed>rest`` are joined per thread. A call that
+returns ``? ERESTART...`` did not happen: the kernel restarts it, and strace prints the
+restarted call again. ``+++ exited ... +++`` ends a thread; signals, ``-k`` stack frames and
+other lines are ignored, and so is every call but the few read here (:data:`_INTERESTING`:
+their name is the only cost). CRLF line ends are accepted. What a log cannot tell (``-Z``,
+``-z``, ``-e trace=`` filters, a last line cut short) is said by :func:`log_notes`.
 """
 
 from __future__ import annotations
@@ -110,22 +115,36 @@ _KINDS = {_KVM_PATH: "kvm", _VM_INODE: "vm"}
 #: VM-fd-only requests: one on a descriptor the log never showed is a VM made before it began.
 _VM_ONLY = _MEMSLOT_REQUESTS - {_R["KVM_ENABLE_CAP"]}
 
+#: What strace puts before a call, each part optional: leading blanks (``-r`` pads its
+#: figure), the pid (``-f``: ``N `` with ``-o``, ``[pid N]`` without; ``--decode-pids=comm``
+#: adds ``<comm>``), a timestamp (``-t``, ``-tt``, ``-ttt``, ``-r``), the syscall number
+#: (``-n``: ``[ 16]``) and the instruction pointer (``-i``: ``[00007f3a1c51bd6b]``).
 _PREFIX = re.compile(
-    r"(?:\[pid\s+(?P<pid>\d+)\]\s+|(?P<bare>\d+)\s+)?"
+    r"[ \t]*(?:\[pid\s+(?P<pid>\d+)(?:<[^>\n]*>)?\]\s+|(?P<bare>\d+)(?:<[^>\n]*>)?\s+)?"
     r"(?:(?:\d{1,2}:\d{2}:\d{2}(?:\.\d+)?|\d+\.\d+)\s+)?"
+    r"(?:\[\s*\d+\]\s+)?"
+    r"(?:\[[0-9a-f?]{8,16}\]\s+)?"
 )
 _CALL = re.compile(r"(?P<name>[a-z_][a-z0-9_]*)\((?P<rest>.*)$")
 _RESUMED = re.compile(r"<\.\.\. (?P<name>[a-z_][a-z0-9_]*) resumed>(?P<rest>.*)$")
 _EXIT = re.compile(r"\+\+\+ (?:exited with -?\d+|killed by SIG\w+(?: \(core dumped\))?) \+\+\+$")
-_SIGNAL = re.compile(r"--- (?:SIG\w+|stopped by SIG\w+) .*---$")
 _DUMP = re.compile(r" \| (?P<offset>[0-9a-f]{5,8})  (?P<hex>[0-9a-f ]{1,49}?)\s{2,}.{0,16} \|$")
 _MISSED = re.compile(r" \| memslot record: (?P<why>.+)$")
 _UNFINISHED = " <unfinished ...>"
+#: A result: the value (``-y`` may name the fd it is), the errno and its text, strace's
+#: ``(DELAYED)``-style notes, ``<unavailable>`` (strace could not fetch it) and ``-T``'s time.
 _RET = re.compile(
     r"(?P<value>-?\d+|0x[0-9a-f]+|\?)(?:<[^>]*(?:<[^>]*>)?[^>]*>)?"
-    r"(?: (?P<err>E[A-Z0-9]+))?(?: \(.*\))?(?: <[0-9.]+>)?$"
+    r"(?: (?P<err>E[A-Z0-9_]+))?(?: \(.*\))?(?: <unavailable>)?(?: <[0-9.]+>)?$"
 )
+#: ``name=`` before an argument (newer strace can print argument names: ``fd=4, op=...``).
+_ARG_NAME = re.compile(r"[a-z_][a-z0-9_]*=(?!=)")
 _FIELD = re.compile(r"(\w+)=")
+#: An ioctl request strace has no name for: ``_IOC(_IOC_WRITE, 0xae, 0x46, 0x20)`` (a size of
+#: zero is printed ``0``).
+_IOC = re.compile(r"_IOC\(([^,]+), (0x[0-9a-f]+|\d+), (0x[0-9a-f]+|\d+), (0x[0-9a-f]+|\d+)\)")
+#: A descriptor: decimal, or hex with ``-e raw=``; ``-y`` adds ``<path>``.
+_FD = re.compile(r"(-?\d+|0x[0-9a-f]+)(?:<(.*)>)?(?:\(deleted\))?$")
 _EQUALS = re.compile(r"\) +=  ?")
 _INTERESTING = frozenset({
     "ioctl", "open", "openat", "openat2", "close", "close_range", "dup", "dup2", "dup3", "fcntl",
@@ -185,9 +204,9 @@ def split_prefix(line: str) -> tuple[int, str]:
 def is_strace_line(line: str) -> bool:
     """Whether a line is unmistakably strace output: a call with its result, an unfinished or
     resumed call, or a thread's exit."""
-    text = line.rstrip("\n")
-    if not text or text[0] in " {":
-        return False
+    text = line.rstrip("\r\n")
+    if not text or text[0] == "{" or (text[0] in " \t" and not text.lstrip()[:1].isdigit()):
+        return False  # (blanks lead only -r's timestamp; a dump or -k line is not a call)
     _, body = split_prefix(text)
     if _RESUMED.match(body) or _EXIT.match(body):
         return True
@@ -208,41 +227,61 @@ def _split_result(body: str) -> tuple[str, str] | None:
 
 class CallReader:
     """Turns log lines into completed :class:`Call` objects, joining unfinished and resumed
-    halves per thread. ``feed`` returns the call a line completes (or ``None``)."""
+    halves per thread. ``feed`` returns the call a line completes (or ``None``). Only the
+    calls that matter here (:data:`_INTERESTING`) are returned; the others cost a name lookup.
+
+    ``results`` counts the results of those calls: ``[succeeded, failed]`` (what tells a log
+    of failed calls only, or of successful ones only, from a whole one); ``truncated`` is the
+    number of a last line cut short (no newline: strace was killed while writing it)."""
 
     def __init__(self) -> None:
         self.pending: dict[int, tuple[str, str, int]] = {}
         self.exited: list[int] = []
+        self.results = [0, 0]
+        self.truncated = 0
 
     def feed(self, line: str, number: int) -> Call | None:
-        text = line.rstrip("\n")
+        text = line.rstrip("\r\n")
         tid, body = split_prefix(text)
-        if _EXIT.match(body):
+        first = body[:1]
+        if first == "+":
+            if _EXIT.match(body) is None:
+                return None
             start = self.pending.pop(tid, None)
             self.exited.append(tid)
             if start is not None:  # died inside the call: whether it took effect is unknown
                 return Call(tid, start[0], start[1], "?", start[2])
             return None
-        resumed = _RESUMED.match(body)
-        if resumed is not None:
+        if first == "<":
+            resumed = _RESUMED.match(body)
+            if resumed is None:
+                return None
             start = self.pending.pop(tid, None)
             if start is None or start[0] != resumed.group("name"):
-                return None  # begun before the log did (an attach): nothing to decode
+                return None  # begun before the log did (an attach), or not one of ours
             body = f"{start[0]}({start[1]}{resumed.group('rest')}"
         m = _CALL.match(body)
-        if m is None or _SIGNAL.match(body):
+        if m is None:
             return None
         name = m.group("name")
+        if name not in _INTERESTING:
+            return None
         if body.endswith(_UNFINISHED):
             self.pending[tid] = (name, m.group("rest")[: -len(_UNFINISHED)], number)
             return None
         split = _split_result(body)
         if split is None:
-            if name in _INTERESTING:
-                raise LineError(f"{name}: truncated or malformed call (no ') = result')")
-            return None
+            if not line.endswith("\n"):  # the last line, cut short
+                self.truncated = number
+                return None
+            raise LineError(f"{name}: truncated or malformed call (no ') = result')")
         head, ret = split
-        return Call(tid, name, head[len(name) + 1:], ret, number)
+        call = Call(tid, name, head[len(name) + 1:], ret, number)
+        if ret[:1] == "-" and " E" in ret:
+            self.results[1] += 1
+        elif ret[:1] != "?":
+            self.results[0] += 1
+        return call
 
     def unfinished(self) -> list[tuple[int, str, str, int]]:
         """Calls begun but never resumed: ``(tid, name, args, line)``."""
@@ -251,7 +290,7 @@ class CallReader:
 
 def ioctl_pointer(call: Call) -> tuple[int, int, int] | None:
     """``(fd, request, argument)`` of an ioctl call, ``None`` if it cannot be read."""
-    args = _split_args(call.args)
+    args = _call_args(call.args)
     if call.name != "ioctl" or len(args) < 3:
         return None
     try:
@@ -265,7 +304,7 @@ def ioctl_pointer(call: Call) -> tuple[int, int, int] | None:
 
 def parse_dump_line(line: str) -> tuple[int, bytes] | None:
     """A `` | 00000  de ad ...  ascii |`` line -> (offset, bytes); ``None`` if not one."""
-    m = _DUMP.match(line.rstrip("\n"))
+    m = _DUMP.match(line.rstrip("\r\n"))
     if m is None:
         return None
     return int(m.group("offset"), 16), bytes.fromhex(m.group("hex").replace(" ", ""))
@@ -279,7 +318,7 @@ def format_missed(why: str) -> str:
 
 def parse_missed_line(line: str) -> str | None:
     """The text of a :func:`format_missed` line; ``None`` if not one."""
-    m = _MISSED.match(line.rstrip("\n"))
+    m = _MISSED.match(line.rstrip("\r\n"))
     return None if m is None else m.group("why")
 
 
@@ -299,31 +338,49 @@ def format_dump(data: bytes) -> list[str]:
 # -- argument text ----------------------------------------------------------------------------
 
 
-def _split_args(text: str) -> list[str]:
+_SPECIAL = re.compile(r'[,"\\()\[\]{}<>]')
+
+
+def _split_args(text: str, maxsplit: int = -1) -> list[str]:
     """Top-level comma-separated arguments (brackets, braces, parentheses, quotes and ``<...>``
-    annotations kept whole)."""
-    out, depth, start, quote, i = [], 0, 0, False, 0
-    while i < len(text):
+    annotations kept whole); at most ``maxsplit`` splits, the rest whole, as ``str.split``.
+    (Only the characters that matter are visited: this runs for every ioctl of a log.)"""
+    out: list[str] = []
+    depth, start, quote, escaped = 0, 0, False, -1
+    for m in _SPECIAL.finditer(text):
+        i = m.start()
+        if i == escaped:
+            continue
         ch = text[i]
         if quote:
             if ch == "\\":
-                i += 1
+                escaped = i + 1
             elif ch == '"':
                 quote = False
         elif ch == '"':
             quote = True
+        elif ch == ",":
+            if depth == 0:
+                out.append(text[start:i].strip())
+                start = i + 1
+                if len(out) == maxsplit:
+                    break
         elif ch in "([{<":
             depth += 1
-        elif ch in ")]}" or (ch == ">" and text[i - 1:i] != "="):
+        elif ch != ">" or text[i - 1:i] != "=":  # "=>" (clone3's out value) is no bracket
             depth -= 1
-        elif ch == "," and depth == 0:
-            out.append(text[start:i].strip())
-            start = i + 1
-        i += 1
     tail = text[start:].strip()
     if tail or out:
         out.append(tail)
     return out
+
+
+def _call_args(text: str, maxsplit: int = -1) -> list[str]:
+    """A call's arguments, without the ``name=`` newer strace can print before each."""
+    args = _split_args(text, maxsplit)
+    if "=" in text:
+        args = [a[m.end():] if (m := _ARG_NAME.match(a)) is not None else a for a in args]
+    return args
 
 
 def _strip_comment(text: str) -> str:
@@ -332,13 +389,13 @@ def _strip_comment(text: str) -> str:
 
 def _fd(text: str) -> tuple[int, str | None]:
     """``4`` or ``4<anon_inode:kvm-vm>`` (``-y``) -> (4, path)."""
-    m = re.match(r"(-?\d+)(?:<(.*)>)?(?:\(deleted\))?$", text.strip())
+    m = _FD.match(text.strip())
     if m is None:
         raise LineError(f"not a file descriptor: {text[:40]!r}")
     path = m.group(2)
     if path is not None:
         path = path.split("<", 1)[0]  # -yy adds <char 10:232>
-    return int(m.group(1)), path
+    return int(m.group(1), 0), path
 
 
 def _int(text: str, what: str) -> int:
@@ -353,14 +410,14 @@ def _request(text: str) -> int:
     text = _strip_comment(text)
     if text in _NAMES:
         return _NAMES[text]
-    m = re.fullmatch(r"_IOC\(([^,]+), (0x[0-9a-f]+), (0x[0-9a-f]+), (0x[0-9a-f]+)\)", text)
+    m = _IOC.fullmatch(text)
     if m is not None:
         direction = 0
         for part in m.group(1).split("|"):
             if part.strip() not in _IOC_DIRS:
                 raise LineError(f"ioctl: unknown direction {part!r}")
             direction |= _IOC_DIRS[part.strip()]
-        ty, nr, size = (int(m.group(i), 16) for i in (2, 3, 4))
+        ty, nr, size = (int(m.group(i), 0) for i in (2, 3, 4))
         return (direction << 30) | (size << 16) | (ty << 8) | nr
     if re.fullmatch(r"0x[0-9a-fA-F]+|\d+", text):
         return int(text, 0)
@@ -434,6 +491,11 @@ class StraceParser:
         self.path = path
         self.tables: dict[int, _Table] = {}
         self.vms = 0
+        # what the log shows, for what it cannot tell (:meth:`notes`)
+        self.ioctls = 0  # ioctl calls of any kind
+        self.descriptor_calls = 0  # opens and closes
+        self.started = False  # a successful execve: strace ran the program from its start
+        self.caps_unread = 0  # KVM_ENABLE_CAP on a VM without its argument bytes
 
     # tables -------------------------------------------------------------------------------
     def table(self, tid: int) -> _Table:
@@ -510,15 +572,18 @@ class StraceParser:
         if call.ret.startswith("? ERESTART"):
             return []  # interrupted before it took effect; the restart is a call of its own
         if name == "ioctl":
+            self.ioctls += 1
             return self._ioctl(call)
+        if name in ("open", "openat", "openat2", "close", "close_range"):
+            self.descriptor_calls += 1
         if name in ("open", "openat", "openat2"):
             self._open(call)
         elif name == "close":
             if call.errno == 0:
-                fd, _ = _fd(_split_args(call.args)[0])
+                fd, _ = _fd(_call_args(call.args)[0])
                 self.table(call.tid).fds.pop(fd, None)
         elif name == "close_range":
-            args = _split_args(call.args)
+            args = _call_args(call.args)
             if call.errno == 0 and len(args) == 3 and not _int(args[2].replace(
                     "CLOSE_RANGE_CLOEXEC", "4").replace("CLOSE_RANGE_UNSHARE", "2"),
                     "close_range flags") & 4:
@@ -531,12 +596,13 @@ class StraceParser:
         elif name in ("clone", "clone3", "fork", "vfork"):
             self._clone(call)
         elif name in ("execve", "execveat") and call.errno == 0:
+            self.started = True
             old = self.table(call.tid)
             self.tables[call.tid] = _Table({k: v for k, v in old.fds.items() if not v.cloexec})
         return []
 
     def _open(self, call: Call) -> None:
-        args = _split_args(call.args)
+        args = _call_args(call.args)
         fd = call.value
         if fd is None or fd < 0:
             return
@@ -554,7 +620,7 @@ class StraceParser:
             table.fds.pop(fd, None)
 
     def _dup(self, call: Call) -> None:
-        args = _split_args(call.args)
+        args = _call_args(call.args)
         new = call.value
         if new is None or new < 0 or not args:
             return
@@ -576,7 +642,7 @@ class StraceParser:
             table.fds[new] = _Fd(old.kind, old.vm, old.cloexec)
 
     def _ioctl(self, call: Call) -> list[TraceOp]:
-        args = _split_args(call.args)
+        args = _call_args(call.args, 2)  # fd, request, argument
         if len(args) < 2:
             raise LineError("ioctl: expected fd, request and argument")
         request = _request(args[1])
@@ -586,12 +652,13 @@ class StraceParser:
         arg = args[2] if len(args) > 2 else "0"
         expect = call.errno
         entry = self.lookup(call.tid, fd, path)
-        if entry is None and path is None:
-            # Made before the log began (attached late): KVM_CREATE_VM can only be /dev/kvm,
-            # a memslot call only a VM.
-            if request == _R["KVM_CREATE_VM"]:
+        if path is None and (entry is None or expect == 0):
+            # Made before the log began (attached late), or closed and made again where the
+            # log does not show it (-e trace=ioctl): KVM_CREATE_VM succeeds only on /dev/kvm,
+            # a memslot call only on a VM.
+            if request == _R["KVM_CREATE_VM"] and (entry is None or entry.kind != "kvm"):
                 entry = self.table(call.tid).fds[fd] = _Fd("kvm", cloexec=False)
-            elif request in _VM_ONLY:
+            elif request in _VM_ONLY and (entry is None or entry.kind != "vm"):
                 entry = self.table(call.tid).fds[fd] = _Fd("vm", self._new_vm())
         if entry is None:
             return []
@@ -630,7 +697,8 @@ class StraceParser:
         name = _REQUEST_NAMES[request]
         size = (request >> 16) & 0x3FFF
         if request == _R["KVM_ENABLE_CAP"] and not call.dump:
-            return []  # a plain log: which capability is unknown, most are not memslot ones
+            self.caps_unread += 1  # a plain log: which capability is unknown (see notes)
+            return []
         data = _need(bytes(call.dump), size, name)
         if request == _R["KVM_SET_USER_MEMORY_REGION2"]:
             slot, flags, gpa, msize, ua, offset, gmem = struct.unpack_from("<IIQQQQI", data)
@@ -664,6 +732,38 @@ class StraceParser:
         return [ClearDirtyLog(slot, first, num, bitmap, expect, line, note, vm)]
 
 
+def log_notes(parser: StraceParser, reader: CallReader) -> list[str]:
+    """What the log could not tell, one line each: the strace options that leave things out
+    (``-Z``, ``-z``, ``-e trace=`` without the descriptor calls or without ``ioctl``), the
+    ``KVM_ENABLE_CAP`` calls whose capability is unknown, a last line cut short."""
+    notes = []
+    succeeded, failed = reader.results
+    if parser.vms and failed and not succeeded:
+        notes.append("every call in the log failed (strace -Z, --status=failed?): the calls "
+                     "that made the VMs and their slots are not in it, so results are replayed "
+                     "from empty VMs")
+    elif parser.vms and parser.started and succeeded >= 20 and not failed:
+        notes.append("no call in the log failed (strace -z, --status=successful?): a request "
+                     "the kernel refused would be missing from it")
+    if not parser.ioctls and (succeeded or failed):
+        notes.append("the log has no ioctl call (strace -e trace= without ioctl?): no memslot "
+                     "operation can come from it")
+    elif parser.vms and not parser.descriptor_calls:
+        notes.append("the log shows no open or close call (strace -e trace=ioctl?): "
+                     "descriptors are followed by their ioctls alone, and a closed VM is taken "
+                     "as live until its descriptor is made again")
+    if parser.caps_unread:
+        many = parser.caps_unread > 1
+        notes.append(f"{parser.caps_unread} KVM_ENABLE_CAP call{'s' if many else ''} without "
+                     f"{'their' if many else 'its'} argument bytes (strace prints only the "
+                     "pointer): which capabilit" + ("ies" if many else "y") + " is unknown, "
+                     "left out (" + _STRACE_HINT + ")")
+    if reader.truncated:
+        notes.append(f"line {reader.truncated}, the last, is cut short (strace killed while "
+                     "writing it?): its call is left out")
+    return notes
+
+
 def _region1(data: bytearray) -> MemoryRegion:
     slot, flags, gpa, size, ua = struct.unpack_from("<IIQQQ", _need(bytes(data), 32,
                                                     "KVM_SET_USER_MEMORY_REGION"))
@@ -672,8 +772,8 @@ def _region1(data: bytearray) -> MemoryRegion:
 
 def _region_text(arg: str) -> MemoryRegion:
     if not arg.startswith("{"):
-        raise LineError("KVM_SET_USER_MEMORY_REGION: strace could not read the struct "
-                         f"({arg[:40]!r})")
+        raise LineError("KVM_SET_USER_MEMORY_REGION: the log has only the struct's address "
+                        f"({arg[:40]!r}): strace -e raw=ioctl, or strace could not read it")
     fields = _struct_fields(arg)
     missing = [k for k in ("slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr")
                if k not in fields]
@@ -697,9 +797,12 @@ def parse_strace(
     lines: Iterable[str],
     path: str = "<input>",
     errors: list[TraceFormatError] | None = None,
+    notes: list[str] | None = None,
 ) -> Iterator[TraceOp]:
     """Parse an strace log lazily (line numbers from 1). A malformed memslot call raises
-    :class:`TraceFormatError`, or, with ``errors`` a list, is recorded there and skipped."""
+    :class:`TraceFormatError`, or, with ``errors`` a list, is recorded there and skipped.
+    ``notes``, when given, receives at the end what the log could not tell
+    (:func:`log_notes`)."""
     parser = StraceParser(path)
     reader = CallReader()
     held: Call | None = None  # a completed call, waiting for its dump lines
@@ -760,3 +863,5 @@ def parse_strace(
     for tid, name, args, line_number in reader.unfinished():
         if name == "ioctl":  # the log ends inside the call: its result is unknown
             yield from finish(Call(tid, name, args, "?", line_number))
+    if notes is not None:
+        notes.extend(log_notes(parser, reader))

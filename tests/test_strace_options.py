@@ -148,10 +148,70 @@ def test_ff_files_read_by_their_prefix(tmp_path: Path, capsys: pytest.CaptureFix
     assert_whole(summary)
     unordered = "the strace -ff files have no absolute timestamps"
     assert (unordered in str(summary["notice"])) == (not timestamps)
+    # the files themselves, as a shell expands vmm.strace.*: the same
+    files = sorted(str(p) for p in tmp_path.glob("vmm.strace.*"))
+    assert_whole(replay(capsys, files[0], *files[1:]))
     # one file by its own name: read alone, as any log
     main_file = min(tmp_path.glob("vmm.strace.*"), key=lambda p: int(p.suffix[1:]))
     alone = replay(capsys, main_file)
     assert alone["mismatches"] == 0 and alone["operations"] == OPERATIONS - 40 - 2
+
+
+def test_several_files_only_as_one_ff_set(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    one, other = tmp_path / "a.strace.10", tmp_path / "b.strace.11"
+    one.write_text("10 ioctl(3, KVM_CREATE_VM, 0) = 4\n")
+    other.write_text("11 ioctl(3, KVM_CREATE_VM, 0) = 4\n")
+    for files in ([one, other], [one, tmp_path / "plain.strace"]):
+        assert main(["replay", *map(str, files)]) == 2
+        assert "several files are read together only as the PREFIX.PID files of one strace " \
+               "-ff -o PREFIX" in capsys.readouterr().err
+
+
+ATTACHED = """
+import ctypes, fcntl, mmap, os, struct, sys
+ram = mmap.mmap(-1, 4 << 20)
+ua = ctypes.addressof(ctypes.c_char.from_buffer(ram))
+def region(vm, slot, gpa, size):
+    fcntl.ioctl(vm, 0x4020AE46, struct.pack("<IIQQQ", slot, 0, gpa, size, ua))
+vm = fcntl.ioctl(os.open("/dev/kvm", os.O_RDWR), 0xAE01, 0)
+region(vm, 0, 0, 1 << 20)
+print("ready", flush=True)
+sys.stdin.readline()                 # strace -p attaches meanwhile
+region(vm, 1, 1 << 20, 1 << 20)      # CREATE
+region(vm, 1, 1 << 20, 0)            # DELETE
+del ram
+"""
+
+
+def test_an_attach_says_the_vm_was_made_before_the_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``strace -p``: the VM and its slot 0 were made before the log began."""
+    assert STRACE is not None
+    log = tmp_path / "attached.strace"
+    vmm = subprocess.Popen([sys.executable, "-c", ATTACHED], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True, start_new_session=True)
+    tracer = None
+    try:
+        assert vmm.stdout is not None and vmm.stdin is not None
+        assert vmm.stdout.readline() == "ready\n"
+        tracer = subprocess.Popen([STRACE, "-f", "-o", str(log), "-p", str(vmm.pid)],
+                                  stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert tracer.stderr is not None and "attached" in tracer.stderr.readline()
+        vmm.stdin.write("go\n")
+        vmm.stdin.flush()
+        assert vmm.wait(timeout=60) == 0 and tracer.wait(timeout=60) == 0
+    finally:
+        for proc in (vmm, tracer):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    summary = replay(capsys, log)
+    assert summary["operations"] == 2 and summary["mismatches"] == 0
+    assert "1 VM in use but not made in the log (strace -p, or a VM made before the log " \
+           "began?): its earlier slots are unknown, so results are replayed from an empty VM" \
+           in str(summary["notice"])
 
 
 def test_failed_only_and_successful_only_logs_say_what_is_missing(

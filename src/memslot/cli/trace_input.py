@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from ..tools.session import At, ErrorSample
 from ..trace.reader import FORMATS, NO_OPERATIONS_HINT, Follow, TraceReader
 from ..trace.records import TraceFormatError, TraceOp
+from ..trace.strace_ff import ff_group
 from .common import die
 
 
@@ -25,6 +26,8 @@ def add_input_options(p: argparse.ArgumentParser, follow: bool = False,
     p.add_argument("file", metavar="FILE", nargs="?" if optional or follow else None,
                    help=file_help or "trace: memslot JSON lines or a QEMU kvm_set_user_memory "
                    "log ('-' for standard input, read as lines arrive)")
+    # a shell's PREFIX.* of strace -ff -o PREFIX: read together (nothing else is accepted)
+    p.add_argument("more_files", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--format", choices=FORMATS, default="auto",
                    help="input format (default: detected from the first memslot line)")
     p.add_argument("--keep-going", action="store_true",
@@ -52,6 +55,15 @@ class Input:
         self.path: str = follow_path if follow_path is not None else args.file
         if self.path is None:
             die("a trace FILE is required ('-' for standard input, or --follow LOG)")
+        self._ff: list[tuple[int, str]] | None = None
+        more: list[str] = getattr(args, "more_files", None) or []
+        if more:
+            if follow_path is not None:
+                die("--follow reads one LOG")
+            try:
+                self.path, self._ff = ff_group([self.path, *more])
+            except ValueError as exc:
+                die(str(exc))
         self.errors = ErrorSample()  # the first malformed lines, and the count of all
         self.keep_going: bool = args.keep_going
         self.stopped: str | None = None  # why --follow stopped
@@ -66,7 +78,8 @@ class Input:
             self._validate()
         try:
             self.reader = TraceReader(self.path, self._fmt,
-                                      self.errors if self.keep_going else None, self.follow)
+                                      self.errors if self.keep_going else None, self.follow,
+                                      self._ff)
         except TraceFormatError as exc:
             die(str(exc))
 
@@ -77,7 +90,7 @@ class Input:
         """Read every line once (holding nothing) so that a bad one stops the command before
         it prints anything."""
         try:
-            for _ in TraceReader(self.path, self._fmt):
+            for _ in TraceReader(self.path, self._fmt, ff=self._ff):
                 pass
         except TraceFormatError as exc:
             die(str(exc))

@@ -163,7 +163,10 @@ class TraceReader:
         fmt: str = "auto",
         errors: list[TraceFormatError] | None = None,
         follow: Follow | None = None,
+        ff: list[tuple[int, str]] | None = None,
     ) -> None:
+        """``ff``: the ``(pid, path)`` files of one ``strace -ff`` run to read as one log
+        (``path`` their prefix); found by themselves when ``path`` names no file."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown trace format {fmt!r}")
         self.path = path
@@ -174,8 +177,8 @@ class TraceReader:
         self.notes: list[str] = []
         self._count = Counter()
         self._merged: MergedLog | None = None
-        files = ff_files(path) if follow is None and path != "-" and not os.path.lexists(
-            path) else []
+        files = ff or (ff_files(path) if follow is None and path != "-"
+                       and not os.path.lexists(path) else [])
         if files:  # strace -ff -o PATH: PATH.PID, one file per process and thread
             try:
                 self._merged = MergedLog(files, self.notes)

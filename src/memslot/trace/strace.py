@@ -496,6 +496,7 @@ class StraceParser:
         self.descriptor_calls = 0  # opens and closes
         self.started = False  # a successful execve: strace ran the program from its start
         self.caps_unread = 0  # KVM_ENABLE_CAP on a VM without its argument bytes
+        self.implied = 0  # VMs the log shows in use but not being made
 
     # tables -------------------------------------------------------------------------------
     def table(self, tid: int) -> _Table:
@@ -532,6 +533,7 @@ class StraceParser:
             entry = table.fds[fd] = _Fd("kvm", cloexec=False)
             return entry
         if kind == "vm":  # made before the log began (strace -p)
+            self.implied += 1
             entry = table.fds[fd] = _Fd("vm", self._new_vm())
             return entry
         if kind == "vcpu":
@@ -659,6 +661,7 @@ class StraceParser:
             if request == _R["KVM_CREATE_VM"] and (entry is None or entry.kind != "kvm"):
                 entry = self.table(call.tid).fds[fd] = _Fd("kvm", cloexec=False)
             elif request in _VM_ONLY and (entry is None or entry.kind != "vm"):
+                self.implied += 1
                 entry = self.table(call.tid).fds[fd] = _Fd("vm", self._new_vm())
         if entry is None:
             return []
@@ -742,7 +745,13 @@ def log_notes(parser: StraceParser, reader: CallReader) -> list[str]:
         notes.append("every call in the log failed (strace -Z, --status=failed?): the calls "
                      "that made the VMs and their slots are not in it, so results are replayed "
                      "from empty VMs")
-    elif parser.vms and parser.started and succeeded >= 20 and not failed:
+    elif parser.implied:
+        many = parser.implied > 1
+        notes.append(f"{parser.implied} VM{'s' if many else ''} in use but not made in the log "
+                     "(strace -p, or a VM made before the log began?): "
+                     f"{'their' if many else 'its'} earlier slots are unknown, so results are "
+                     "replayed from an empty VM")
+    if parser.vms and parser.started and succeeded >= 20 and not failed:
         notes.append("no call in the log failed (strace -z, --status=successful?): a request "
                      "the kernel refused would be missing from it")
     if not parser.ioctls and (succeeded or failed):

@@ -2,7 +2,8 @@
 single log ``strace -f -o`` would have written.
 
 Every command takes the PREFIX as its FILE (``memslot replay vmm.strace`` for
-``vmm.strace.4242``, ``vmm.strace.4243``, ...) when no file of that very name exists. Each
+``vmm.strace.4242``, ``vmm.strace.4243``, ...) when no file of that very name exists, or the
+files themselves (``memslot replay vmm.strace.*``: several files are read together only so). Each
 line gets its file's pid in front (the pid column ``-ff`` leaves out), so threads and
 processes are told apart as in a ``-f`` log. With absolute timestamps in every file (``-t``,
 ``-tt``, ``-ttt``), the files' calls are interleaved by time, as they happened (a call's
@@ -42,6 +43,23 @@ def ff_files(prefix: str) -> list[tuple[int, str]]:
     found = [(int(name[len(start):]), os.path.join(folder, name)) for name in names
              if name.startswith(start) and name[len(start):].isdigit()]
     return sorted(f for f in found if os.path.isfile(f[1]))
+
+
+def ff_group(paths: list[str]) -> tuple[str, list[tuple[int, str]]]:
+    """Several files given together (a shell's ``PREFIX.*``): ``(PREFIX, [(pid, path)])`` when
+    they are all ``PREFIX.PID`` of one prefix, else :class:`ValueError` saying so."""
+    found = []
+    for path in paths:
+        m = re.fullmatch(r"(.+)\.(\d+)", path)
+        if m is None:
+            raise ValueError(f"{path}: several files are read together only as the PREFIX.PID "
+                             "files of one strace -ff -o PREFIX")
+        found.append((m.group(1), int(m.group(2)), path))
+    prefixes = {prefix for prefix, _, _ in found}
+    if len(prefixes) > 1:
+        raise ValueError("several files are read together only as the PREFIX.PID files of one "
+                         f"strace -ff -o PREFIX, not of {len(prefixes)} prefixes")
+    return found[0][0], sorted({(pid, path) for _, pid, path in found})
 
 
 def _timestamp(line: bytes) -> float | None:

@@ -7,7 +7,7 @@
   of ``memslot.backends.procmaps`` (``PROCMAP_QUERY`` where the kernel has it, else maps read
   up to the range; smaps only for VMAs that could be ``VM_PFNMAP``), and its text fallback;
 - where the running kernel's arch walks VMAs (inside a lab guest: ``memslot lab run
-  riscv64:7.2 --python bench/bench_vmas.py``), a ``DualVM`` request (a CREATE of a writable
+  --python bench/bench_vmas.py riscv64:7.2``), a ``DualVM`` request (a CREATE of a writable
   slot over guest RAM and its DELETE) with each reader as the model's source. Before, every
   request with a size read the VMAs; now only the ones the arch walks do.
 

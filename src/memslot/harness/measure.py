@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import mmap
 import statistics
+import time
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from ..arch import arch_class
 from ..backends.kvm import KvmVM
@@ -57,23 +58,40 @@ def kvm_vmalloc_areas() -> dict[str, int] | None:
     return out if lines else None
 
 
+def read_vmallocinfo() -> bytes | None:
+    """/proc/vmallocinfo as it is now (root only), ``None`` where it cannot be read."""
+    try:
+        with open("/proc/vmallocinfo", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def kvm_areas_of(text: bytes) -> dict[bytes, int]:
+    """KVM's areas in a /proc/vmallocinfo text, ``b"start-end caller" -> bytes of pages``."""
+    out: dict[bytes, int] = {}
+    callers = tuple(name.encode() for name in _KVM_CALLERS)
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or not fields[3].startswith(b"pages="):
+            continue
+        if any(name in fields[2] for name in callers):
+            # pages= counts the kernel's pages
+            out[fields[0] + b" " + fields[2]] = int(fields[3][6:]) * mmap.PAGESIZE
+    return out
+
+
+def kvm_pages_bytes(text: bytes) -> int:
+    """Bytes of the vmalloc pages held by KVM functions in a /proc/vmallocinfo text."""
+    return sum(kvm_areas_of(text).values())
+
+
 def kvm_vmalloc_used() -> int | None:
     """Bytes of vmalloc pages held by KVM functions (/proc/vmallocinfo, root only), or
     ``None`` where the file cannot be read. Unlike VmallocUsed it leaves out what the rest of
     the host allocates meanwhile (kernel stacks of every new thread, BPF, drivers)."""
-    try:
-        with open("/proc/vmallocinfo") as f:
-            lines = f.readlines()
-    except OSError:
-        return None
-    pages = 0
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 4 or not fields[3].startswith("pages="):
-            continue
-        if any(name in fields[2] for name in _KVM_CALLERS):
-            pages += int(fields[3][6:])
-    return pages * mmap.PAGESIZE if lines else None  # pages= counts the kernel's pages
+    text = read_vmallocinfo()
+    return kvm_pages_bytes(text) if text else None
 
 
 def vmalloc_reader() -> Callable[[], int]:
@@ -89,16 +107,22 @@ def vmalloc_reader() -> Callable[[], int]:
     return read
 
 
-def quiet_read(read: Callable[[], int], tries: int = 50) -> int:
-    """``read()`` once two consecutive reads agree (no allocation in flight elsewhere on the
-    host between them); the last read if the host never goes quiet."""
-    last = read()
-    for _ in range(tries):
-        now = read()
-        if now == last:
-            return now
-        last = now
-    return last
+class Reading(NamedTuple):
+    """How a step's vmalloc is read: ``take()`` captures the host's state as bytes (two
+    equal captures in a row: nothing moved in between), ``count(state)`` gives its bytes of
+    vmalloc (later: parsing is slow)."""
+
+    take: Callable[[], bytes]
+    count: Callable[[bytes], int]
+
+
+def vmalloc_reading() -> Reading:
+    """The most selective :class:`Reading` this host allows (as :func:`vmalloc_reader`):
+    /proc/vmallocinfo's KVM areas, else VmallocUsed."""
+    if read_vmallocinfo():
+        return Reading(lambda: read_vmallocinfo() or b"", kvm_pages_bytes)
+    read = vmalloc_reader()
+    return Reading(lambda: b"%d" % read(), int)
 
 
 def repeat_until_stable(scenario: Callable[[], H], agree: int = 2, max_runs: int = 30) -> H:
@@ -160,20 +184,88 @@ def shape_steps(npages: int, base_gfn: int, dirty: bool, page: int,
     return steps
 
 
-def _run_once(steps: list[Step]) -> list[int | None]:
+def _consistent(reading: Reading, gate: Callable[[], int], tries: int) -> bytes | None:
+    """A capture of the host's state that the next capture repeats, VmallocUsed unmoved
+    around both (a capture of /proc/vmallocinfo takes milliseconds: one taken while another
+    VM was made and closed shows that VM's areas although VmallocUsed is the same before and
+    after); ``None`` if the host never holds still that long."""
+    for _ in range(tries):
+        first = gate()
+        state, again = reading.take(), reading.take()
+        if state == again and gate() == first:
+            return state
+    return None
+
+
+def _run_once(steps: list[Step], tries: int = 50) -> list[int | None]:
     """One pass on a fresh VM: the vmalloc delta of each step (KVM's own areas where
-    /proc/vmallocinfo is readable, else VmallocUsed), ``None`` where the host was not quiet
-    around it (the reading moved right after the step)."""
+    /proc/vmallocinfo is readable: :func:`_run_by_identity`, else VmallocUsed around each
+    step, ``None`` where the host moved while it was read)."""
+    reading = vmalloc_reading()
+    if reading.count is kvm_pages_bytes:
+        return _run_by_identity(steps, reading, tries)
     deltas: list[int | None] = []
-    read = vmalloc_reader()
+    gate = vmalloc_used
     with KvmVM() as vm:
         for _, flags, gpa, size in steps:
-            before = quiet_read(read)
+            before = _consistent(reading, gate, tries)
             vm.set_user_memory_region(0, flags, gpa, size, UA)
-            after = read()
-            settled = read()
-            deltas.append(after - before if after == settled else None)
+            after = _consistent(reading, gate, 1)
+            if before is None or after is None:
+                deltas.append(None)
+            else:
+                deltas.append(reading.count(after) - reading.count(before))
     return deltas
+
+
+def _run_by_identity(steps: list[Step], reading: Reading, tries: int) -> list[int | None]:
+    """The deltas of one pass counted from the areas this VM allocated and freed, followed
+    by identity (other VMs on a busy host allocate and free all the time, and a request can
+    be preempted for milliseconds).
+
+    Each step, and the close of the VM, has a window: a consistent capture of KVM's areas
+    (:func:`_consistent`) just before the request, one just after; between windows the pass
+    waits a few window lengths with nothing of this VM happening. An area is this VM's when
+    it appeared inside a window and vanished inside a later one (closing the VM frees
+    whatever it still holds): an area born or dead between windows is another process's.
+    Another VM's area counts only when both its birth and its death fall inside this VM's
+    windows, which :func:`measure`'s vote across passes outweighs."""
+    gate = vmalloc_used
+    captures: list[dict[bytes, int] | None] = []  # before, after of each window in turn
+    clock = time.monotonic
+
+    def window(action: Callable[[], object]) -> None:
+        start = clock()
+        before = _consistent(reading, gate, tries)
+        action()
+        after = _consistent(reading, gate, tries)
+        captures.extend(None if c is None else kvm_areas_of(c) for c in (before, after))
+        time.sleep(min(0.05, 3 * (clock() - start)))  # a gap: births and deaths there are not ours
+
+    with KvmVM() as vm:
+        for _, flags, gpa, size in steps:
+            def step(f: int = flags, g: int = gpa, n: int = size) -> None:
+                vm.set_user_memory_region(0, f, g, n, UA)
+
+            window(step)
+        window(vm.close)
+    known = [c for c in captures if c is not None]
+    if len(known) < len(captures):  # the host never held still: nothing can be followed
+        return [None] * len(steps)
+    deltas = [0] * (len(steps) + 1)
+    born: dict[bytes, int] = {}  # area -> the window it appeared in
+    for index in range(1, len(known)):
+        old, new = known[index - 1], known[index]
+        inside = index % 2 == 1  # from a window's before to its after
+        for key, size in old.items():
+            if key not in new and key in born:
+                window_of_birth = born.pop(key)
+                if inside:
+                    deltas[window_of_birth] += size
+                    deltas[index // 2] -= size
+        if inside:
+            born.update(dict.fromkeys((k for k in new if k not in old), index // 2))
+    return list(deltas[:len(steps)])
 
 
 def _model(profile: Profile, steps: list[Step]) -> list[int]:

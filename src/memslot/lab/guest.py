@@ -146,7 +146,8 @@ def _measure(profile: Any, params: dict[str, Any]) -> int:
     # The guest runs nothing else, so VmallocUsed is exact once the per-CPU vmstat deltas are
     # folded in; /proc/vmallocinfo names kvmalloc's wrapper, not KVM, as the caller on some
     # kernels, so it is not used here.
-    original_used, original_reader = m.vmalloc_used, m.vmalloc_reader
+    original_used, original_reader, original_reading = (m.vmalloc_used, m.vmalloc_reader,
+                                                        m.vmalloc_reading)
 
     def refreshed() -> int:
         refresh_vmstat()
@@ -154,6 +155,7 @@ def _measure(profile: Any, params: dict[str, Any]) -> int:
 
     m.vmalloc_used = refreshed
     m.vmalloc_reader = lambda: refreshed
+    m.vmalloc_reading = lambda: m.Reading(lambda: b"%d" % refreshed(), int)
     start = time.monotonic()
     sizes = tuple(int(s) for s in params.get("sizes", m.DEFAULT_SIZES))
     try:
@@ -163,6 +165,7 @@ def _measure(profile: Any, params: dict[str, Any]) -> int:
         return 1
     finally:
         m.vmalloc_used, m.vmalloc_reader = original_used, original_reader
+        m.vmalloc_reading = original_reading
     emit("measure", {"measurements": [r.as_dict() for r in results],
                      "seconds": round(time.monotonic() - start, 2)})
     return 0 if all(r.match for r in results) else 1

@@ -3,7 +3,7 @@ kvm_userspace_memory_region{,2}`` in include/uapi/linux/kvm.h)."""
 
 from __future__ import annotations
 
-from typing import Any, Final, NamedTuple
+from typing import Any, NamedTuple
 
 from .constants import KVM_ADDRESS_SPACE_SHIFT, PAGE_SHIFT, flag_names
 
@@ -58,20 +58,28 @@ class MemoryRegion(NamedTuple):
         return text
 
 
-_U32: Final = (1 << 32) - 1
-_U64: Final = (1 << 64) - 1
-
-
 def plain_v1(region: Any) -> bool:
     """True for the common request: a v1 ``MemoryRegion`` whose fields are ints that fit the
     ioctl struct (the backends' field check passes it at once; anything else it looks at
     field by field)."""
-    slot, flags, gpa, size, uaddr, offset, fd = region
+    if type(region) is not MemoryRegion:
+        return False
+    # Fields as plain objects (a field typed int would be type-checked on the way out and
+    # raise, where this check must answer False); range checks by shifts: compiled, a
+    # compare with 2^64 - 1 (not a small int) takes the slow path every time.
+    t: tuple[object, ...] = region
+    slot = t[0]
+    flags = t[1]
+    gpa = t[2]
+    size = t[3]
+    uaddr = t[4]
     return (
         type(slot) is int and type(flags) is int and type(gpa) is int and type(size) is int
         and type(uaddr) is int
-        and 0 <= slot <= _U32 and 0 <= flags <= _U32 and 0 <= gpa <= _U64
-        and 0 <= size <= _U64 and 0 <= uaddr <= _U64 and offset == 0 and fd is None
+        and slot >= 0 and not slot >> 32 and flags >= 0 and not flags >> 32
+        and gpa >= 0 and not gpa >> 64 and size >= 0 and not size >> 64
+        and uaddr >= 0 and not uaddr >> 64
+        and t[5] == 0 and t[6] is None
     )
 
 

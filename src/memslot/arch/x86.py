@@ -55,7 +55,7 @@ VARIANT_REUSE_ARCH_ON_MOVE = "x86-reuse-arch-on-move"
 _CREATE: Final = ch.CREATE
 _MOVE: Final = ch.MOVE
 _FLAGS_ONLY: Final = ch.FLAGS_ONLY
-_new: Final = tuple.__new__  # a NamedTuple without its Python-level __new__
+_SPECS_CACHED: Final = 4096  # slot shapes whose metadata specs a VM keeps
 
 MAX_GFN = Rule("x86-max-gfn", errno.EINVAL, "kvm_arch_prepare_memory_region",
                "last gfn above kvm_mmu_max_gfn()")
@@ -99,14 +99,51 @@ class LpageInfo(NamedTuple):
         )
 
 
-class X86SlotArch(NamedTuple):
+class X86SlotArch:
     """``struct kvm_arch_memory_slot`` as a description: the slot shape the arrays were made
-    for (their sizes and initial marks follow from it) and the ledger groups holding them."""
+    for (their sizes and initial marks follow from it) and the ledger groups holding them.
+    Immutable; equal when every field is (a plain class: compiled, built without a
+    Python-level call)."""
 
-    base_gfn: int
-    npages: int
-    userspace_addr: int
-    groups: tuple[AllocGroup, ...]
+    __slots__ = ("base_gfn", "groups", "npages", "userspace_addr")
+
+    def __init__(self, base_gfn: int, npages: int, userspace_addr: int,
+                 groups: tuple[AllocGroup, ...]) -> None:
+        self.base_gfn = base_gfn
+        self.npages = npages
+        self.userspace_addr = userspace_addr
+        self.groups = groups
+
+    def _key(self) -> tuple[int, int, int, tuple[AllocGroup, ...]]:
+        return (self.base_gfn, self.npages, self.userspace_addr, self.groups)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, X86SlotArch):
+            return NotImplemented
+        return self is other or self._key() == other._key()
+
+    def __ne__(self, other: object) -> bool:
+        if not isinstance(other, X86SlotArch):
+            return NotImplemented
+        return not (self is other or self._key() == other._key())
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"X86SlotArch(base_gfn={self.base_gfn}, npages={self.npages}, "
+                f"userspace_addr={self.userspace_addr}, groups={self.groups!r})")
+
+    def _replace(self, *, base_gfn: int | None = None, npages: int | None = None,
+                 userspace_addr: int | None = None,
+                 groups: tuple[AllocGroup, ...] | None = None) -> X86SlotArch:
+        """A copy with the fields given replaced (as ``NamedTuple._replace``)."""
+        return X86SlotArch(
+            self.base_gfn if base_gfn is None else base_gfn,
+            self.npages if npages is None else npages,
+            self.userspace_addr if userspace_addr is None else userspace_addr,
+            self.groups if groups is None else groups,
+        )
 
     def _items(self) -> list[Allocation]:
         return [a for g in self.groups for a in g.items]
@@ -207,6 +244,7 @@ class X86Arch(ArchHooks):
         self._max_gfn = p.max_gfn if p.max_gfn_check else (1 << 64) - 1
         self._move_refused = p.external_page_tracker
         self._shape_key = (self.have_rmaps, self.write_tracking, p.page_size)
+        self._specs: dict[int, SpecGroup] = {}  # metadata_specs by slot shape (see below)
         self.caps = X86VmCaps(p)  # KVM_ENABLE_CAP's per-VM state
 
     # -- state ----------------------------------------------------------------------------
@@ -254,16 +292,23 @@ class X86Arch(ArchHooks):
     ) -> X86SlotArch:
         """``kvm_alloc_memslot_metadata``: rmaps (levels 1..3), lpage_info (2, 3), write
         track, in that order; on failure everything allocated so far is freed."""
-        rmaps, track, page_size = self._shape_key
-        specs = metadata_specs(base_gfn & 0x3FFFF, npages, rmaps, track, page_size)
+        # Only the base's offset in a 1 GiB frame shapes the arrays (lpages), so one int
+        # names the shape: the specs of each are computed once per VM (and per rmap state).
+        key = (npages << 18) | (base_gfn & 0x3FFFF)
+        specs = self._specs.get(key)
+        if specs is None:
+            rmaps, track, page_size = self._shape_key
+            specs = metadata_specs(base_gfn & 0x3FFFF, npages, rmaps, track, page_size)
+            if len(self._specs) >= _SPECS_CACHED:
+                self._specs.clear()
+            self._specs[key] = specs
         try:
             group = self.ledger.alloc_group(as_id, slot_id, specs)
         except AllocFailed as failed:
             s = failed.spec
             name = f"{s.kind}[{LEVEL_NAMES[s.level]}]" if s.level else s.kind
             raise PrepareError(ALLOC_METADATA, name) from None
-        arch: X86SlotArch = _new(X86SlotArch, (base_gfn, npages, uaddr, (group,)))
-        return arch
+        return X86SlotArch(base_gfn, npages, uaddr, (group,))
 
     def commit(self, change: ChangeType, old: MemorySlot | None, new: MemorySlot | None) -> None:
         # kvm_arch_commit_memory_region: a MOVE frees the old arrays (kvm_arch_free_memslot).
@@ -298,6 +343,7 @@ class X86Arch(ArchHooks):
             return []
         self.shadow_root_allocated = True
         self._shape_key = (self.have_rmaps, self.write_tracking, self.profile.page_size)
+        self._specs.clear()
         out = []
         page_size = self.profile.page_size
         for slot in slots:

@@ -12,7 +12,14 @@ intervals stored elsewhere.
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
+import bisect
+from typing import Final
+
+# Final: compiled, these are C statics (a name imported from bisect would be looked up in
+# the module's globals on every call).
+bisect_left: Final = bisect.bisect_left
+bisect_right: Final = bisect.bisect_right
+insort: Final = bisect.insort
 
 _Node = tuple[list[tuple[int, int]], list[tuple[int, int]]]  # (start, key) asc; (-last, key)
 

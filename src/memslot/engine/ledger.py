@@ -40,7 +40,6 @@ KINDS: Final = (
 )
 
 _LEVEL_NAMES: Final = {1: "4K", 2: "2M", 3: "1G"}
-_new: Final = tuple.__new__  # NamedTuple construction without the Python-level __new__
 
 
 def vmalloc_footprint(nbytes: int, page_size: int = 4096) -> int:
@@ -122,16 +121,39 @@ class Allocation(NamedTuple):
         )
 
 
-class AllocGroup(NamedTuple):
+class AllocGroup:
     """Allocations made back to back for one owner: one ledger entry (``serial`` is the
-    first allocation's serial number; they are consecutive)."""
+    first allocation's serial number; they are consecutive). Immutable; equal when every
+    field is. (A plain class, not a NamedTuple: compiled, one is built per allocation without
+    a Python-level call.)"""
 
-    serial: int
-    as_id: int
-    slot_id: int
-    specs: tuple[Spec, ...]
-    bytes: int
-    vmalloc_bytes: int
+    __slots__ = ("as_id", "bytes", "serial", "slot_id", "specs", "vmalloc_bytes")
+
+    def __init__(self, serial: int, as_id: int, slot_id: int, specs: tuple[Spec, ...],
+                 bytes: int, vmalloc_bytes: int) -> None:
+        self.serial = serial
+        self.as_id = as_id
+        self.slot_id = slot_id
+        self.specs = specs
+        self.bytes = bytes
+        self.vmalloc_bytes = vmalloc_bytes
+
+    def _key(self) -> tuple[int, int, int, tuple[Spec, ...], int, int]:
+        return (self.serial, self.as_id, self.slot_id, self.specs, self.bytes,
+                self.vmalloc_bytes)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AllocGroup):
+            return NotImplemented
+        return self is other or self._key() == other._key()
+
+    def __ne__(self, other: object) -> bool:
+        if not isinstance(other, AllocGroup):
+            return NotImplemented
+        return not (self is other or self._key() == other._key())
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     @property
     def items(self) -> tuple[Allocation, ...]:
@@ -222,7 +244,7 @@ class Ledger:
             self._check_fault(as_id, slot_id, specs)
         serial = self._serial + 1
         self._serial += len(specs)
-        g = _new(AllocGroup, (serial, as_id, slot_id, specs, group.bytes, group.vmalloc_bytes))
+        g = AllocGroup(serial, as_id, slot_id, specs, group.bytes, group.vmalloc_bytes)
         self._groups[serial] = g
         self.live_bytes += group.bytes
         self.vmalloc_bytes += group.vmalloc_bytes
@@ -237,7 +259,7 @@ class Ledger:
             except AllocFailed:
                 return None
         self._serial = serial = self._serial + 1
-        g = _new(AllocGroup, (serial, as_id, slot_id, (one,), one.bytes, one.vmalloc_bytes))
+        g = AllocGroup(serial, as_id, slot_id, (one,), one.bytes, one.vmalloc_bytes)
         self._groups[serial] = g
         self.live_bytes += one.bytes
         self.vmalloc_bytes += one.vmalloc_bytes

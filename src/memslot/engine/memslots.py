@@ -80,6 +80,10 @@ _V1_FLAGS: Final = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 _IMMUTABLE_FLAGS: Final = KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD
 # Building a NamedTuple through tuple.__new__ skips its Python-level __new__ (4x faster).
 _new_slot: Final = tuple.__new__
+# Whether this module runs compiled (mypyc). Compiled code runs no signal handler between
+# two of its own C calls, so acquire() then try: leaves no window for a Ctrl-C to strike
+# with the lock held; interpreted code can take one there, so it keeps with blocks.
+_COMPILED: Final = not __file__.endswith(".py")
 # The change types as Final names: mypyc keeps them in C statics (otherwise each use is an
 # attribute lookup on the change module).
 CREATE: Final = ch.CREATE
@@ -148,6 +152,12 @@ class Memslots:
         self.dirty = DirtyLogConfig()
         self.slots_lock = threading.Lock()
         self.srcu = threading.Lock()
+        # Compiled, the locks are taken through their methods, bound once (a with block
+        # looks __enter__ and __exit__ up each time); see _COMPILED.
+        self._slots_acquire = self.slots_lock.acquire
+        self._slots_release = self.slots_lock.release
+        self._srcu_acquire = self.srcu.acquire
+        self._srcu_release = self.srcu.release
         # Serialises dirty-bitmap words between markers and log readers (DirtyBitmap).
         self._bitmap_lock = threading.Lock()
         self.observers: list[Observer] = []
@@ -206,21 +216,32 @@ class Memslots:
         res = OpResult(r)
         if self._observer_thread is not None and self._observer_thread == threading.get_ident():
             raise RuntimeError("a memslot request was issued from inside an observer")
-        with self.slots_lock:
-            ledger = self.ledger
-            ledger.allocated = res._allocated
-            ledger.freed = res._freed
-            self._steps = res.steps
+        if _COMPILED:
+            self._slots_acquire()
             try:
-                self._set_memory_region(r, res, internal)
-            except _Failed as failure:
-                res.errno = failure.rule.errno
-                res.rule = failure.rule
-                res.detail = failure.detail
-                res.stage = failure.stage
-            if res.generation_before is not None:
-                res.generation_after = self.sets[r.slot >> 16].generation
+                self._locked_request(r, res, internal)
+            finally:
+                self._slots_release()
+        else:
+            with self.slots_lock:
+                self._locked_request(r, res, internal)
         return res
+
+    def _locked_request(self, r: MemoryRegion, res: OpResult, internal: bool) -> None:
+        """The request under ``slots_lock``: journals set up, refusals recorded."""
+        ledger = self.ledger
+        ledger.allocated = res._allocated
+        ledger.freed = res._freed
+        self._steps = res.steps
+        try:
+            self._set_memory_region(r, res, internal)
+        except _Failed as failure:
+            res.errno = failure.rule.errno
+            res.rule = failure.rule
+            res.detail = failure.detail
+            res.stage = failure.stage
+        if res.generation_before is not None:
+            res.generation_after = self.sets[r.slot >> 16].generation
 
     def _passes_fast_checks(self, r: MemoryRegion, internal: bool) -> bool:
         """One expression that holds only when every check of :meth:`_validate` passes, for
@@ -569,15 +590,16 @@ class Memslots:
         # (no update is in progress outside slots_lock, so bit 63 of the generation is clear
         # here and the final store is the old value plus N_AS)
         before = slots.generation
-        with self.srcu:
-            if old is None:
-                slots.insert(new)  # type: ignore[arg-type]
-            elif new is None:
-                slots.remove(old)
-            else:
-                slots.replace(old, new)
-            gen = before | GEN_UPDATE_IN_PROGRESS
-            slots.generation = gen
+        gen = before | GEN_UPDATE_IN_PROGRESS
+        if _COMPILED:
+            self._srcu_acquire()
+            try:
+                _publish(slots, old, new, gen)
+            finally:
+                self._srcu_release()
+        else:
+            with self.srcu:
+                _publish(slots, old, new, gen)
         if self.observers:
             event = SwapEvent(slots.as_id, change, phase, gen, old, new)
             self._observer_thread = threading.get_ident()
@@ -720,6 +742,19 @@ class Memslots:
                 for slot in list(s):
                     s.remove(slot)
                     self._free_memslot(slot)
+
+
+def _publish(slots: SlotSet, old: MemorySlot | None, new: MemorySlot | None, gen: int) -> None:
+    """Under ``srcu``: ``old`` replaced by ``new`` in ``slots`` and the in-progress
+    generation stored (``kvm_replace_memslot`` + the first half of
+    ``kvm_swap_active_memslots``)."""
+    if old is None:
+        slots.insert(new)  # type: ignore[arg-type]
+    elif new is None:
+        slots.remove(old)
+    else:
+        slots.replace(old, new)
+    slots.generation = gen
 
 
 def _struct_size(profile: Profile, arch: ArchHooks) -> int:

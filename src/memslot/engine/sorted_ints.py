@@ -4,9 +4,16 @@ uses): insert and remove cost ``O(log n)`` bisects plus a memmove of one block o
 
 from __future__ import annotations
 
+import bisect
 import itertools
-from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterator
+from typing import Final
+
+# Final: compiled, these are C statics (a name imported from bisect would be looked up in
+# the module's globals on every call).
+bisect_left: Final = bisect.bisect_left
+bisect_right: Final = bisect.bisect_right
+insort: Final = bisect.insort
 
 LOAD = 256
 

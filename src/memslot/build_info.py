@@ -11,6 +11,7 @@ COMPILED_MODULES = (
     "memslot.engine.memslots",
     "memslot.engine.dirty",
     "memslot.engine.mm",
+    "memslot.engine.slot",
     "memslot.engine.slotset",
     "memslot.engine.sorted_ints",
     "memslot.engine.hva_index",

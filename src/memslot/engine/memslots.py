@@ -78,8 +78,6 @@ if TYPE_CHECKING:
 ULONG_MAX: Final = (1 << 64) - 1
 _V1_FLAGS: Final = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 _IMMUTABLE_FLAGS: Final = KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD
-# Building a NamedTuple through tuple.__new__ skips its Python-level __new__ (4x faster).
-_new_slot: Final = tuple.__new__
 # Whether this module runs compiled (mypyc). Compiled code runs no signal handler between
 # two of its own C calls, so acquire() then try: leaves no window for a Ctrl-C to strike
 # with the lock held; interpreted code can take one there, so it keeps with blocks.
@@ -379,8 +377,8 @@ class Memslots:
         struct = self.ledger.alloc(as_id, slot_id, self._struct_spec)
         if struct is None:
             raise _Failed(ch.ALLOC_SLOT, stage=STAGE_ALLOC_SLOT)
-        new = _new_slot(MemorySlot, (slot_id, as_id, base_gfn, npages, flags, uaddr, None,
-                                     None, struct, None, self._page_shift))
+        new = MemorySlot(slot_id, as_id, base_gfn, npages, flags, uaddr, None,
+                                     None, struct, None, self._page_shift)
         try:
             if flags & KVM_MEM_GUEST_MEMFD:
                 new = self._gmem_bind(new, r)
@@ -445,10 +443,10 @@ class Memslots:
     ) -> MemorySlot:
         """``kvm_invalidate_memslot``: publish a copy of ``old`` flagged INVALID, so vCPUs
         stop using the range while the new slot is prepared; returns the copy."""
-        invalid = _new_slot(MemorySlot, (old.id, old.as_id, old.base_gfn, old.npages,
+        invalid = MemorySlot(old.id, old.as_id, old.base_gfn, old.npages,
                                          old.flags | KVM_MEMSLOT_INVALID, old.userspace_addr,
                                          old.arch, old.dirty_bitmap, invalid_struct, old.gmem,
-                                         old.page_shift))
+                                         old.page_shift)
         self._steps.append(STEP_INVALIDATE)
         self._swap_active_memslots(change, "invalidate", old, invalid)
         return invalid
@@ -489,9 +487,9 @@ class Memslots:
             raise _Failed(exc.rule, exc.detail, STAGE_ARCH) from None
         if arch is None and bitmap is None:
             return new
-        return _new_slot(MemorySlot, (new.id, new.as_id, new.base_gfn, new.npages, new.flags,
+        return MemorySlot(new.id, new.as_id, new.base_gfn, new.npages, new.flags,
                                       new.userspace_addr, arch, bitmap, new.struct, new.gmem,
-                                      new.page_shift))
+                                      new.page_shift)
 
     def _alloc_dirty_bitmap(self, new: MemorySlot) -> DirtyBitmap:
         """``kvm_alloc_dirty_bitmap``: ``__vcalloc(2, ALIGN(npages, 64) / 8)``, all set when
@@ -643,9 +641,9 @@ class Memslots:
         flags = new.flags
         if g.flags & gmem_files.GUEST_MEMFD_FLAG_MMAP:
             flags |= KVM_MEMSLOT_GMEM_ONLY
-        return _new_slot(MemorySlot, (new.id, new.as_id, new.base_gfn, new.npages, flags,
+        return MemorySlot(new.id, new.as_id, new.base_gfn, new.npages, flags,
                                       new.userspace_addr, None, None, new.struct,
-                                      (fd, offset), new.page_shift))
+                                      (fd, offset), new.page_shift)
 
     def _gmem_unbind(self, slot: MemorySlot) -> None:
         """``kvm_gmem_unbind``: release ``slot``'s file range, unless the file was closed

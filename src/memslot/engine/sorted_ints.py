@@ -13,7 +13,40 @@ from typing import Final
 # the module's globals on every call).
 bisect_left: Final = bisect.bisect_left
 bisect_right: Final = bisect.bisect_right
-insort: Final = bisect.insort
+# Whether this module runs compiled (mypyc): then a binary search is a native loop over
+# small ints, cheaper than a call of bisect's C function with its generic compares.
+_COMPILED: Final = not __file__.endswith(".py")
+
+
+def _left(a: list[int], x: int) -> int:
+    """``bisect_left(a, x)``."""
+    if not _COMPILED:
+        return bisect_left(a, x)
+    lo = 0
+    hi = len(a)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _right(a: list[int], x: int) -> int:
+    """``bisect_right(a, x)``."""
+    if not _COMPILED:
+        return bisect_right(a, x)
+    lo = 0
+    hi = len(a)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if x < a[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
 
 LOAD = 256
 
@@ -43,7 +76,7 @@ class SortedInts:
             maxes.append(value)
             self._len = 1
             return
-        pos = bisect_left(maxes, value)
+        pos = _left(maxes, value)
         if pos == len(maxes):
             pos -= 1
             block = lists[pos]
@@ -51,7 +84,7 @@ class SortedInts:
             maxes[pos] = value
         else:
             block = lists[pos]
-            insort(block, value)
+            block.insert(_right(block, value), value)
         self._len += 1
         if len(block) > 2 * LOAD:
             half = block[LOAD:]
@@ -62,11 +95,11 @@ class SortedInts:
 
     def remove(self, value: int) -> None:
         maxes = self._maxes
-        pos = bisect_left(maxes, value)
+        pos = _left(maxes, value)
         if pos == len(maxes):
             raise KeyError(value)
         block = self._lists[pos]
-        i = bisect_left(block, value)
+        i = _left(block, value)
         if block[i] != value:
             raise KeyError(value)
         del block[i]
@@ -82,10 +115,10 @@ class SortedInts:
         (a MOVE by less than the distance to the neighbours, the common case)."""
         maxes = self._maxes
         lists = self._lists
-        pos = bisect_left(maxes, old)
+        pos = _left(maxes, old)
         if pos < len(maxes):
             block = lists[pos]
-            i = bisect_left(block, old)
+            i = _left(block, old)
             if i < len(block) and block[i] == old:
                 lo = block[i - 1] if i else (maxes[pos - 1] if pos else None)
                 last = i == len(block) - 1
@@ -102,11 +135,11 @@ class SortedInts:
     def le(self, value: int) -> int | None:
         """Largest element ``<= value``."""
         maxes = self._maxes
-        pos = bisect_left(maxes, value)
+        pos = _left(maxes, value)
         if pos == len(maxes):
             return maxes[-1] if maxes else None
         block = self._lists[pos]
-        i = bisect_right(block, value)
+        i = _right(block, value)
         if i:
             return block[i - 1]
         return maxes[pos - 1] if pos else None
@@ -118,21 +151,21 @@ class SortedInts:
     def ge(self, value: int) -> int | None:
         """Smallest element ``>= value``."""
         maxes = self._maxes
-        pos = bisect_left(maxes, value)
+        pos = _left(maxes, value)
         if pos == len(maxes):
             return None
         block = self._lists[pos]
-        return block[bisect_left(block, value)]
+        return block[_left(block, value)]
 
     def iter_from(self, value: int) -> Iterator[int]:
         """Elements ``>= value`` in ascending order."""
         maxes = self._maxes
         lists = self._lists
-        pos = bisect_left(maxes, value)
+        pos = _left(maxes, value)
         if pos == len(maxes):
             return
         block = lists[pos]
-        yield from block[bisect_left(block, value):]
+        yield from block[_left(block, value):]
         for block in lists[pos + 1:]:
             yield from block
 

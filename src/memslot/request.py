@@ -3,7 +3,7 @@ kvm_userspace_memory_region{,2}`` in include/uapi/linux/kvm.h)."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from .constants import KVM_ADDRESS_SPACE_SHIFT, PAGE_SHIFT, flag_names
 
@@ -58,11 +58,15 @@ class MemoryRegion(NamedTuple):
         return text
 
 
+# Final: compiled, a C static (the class name is a globals lookup on every call otherwise).
+_REGION: Final = MemoryRegion
+
+
 def plain_v1(region: Any) -> bool:
     """True for the common request: a v1 ``MemoryRegion`` whose fields are ints that fit the
     ioctl struct (the backends' field check passes it at once; anything else it looks at
     field by field)."""
-    if type(region) is not MemoryRegion:
+    if type(region) is not _REGION:
         return False
     # Fields as plain objects (a field typed int would be type-checked on the way out and
     # raise, where this check must answer False); range checks by shifts: compiled, a

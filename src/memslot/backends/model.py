@@ -25,7 +25,7 @@ from ..engine.slot import MemorySlot
 from ..engine.vmas import ANON_RW, Vma, VmaMap, VmaReader, VmFlag
 from ..errors import ClosedError, KvmError
 from ..profile import DEFAULT_PROFILE, Profile, get_profile
-from ..request import MemoryRegion, plain_v1
+from ..request import MemoryRegion
 from .base import (
     KVM_HVA_ERR_BAD,
     KVM_HVA_ERR_RO_BAD,
@@ -60,6 +60,7 @@ class ModelVM(VM):
         self.ledger = Ledger(self.profile.page_size)
         self.arch = make_arch(self.profile, self.ledger, self.variants)
         self._m = Memslots(self.profile, self.arch, self.ledger)
+        self._m.check_fields = check_region_fields
         self._dirty = DirtyLog(self._m)
         self._closed = False  # the VM fd
         self._destroyed = False  # kvm_destroy_vm ran
@@ -94,11 +95,11 @@ class ModelVM(VM):
     # -- requests -------------------------------------------------------------------------
     def submit(self, region: MemoryRegion) -> OpResult:
         """Apply a request and return its record (a refusal is ``result.errno``, not raised)."""
-        if not plain_v1(region):  # (the common request is checked by compiled code)
-            check_region_fields(region)
         if self._closed:
+            check_region_fields(region)  # a bad field is reported before the closed VM
             raise ClosedError("this ModelVM is closed")
-        result = self.last_result = self._m.set_memory_region(region)
+        # (the engine checks the fields, the common request in compiled code)
+        result = self.last_result = self._m.submit(region)
         return result
 
     def apply(self, region: MemoryRegion) -> None:
@@ -112,11 +113,10 @@ class ModelVM(VM):
         # The hot path of the shared API, without the generic wrapper layers.
         region = _new(MemoryRegion, (slot, flags, guest_phys_addr, memory_size, userspace_addr,
                                      0, None))
-        if not plain_v1(region):
-            check_region_fields(region)
         if self._closed:
+            check_region_fields(region)
             raise ClosedError("this ModelVM is closed")
-        result = self.last_result = self._m.set_memory_region(region)
+        result = self.last_result = self._m.submit(region)
         if result.errno:
             raise _error(result)
 

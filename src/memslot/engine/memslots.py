@@ -15,7 +15,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from ..constants import (
     KVM_DIRTY_LOG_INITIALLY_SET,
@@ -26,7 +26,7 @@ from ..constants import (
     KVM_MEMSLOT_GMEM_ONLY,
     KVM_MEMSLOT_INVALID,
 )
-from ..request import MemoryRegion
+from ..request import MemoryRegion, plain_v1
 from . import change as ch
 from . import gmem as gmem_files
 from .change import ChangeType, Rule
@@ -165,6 +165,9 @@ class Memslots:
         self._struct_spec = ledger.spec(KIND_SLOT, 1, self.struct_size, KMALLOC)
         self._invalid_spec = ledger.spec(KIND_INVALID_SLOT, 1, self.struct_size, KMALLOC)
         self.gmem_files: dict[int, gmem_files.GuestMemfd] = {}
+        #: The backend's check of a request's ioctl fields (raises for values the struct
+        #: cannot carry), for :meth:`submit`.
+        self.check_fields: Callable[[MemoryRegion], None] = _no_field_check
         self._observer_thread: int | None = None
         # The step list of the request in progress (OpResult.steps), appended to as it runs.
         self._steps: list[str] = []
@@ -205,6 +208,13 @@ class Memslots:
     # ==================================================================================
     # kvm_set_memory_region
     # ==================================================================================
+    def submit(self, r: Any) -> OpResult:
+        """``ModelVM.submit``'s work: the ioctl-field check (:attr:`check_fields`; the common
+        request passes at once, checked here in compiled code), then the request."""
+        if not plain_v1(r):
+            self.check_fields(r)
+        return self.set_memory_region(r)
+
     def set_memory_region(self, r: MemoryRegion, internal: bool = False) -> OpResult:
         """Apply one request; never raises for a kernel-level refusal (see ``result.errno``).
 
@@ -740,6 +750,10 @@ class Memslots:
                 for slot in list(s):
                     s.remove(slot)
                     self._free_memslot(slot)
+
+
+def _no_field_check(r: MemoryRegion) -> None:
+    """Until a backend sets one: no field check."""
 
 
 def _publish(slots: SlotSet, old: MemorySlot | None, new: MemorySlot | None, gen: int) -> None:

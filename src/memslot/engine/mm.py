@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 import threading
 from typing import Final
 
 
 def _wipe_on_fork_page() -> memoryview | None:
     """A page the kernel zeroes in a forked child, as one unsigned 64-bit word."""
-    advice = getattr(mmap, "MADV_WIPEONFORK", None)
+    # Python's mmap module names MADV_WIPEONFORK only from 3.12 (Linux's value is 18).
+    advice = getattr(mmap, "MADV_WIPEONFORK", 18 if sys.platform == "linux" else None)
     if advice is None:
         return None
     try:
-        page = mmap.mmap(-1, mmap.PAGESIZE)
+        # Private: the kernel refuses MADV_WIPEONFORK on a shared mapping (EINVAL), and an
+        # anonymous mmap.mmap is shared unless told otherwise.
+        page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         page.madvise(advice)
     except (OSError, ValueError):
         return None
@@ -52,7 +56,8 @@ def current() -> int:
     value: int = tag[0]
     if value:
         return value
-    fresh = int.from_bytes(os.urandom(8), "little") | 1
+    # (below 2^62: compiled code keeps it a small int, not a boxed one)
+    fresh = int.from_bytes(os.urandom(8), "little") & ((1 << 62) - 1) | 1
     with _arming:  # two threads of a new child agree on one tag
         value = tag[0]
         if not value:

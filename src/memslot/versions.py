@@ -207,11 +207,13 @@ CHANGES: dict[str, Change] = {c.key: c for c in (
            "a FLAGS_ONLY change cannot add or drop GUEST_MEMFD (`gmem_toggle_fix`)",
            "'KVM fixes for 6.19-rc1' (0499add8efd7); backported to stable: Debian's 6.12.117 "
            "and 7.2.13 have it"),
-    Change("s390-ucontrol-slot", "7.2", "KVM_INTERNAL_MEM_SLOTS (s390)",
+    Change("s390-ucontrol-slot", "6.14", "KVM_INTERNAL_MEM_SLOTS (s390)",
            "KVM: s390: fake memslot for ucontrol VMs",
            "s390 has one internal slot: 32766 user slots (`internal_mem_slots`)",
-           "absent in 6.12.117, present in 7.2.13; the commit's release (6.13..7.2) was not "
-           "found", pinned=False),
+           "the patch (v3 03/15, 20250117190938.93793-4) adds `#define KVM_INTERNAL_MEM_SLOTS "
+           "1` to s390's kvm_host.h; merged by 'KVM changes for Linux 6.14-rc2' "
+           "(kvm-s390-next-6.14-2, pulled after 6.14-rc1): 6.14. Absent in 6.12.117, present "
+           "in 7.2.13"),
     Change("gmem-bind-uoff", "7.2", "kvm_gmem_bind",
            "KVM: guest_memfd: treat binding offsets and sizes as unsigned (uoff_t)",
            "offset + size is computed in uoff_t: a range reaching 2^63 no longer wraps "
@@ -233,18 +235,40 @@ CHANGES: dict[str, Change] = {c.key: c for c in (
            "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 answers 3, not the generic 1 "
            "(`manual_dirty_log_caps`)",
            "6.12.117 generic KVM_DIRTY_LOG_MANUAL_CAPS; 7.2.13 riscv defines both bits; lab "
-           "riscv64 6.12 answers 1; the commit was not found in the patch archives searched, "
-           "so any of 6.13..7.2", pinned=False),
-    Change("riscv-dirty-ring", "7.2", "arch/riscv/kvm/Kconfig",
+           "riscv64 6.12 answers 1. Not pinned: the commit was not found in the patch "
+           "archives searched, nor in 'KVM/riscv changes for 6.17' (kvm-riscv-6.17-1, which "
+           "brought the dirty ring); any of 6.13..7.2", pinned=False),
+    Change("riscv-dirty-ring", "6.17", "arch/riscv/kvm/Kconfig",
            "RISC-V: KVM: Enable ring-based dirty memory tracking",
            "riscv selects HAVE_KVM_DIRTY_RING_ACQ_REL (`dirty_ring_acq_rel`)",
-           "absent in 6.12.117, present in 7.2.13; the commit was not found in the patch "
-           "archives searched, so any of 6.13..7.2", pinned=False),
+           "f55ffaf89636 (Quan Zhou), in 'KVM/riscv changes for 6.17' (tags/kvm-riscv-6.17-1, "
+           "pulled 2025-07-28 for the 6.17 merge window; a fix to it was queued 'as fixes for "
+           "Linux-6.17'): 6.17. Absent in 6.12.117, present in 7.2.13"),
     Change("riscv-sv48-lab", "7.2", "TASK_SIZE_64 (arch/riscv)",
            "riscv user space paging mode chosen at boot",
            "access_ok limit 2^47 with Sv48 (the lab's 7.2), 2^56 with Sv57 (its 6.12): "
            "TASK_SIZE_64 is the same expression in both sources (`user_addr_limit`)",
            "lab riscv64 6.12 and 7.2", kind="lab"),
+    Change("x86-disable-exits-allowed", "6.18", "kvm_vm_ioctl_enable_cap (x86)",
+           "(commit not found) KVM_CAP_X86_DISABLE_EXITS checks kvm_get_allowed_disable_exits()",
+           "X86_DISABLE_EXITS accepts only the exits KVM_CHECK_EXTENSION allows (not the fixed "
+           "KVM_X86_DISABLE_VALID_EXITS) and only before vCPUs exist "
+           "(`memslot/arch/x86_caps.py`)",
+           "6.12.117 `args[0] & ~KVM_X86_DISABLE_VALID_EXITS`, 7.2.13 "
+           "`kvm_get_allowed_disable_exits()`; this host's 6.18 behaves as 7.2. Not pinned "
+           "(the commit was not found): any of 6.13..6.18 (every modelled version answers the "
+           "same for any of them)",
+           pinned=False),
+    Change("x86-x2apic-suppress-eoi", "6.18", "kvm_vm_ioctl_enable_cap (x86)",
+           "KVM: x86: Add x2APIC \"features\" to control EOI broadcast suppression",
+           "X2APIC_API takes KVM_X2APIC_{ENABLE,DISABLE}_SUPPRESS_EOI_BROADCAST (4, 8): not "
+           "both, and ENABLE only with a split irqchip (`memslot/arch/x86_caps.py`)",
+           "6.12.117 knows bits 0-1 only, 7.2.13 all four; this host's 6.18.44 accepts 4 "
+           "(after SPLIT_IRQCHIP) and 8. Not pinned: the series (Khushit Shah) was still "
+           "reviewed on kvm@ in January 2026, after 6.18 was released (its merge was not "
+           "found), so upstream has it from 7.0 or later and 6.18.44 from a stable backport; "
+           "the model's 6.18 is this host's answer, a 6.18 before the backport refuses 4 and 8",
+           pinned=False),
     Change("ppc-access-ok-mask", "7.2", "__access_ok (arch/powerpc/include/asm/uaccess.h)",
            "powerpc/uaccess: a simpler __access_ok for ppc64",
            "address and size each below TASK_SIZE_MAX (`!((size | addr) & ~(TASK_SIZE_MAX - "

@@ -23,6 +23,7 @@ import errno
 from .. import constants as c
 from ..engine.change import Rule
 from ..profile import Profile
+from ..versions import since
 
 FUNCTION = "kvm_vm_ioctl_enable_cap"
 KVM_CAP_DISABLE_QUIRKS = c.KVM_CAP_DISABLE_QUIRKS
@@ -42,7 +43,6 @@ KVM_CAP_X86_NOTIFY_VMEXIT = c.KVM_CAP_X86_NOTIFY_VMEXIT
 KVM_CAP_VM_DISABLE_NX_HUGE_PAGES = c.KVM_CAP_VM_DISABLE_NX_HUGE_PAGES
 KVM_CAP_X86_APIC_BUS_CYCLES_NS = c.KVM_CAP_X86_APIC_BUS_CYCLES_NS
 
-MAX_NR_RESERVED_IOAPIC_PINS = 48
 KVM_MAX_IRQ_ROUTES = 4096
 KVM_X2APIC_API_USE_32BIT_IDS = 1
 KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK = 2
@@ -141,8 +141,9 @@ class X86VmCaps:
         if cap == KVM_CAP_DISABLE_QUIRKS2 and since_61:
             return X86_CAP_ARGS if arg & ~self._host(KVM_CAP_DISABLE_QUIRKS2) else None
         if cap == KVM_CAP_SPLIT_IRQCHIP:
-            limit = KVM_MAX_IRQ_ROUTES if self._since("6.18") else MAX_NR_RESERVED_IOAPIC_PINS
-            if arg > limit:
+            # MAX_NR_RESERVED_IOAPIC_PINS is KVM_MAX_IRQ_ROUTES in every source read
+            # (arch/x86/kvm/ioapic.h, 5.10.223 to 7.3-rc7).
+            if arg > KVM_MAX_IRQ_ROUTES:
                 return X86_CAP_ARGS
             if self.irqchip_split or created_vcpus:
                 return X86_SPLIT_IRQCHIP
@@ -151,7 +152,7 @@ class X86VmCaps:
         if cap == KVM_CAP_X2APIC_API:
             return self._x2apic(arg)
         if cap == KVM_CAP_X86_DISABLE_EXITS:
-            if self._since("6.18"):  # kvm_get_allowed_disable_exits(), and before vCPUs
+            if self._since(since("x86-disable-exits-allowed")):  # and before vCPUs
                 if arg & ~self._host(KVM_CAP_X86_DISABLE_EXITS):
                     return X86_CAP_ARGS
                 return X86_CAP_VCPUS if created_vcpus else None
@@ -205,7 +206,7 @@ class X86VmCaps:
 
     def _x2apic(self, arg: int) -> Rule | None:
         valid = KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK
-        if not self._since("6.18"):
+        if not self._since(since("x86-x2apic-suppress-eoi")):
             return X86_CAP_ARGS if arg & ~valid else None
         enable, disable = (KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST,
                            KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST)

@@ -162,7 +162,7 @@ CHANGES: dict[str, Change] = {c.key: c for c in (
            "7.2.13 checks kvm_get_vcpu_by_id() after kvm_arch_vcpu_create(), 7.3-rc7 before "
            "kvm_arch_vcpu_precreate() under guard(mutex); lab ppc64el 7.3 answers EEXIST "
            "where 7.2 answers EINVAL; no release lies between, so 7.3 is exact"),
-    Change("x86-private-mem", "6.12", "kvm_supported_mem_attributes, kvm_gmem_create",
+    Change("x86-private-mem", "6.11", "kvm_supported_mem_attributes, kvm_gmem_create",
            "KVM: SEV: Select KVM_GENERIC_PRIVATE_MEM when CONFIG_KVM_AMD_SEV=y",
            "Debian's x86 build has the generic memory attributes and guest_memfd: "
            "KVM_CAP_MEMORY_ATTRIBUTES on /dev/kvm answers PRIVATE (8), KVM_CREATE_GUEST_MEMFD "
@@ -170,9 +170,10 @@ CHANGES: dict[str, Change] = {c.key: c for c in (
            "`guest_memfd_ioctl`)",
            "the code is 6.8's (guest_memfd series); Debian's config reaches it through "
            "KVM_AMD_SEV selecting KVM_GENERIC_PRIVATE_MEM, present in 6.12.117 "
-           "arch/x86/kvm/Kconfig (6.1.176 has no guest_memfd); the release that added the "
-           "select (the SEV-SNP work, 6.9..6.12) was not found; lab amd64 7.3 answers 8",
-           pinned=False),
+           "arch/x86/kvm/Kconfig (6.1.176 has no guest_memfd); the select came with SEV-SNP "
+           "host support in '[GIT PULL] KVM changes for 6.11 merge window' (2024-07-19, "
+           "Michael Roth's patch among the SNP commits): 6.11 on Debian's config "
+           "(CONFIG_KVM_AMD_SEV=y); lab amd64 7.3 answers 8"),
     Change("x86-max-vcpus-debian", "6.12", "Debian amd64 config (CONFIG_KVM_MAX_NR_VCPUS)",
            "Debian: CONFIG_KVM_MAX_NR_VCPUS=4096",
            "KVM_CAP_MAX_VCPUS 4096, KVM_CAP_MAX_VCPU_ID 16384 (`max_vcpus`, `max_vcpu_ids`)",
@@ -275,9 +276,10 @@ CHANGES: dict[str, Change] = {c.key: c for c in (
            "1))`), so the range may end past it (`access_ok_mask`)",
            "6.1.176 / 6.12.117 generic `size <= limit && addr <= limit - size`, 7.2.13 / "
            "7.3-rc7 powerpc's; lab ppc64el 7.2 accepts ua=0x3ffffffff000 size=0x1ff000. The "
-           "patch itself was not found: most likely Christophe Leroy's masked-user-access "
-           "series (2025-12), merged by 'powerpc-7.0-1' (192c0159402e), which would make it "
-           "7.0; 6.13..7.2 remain possible", pinned=False),
+           "patch itself was not found. 'powerpc-7.0-1' (192c0159402e) brought Christophe "
+           "Leroy's uaccess series, but its 'powerpc/uaccess: Implement masked user access' "
+           "(v5 7/7, 861574d51bbd) adds mask_user_address() and leaves __access_ok alone, so "
+           "that merge does not pin it: 6.13..7.2 remain possible", pinned=False),
 )}
 
 

@@ -9,13 +9,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..trace.records import TraceFormatError
-from .common import EXIT_CODES_HELP, EXIT_USAGE, CliError, Command
-
-
-def _commands() -> list[Command]:
-    from . import commands
-
-    return commands.ALL
+from .common import EXIT_CODES_HELP, EXIT_USAGE, CliError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,7 +20,14 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{command}: {message}" if command else message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with ``only`` a command's name, that command's options
+    alone are added (its module alone imported: the others' names stay known, for argparse's
+    choices, without their options or help)."""
+    from . import commands
+
+    if only not in commands.NAMES:
+        only = None
     parser = _Parser(
         prog="memslot",
         description="Model, drive and inspect Linux KVM memory slots.",
@@ -35,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"memslot {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for command in _commands():
+    for name in commands.NAMES:
+        if only is not None and name != only:
+            sub.add_parser(name)
+            continue
+        command = commands.load(name)
         p = sub.add_parser(command.name, help=command.help, description=command.help,
                            epilog=EXIT_CODES_HELP)
         command.configure(p)
@@ -43,10 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_named(args: list[str]) -> str | None:
+    """The subcommand ``args`` names (the first word that is not an option), if any."""
+    for arg in args:
+        if arg == "--":
+            return None
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 mismatch, 2 bad input)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(_command_named(args_list))
     if not args_list:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

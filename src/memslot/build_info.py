@@ -25,6 +25,7 @@ COMPILED_MODULES = (
     "memslot.arch.s390",
     "memslot.trace.jsonl",
     "memslot.trace.lines",
+    "memslot.harness.replay",
     "memslot.request",
 )
 

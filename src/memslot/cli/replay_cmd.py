@@ -200,12 +200,13 @@ def run(args: argparse.Namespace) -> int:
             with render.progress(source.size() or 0, "replaying",
                                  not (args.json or args.json_lines or source.streaming),
                                  unit="bytes") as update:
-                # (the line of the request in progress is needed only to name it when the
-                # kernel-memory budget refuses it: no wrapper otherwise)
-                ops = render.tracked(iter(source) if budget is None
-                                     else _current(iter(source), current),
-                                     lambda: update(source.position()))
-                replayer.replay(ops, handler, tally)
+                # (quiet on the model: the JSON-lines parser itself, its plain requests
+                # replayed without a record; the line of the request in progress is needed
+                # only to name it when the kernel-memory budget refuses it)
+                parser = source.json_lines() if handler is None and budget is None else None
+                ops = (parser if parser is not None else iter(source) if budget is None
+                       else _current(iter(source), current))
+                replayer.replay(ops, handler, tally, lambda: update(source.position()))
         except KernelMemoryLimitError as exc:
             op = current[0]
             die(f"{source.path}:{op.line if op is not None else 0}: {exc}")
@@ -223,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
             print_summary(vms, tally, source.malformed, problems, notice, out.width,
                           source.stopped if source.follow is not None else None)
     finally:
+        source.close()
         replayer.close()
         vm.close()
         if budget is not None:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 
 from ..tools.session import At, ErrorSample
+from ..trace.jsonl import JsonLines
 from ..trace.reader import FORMATS, NO_OPERATIONS_HINT, Follow, TraceReader
 from ..trace.records import TraceFormatError, TraceOp
 from ..trace.strace_ff import ff_group
@@ -97,6 +98,14 @@ class Input:
 
     def __iter__(self) -> Iterator[TraceOp]:
         return iter(self.reader)
+
+    def json_lines(self) -> JsonLines | None:
+        """The JSON-lines parser of the input (``None`` in another format), to read it
+        with instead of iterating (see :meth:`TraceReader.json_lines`)."""
+        return self.reader.json_lines()
+
+    def close(self) -> None:
+        self.reader.close()
 
     @property
     def malformed(self) -> list[str]:

@@ -24,7 +24,7 @@ from ..engine.dirty import dirty_bitmap_bytes
 from ..engine.result import OpResult
 from ..errors import KvmError, errno_name
 from ..request import MemoryRegion
-from ..trace.jsonl import to_object
+from ..trace.jsonl import OPERATION, REQUEST, JsonLines, operations, to_object
 from ..trace.records import (
     CheckExtension,
     ClearDirtyLog,
@@ -119,6 +119,9 @@ class Tally:
 
 StepHandler = Callable[[ReplayStep], None]
 
+#: Operations between two calls of :meth:`Replayer.replay`'s ``progress``.
+PROGRESS_EVERY = 2000
+
 
 #: Size of a guest_memfd created for one a trace names without its creation (the trace does
 #: not say its size; the file is sparse, and the model keeps no memory for it).
@@ -181,30 +184,54 @@ class Replayer:
 
     def replay(
         self,
-        ops: Iterable[TraceOp],
+        ops: Iterable[TraceOp] | JsonLines,
         on_step: StepHandler | None = None,
         tally: Tally | None = None,
+        progress: Callable[[], None] | None = None,
     ) -> Tally:
         """Apply every operation of ``ops`` (a stream: nothing is kept but counts), calling
-        ``on_step`` with each step when given."""
+        ``on_step`` with each step when given and ``progress()`` every
+        :data:`PROGRESS_EVERY` operations. ``ops`` may be a JSON-lines parser: its plain
+        requests then go to the model without a record (nor a step, unless the result
+        differs from the trace's)."""
         tally = tally if tally is not None else Tally()
         model = self.vm if isinstance(self.vm, ModelIntrospection) else None
+        if isinstance(ops, JsonLines):
+            if (model is not None and on_step is None and not self.check
+                    and self.budget is None):
+                return self._replay_lean(ops, model, tally, progress)
+            ops = operations(ops)
         if model is None or on_step is not None or self.check or self.budget is not None:
+            countdown = PROGRESS_EVERY
             for op in ops:
                 step = self.step(op)
                 tally.add(step)
                 if on_step is not None:
                     on_step(step)
+                countdown -= 1
+                if countdown == 0:
+                    countdown = PROGRESS_EVERY
+                    if progress is not None:
+                        progress()
             return tally
-        # The lean loop: a v1 request on the first VM whose result is what the trace recorded
-        # is counted, not kept; anything else goes through step().
+        return self._replay_ops_lean(ops, model, tally, progress)
+
+    def _replay_ops_lean(self, ops: Iterable[TraceOp], model: ModelIntrospection, tally: Tally,
+                         progress: Callable[[], None] | None) -> Tally:
+        """The lean loop over records: a v1 request on the first VM whose result is what the
+        trace recorded is counted, not kept; anything else goes through :meth:`step`."""
         submit = model.submit
-        set_region = SetRegion
         index = self.index
         ok = refused = 0
+        countdown = PROGRESS_EVERY
         try:
             for op in ops:
-                if type(op) is set_region and not op.vm:
+                countdown -= 1
+                if countdown == 0:
+                    countdown = PROGRESS_EVERY
+                    if progress is not None:
+                        progress()
+                if type(op) is SetRegion and not op.vm:
                     region = op.region
                     if region.guest_memfd is None:
                         index += 1
@@ -228,6 +255,53 @@ class Replayer:
                 self.index = index
                 tally.add(self.step(op))
                 index = self.index
+        finally:
+            self.index = index
+            tally.operations += ok + refused
+            tally.ok += ok
+            tally.refused += refused
+        return tally
+
+    def _replay_lean(self, parser: JsonLines, model: ModelIntrospection, tally: Tally,
+                     progress: Callable[[], None] | None) -> Tally:
+        """The lean loop: a plain request whose result is what the trace recorded is counted,
+        not kept; anything else goes through :meth:`step`."""
+        submit = model.submit
+        index = self.index
+        ok = refused = 0
+        countdown = PROGRESS_EVERY
+        try:
+            while True:
+                kind = parser.advance()
+                if kind == REQUEST:
+                    index += 1
+                    try:
+                        result = submit(parser.region)
+                    except (KvmError, Divergence) as exc:
+                        tally.add(_failed(index, parser.operation(kind), exc))
+                    else:
+                        err = result.errno
+                        expect = parser.expect
+                        if expect is None or err == expect:
+                            if err:
+                                refused += 1
+                            else:
+                                ok += 1
+                        else:
+                            step = ReplayStep(index, parser.operation(kind), err, result)
+                            step.problems.append(_differs(expect, err))
+                            tally.add(step)
+                elif kind == OPERATION:
+                    self.index = index
+                    tally.add(self.step(parser.operation(kind)))
+                    index = self.index
+                else:
+                    break
+                countdown -= 1
+                if countdown == 0:
+                    countdown = PROGRESS_EVERY
+                    if progress is not None:
+                        progress()
         finally:
             self.index = index
             tally.operations += ok + refused

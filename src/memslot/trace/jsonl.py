@@ -29,6 +29,7 @@ from typing import Any, Final, Protocol
 from .. import constants
 from ..errors import errno_name, errno_value
 from ..request import MemoryRegion
+from .lines import LineSource
 from .records import (
     CLOSE_HOWS,
     FORK_CALLS,
@@ -256,16 +257,22 @@ def _choice(obj: dict[str, Any], key: str, choices: tuple[str, ...],
     return value
 
 
-try:  # a C parser for the common line (3-4x the standard library's speed, measured in
-    # bench/bench_replay.py); the standard library decides every line orjson refuses, and
-    # words every error. (Imported by name: the mypyc build type-checks this module without
-    # orjson installed.)
-    _fast_loads: Callable[[str | bytes], Any] = importlib.import_module("orjson").loads
-    #: :func:`parse_lines` may be given undecoded lines (orjson parses only UTF-8 bytes).
-    PARSES_BYTES = True
-except ImportError:  # orjson is a dependency; without it the same results, slower
-    _fast_loads = json.loads
-    PARSES_BYTES = False  # json.loads would guess UTF-16/32 bytes
+def _fast_parser() -> Callable[[str | bytes], Any]:
+    """A C parser for the common line (3-4x the standard library's speed, measured in
+    bench/bench_replay.py): orjson's; the standard library decides every line orjson refuses,
+    and words every error. (Imported by name: the mypyc build type-checks this module without
+    orjson installed.)"""
+    try:
+        loads: Callable[[str | bytes], Any] = importlib.import_module("orjson").loads
+    except ImportError:  # orjson is a dependency; without it the same results, slower
+        return json.loads
+    return loads
+
+
+_fast_loads: Final = _fast_parser()
+#: :func:`parse_lines` may be given undecoded lines (orjson parses only UTF-8 bytes; the
+#: standard library would guess UTF-16/32 bytes).
+PARSES_BYTES: Final = _fast_loads is not json.loads
 
 _EXPECT: dict[int | str, int] = {}
 _new_region: Final = tuple.__new__
@@ -291,73 +298,199 @@ def _new_set_region(region: MemoryRegion, expect: int | None, line: int, note: s
     return op
 
 
-def _fast_set(obj: dict[str, Any], line: int) -> SetRegion | None:
-    """The common request line (v1, address space in ``slot``, numbers or ``"0x"`` strings)
-    without the general checks; ``None`` for anything else, which :func:`parse_object` then
-    decides (the result is the same either way)."""
-    try:
-        slot = obj["slot"]
-        flags = obj["flags"]
-        gpa = obj["guest_phys_addr"]
-        size = obj["memory_size"]
-        ua = obj["userspace_addr"]
-    except KeyError:
-        return None
-    try:  # a bad hex string ("0x", "0x0x1") is the general path's to word
-        if isinstance(gpa, str) and (gpa.startswith("0x") or gpa.startswith("0X")):
-            gpa = int(gpa, 16)
-        if isinstance(size, str) and (size.startswith("0x") or size.startswith("0X")):
-            size = int(size, 16)
-        if isinstance(ua, str) and (ua.startswith("0x") or ua.startswith("0X")):
-            ua = int(ua, 16)
-    except ValueError:
-        return None
-    if (
-        type(slot) is not int or type(flags) is not int or type(gpa) is not int
-        or type(size) is not int or type(ua) is not int
-        or not (0 <= slot <= 0xFFFFFFFF and 0 <= flags <= 0xFFFFFFFF and 0 <= gpa <= _U64
-                and 0 <= size <= _U64 and 0 <= ua <= _U64)
-    ):
-        return None
-    expect: int | None = None
-    note = ""
-    extra = len(obj) - 5  # keys besides the five fields: only expect, note and line here
-    if extra:
-        if "expect" in obj:
-            extra -= 1
-            spelling = obj["expect"]
-            if spelling is not None:
-                cached = _EXPECT.get(spelling) if type(spelling) in (int, str) else None
-                if cached is None:
-                    return None
-                expect = cached
-        if "note" in obj:
-            extra -= 1
-            text = obj["note"]  # (Any: a str local would be type-checked as it is assigned)
-            if type(text) is not str or not text.isprintable():
-                return None  # printable() in the general path
-            note = text
-        if "line" in obj:
-            extra -= 1
-            source = obj["line"]
-            if type(source) is not int or not 1 <= source <= 0xFFFFFFFF:
-                return None  # (null included: the general path refuses it)
-            line = source
-        if extra:
-            return None  # another key: the general path says which
-    region = _new_region(MemoryRegion, (slot, flags, gpa, size, ua, 0, None))
-    return _new_set_region(region, expect, line, note)
+#: What :meth:`JsonLines.advance` found: the end of the input, a plain request (v1, VM 0: its
+#: fields in ``region``, ``expect``, ``line``, ``note``), or any other operation (``op``).
+END: Final = 0
+REQUEST: Final = 1
+OPERATION: Final = 2
+
+#: The largest int mypyc holds unboxed: a field below it is compared without a call.
+_SHORT: Final = (1 << 62) - 1
+_U32: Final = 0xFFFFFFFF
+_NO_REGION: Final = MemoryRegion(0, 0, 0, 0, 0)
+_MISSING: Final = object()
 
 
 class _ErrorSink(Protocol):
     def append(self, error: TraceFormatError, /) -> None: ...
 
 
-def _record(errors: _ErrorSink, error: TraceFormatError) -> None:
-    """``errors.append(error)`` through the object's own method: compiled code would call
-    the list's directly, and a caller's list may be a subclass that keeps a bounded sample
-    (``--keep-going``'s ErrorSample)."""
-    errors.append(error)
+class JsonLines:
+    """A JSON-lines trace read one operation at a time: :meth:`advance` reads lines from
+    ``source`` (after the already-read ``head``) until one holds an operation, and says which
+    kind. The common line (a v1 request of VM 0, fields as numbers or ``"0x"`` strings) is
+    taken from its undecoded bytes by a lean path that builds no record: a caller that only
+    needs the request (the replay's lean loop) reads ``region`` and ``expect``, others
+    :meth:`operation`. Every other line goes through the general parser, with the same result.
+
+    Bad lines raise :class:`TraceFormatError` naming the line, or with ``errors`` are recorded
+    there (through the object's own ``append``: a caller's bounded sample) and skipped. Lines
+    that come as ``bytes`` need ``decode`` (the reader's rules: a :class:`BadLine` for what is
+    not text) when they are not the common line."""
+
+    def __init__(
+        self,
+        source: LineSource,
+        path: str = "<input>",
+        errors: _ErrorSink | None = None,
+        decode: Callable[[bytes], str] | None = None,
+        head: list[str] | None = None,
+    ) -> None:
+        self.source = source
+        self.path = path
+        self.errors = errors
+        self.decode = decode
+        self._head: list[str] = head if head is not None else []
+        self._next_head = 0
+        self.number = 0  # lines read
+        self.region = _NO_REGION
+        self.expect: int | None = None
+        self.line = 0
+        self.note = ""
+        self.op: TraceOp | None = None
+
+    def advance(self) -> int:
+        """Read up to the next operation: :data:`REQUEST`, :data:`OPERATION` or :data:`END`."""
+        loads = _fast_loads
+        head = self._head
+        while True:
+            text: str | bytes | None
+            if self._next_head < len(head):
+                text = head[self._next_head]
+                self._next_head += 1
+            else:
+                text = self.source.next_line()
+                if text is None:
+                    return END
+            self.number += 1
+            number = self.number
+            if PARSES_BYTES or type(text) is str:
+                try:  # the lean path: the common request line
+                    obj = loads(text)
+                except ValueError:
+                    pass
+                else:
+                    if type(obj) is dict and self._lean(obj, number):
+                        return REQUEST
+            if type(text) is bytes:
+                decode = self.decode
+                if decode is None:
+                    raise TypeError("JsonLines: bytes lines need decode")
+                text = decode(text)
+            assert isinstance(text, str)
+            if not text or text.isspace():
+                if type(text) is not BadLine:
+                    continue
+                error = TraceFormatError(self.path, number, text.problem)
+                if self.errors is None:
+                    raise error
+                self.errors.append(error)
+                continue
+            try:
+                op = _parse_line(text.strip(), number, self.path)
+            except TraceFormatError as exc:
+                if self.errors is None:
+                    raise
+                self.errors.append(exc)
+                continue
+            self.op = op
+            return OPERATION
+
+    def operation(self, kind: int) -> TraceOp:
+        """The operation :meth:`advance` found (``kind``, what it returned), as a record."""
+        if kind == REQUEST:
+            return _new_set_region(self.region, self.expect, self.line, self.note)
+        op = self.op
+        assert kind == OPERATION and op is not None
+        return op
+
+    def _lean(self, obj: dict[str, Any], number: int) -> bool:
+        """Take ``obj`` as the common request line (v1, address space in ``slot``, numbers or
+        ``"0x"`` strings) without the general checks: ``False`` for anything else, which the
+        general parser then decides (the result is the same either way)."""
+        size = len(obj)
+        if size < 5:
+            return False
+        slot = obj.get("slot")
+        flags = obj.get("flags")
+        gpa = obj.get("guest_phys_addr")
+        length = obj.get("memory_size")
+        ua = obj.get("userspace_addr")
+        try:  # a bad hex string ("0x", "0x0x1") is the general path's to word
+            if type(gpa) is str:
+                if not (gpa.startswith("0x") or gpa.startswith("0X")):
+                    return False
+                gpa = int(gpa, 16)
+            if type(length) is str:
+                if not (length.startswith("0x") or length.startswith("0X")):
+                    return False
+                length = int(length, 16)
+            if type(ua) is str:
+                if not (ua.startswith("0x") or ua.startswith("0X")):
+                    return False
+                ua = int(ua, 16)
+        except ValueError:
+            return False
+        # The region holds the int objects JSON gave (made before the checks below: compiled,
+        # a value checked as an int is held unboxed, and would be boxed again, a new object).
+        fields = (slot, flags, gpa, length, ua, 0, None)
+        if (type(slot) is not int or type(flags) is not int or type(gpa) is not int
+                or type(length) is not int or type(ua) is not int):
+            return False
+        if not (_in_u32(slot) and _in_u32(flags) and _in_u64(gpa) and _in_u64(length)
+                and _in_u64(ua)):
+            return False
+        expect: int | None = None
+        note = ""
+        line = number
+        extra = size - 5  # keys besides the five fields: only expect, note and line here
+        if extra:
+            spelling = obj.get("expect", _MISSING)
+            if spelling is not _MISSING:
+                extra -= 1
+                if spelling is not None:
+                    cached = _EXPECT.get(spelling) if type(spelling) in (int, str) else None
+                    if cached is None:
+                        return False
+                    expect = cached
+            if extra:
+                text = obj.get("note", _MISSING)  # (untyped: a str local would be
+                if text is not _MISSING:             # type-checked as it is assigned)
+                    extra -= 1
+                    if type(text) is not str or not text.isprintable():
+                        return False  # printable() in the general path
+                    note = text
+                source = obj.get("line", _MISSING)
+                if source is not _MISSING:
+                    extra -= 1
+                    if type(source) is not int or not 1 <= source <= 0xFFFFFFFF:
+                        return False  # (null included: the general path refuses it)
+                    line = source
+                if extra:
+                    return False  # another key: the general path says which
+        self.region = _new_region(MemoryRegion, fields)
+        self.expect = expect
+        self.line = line
+        self.note = note
+        return True
+
+
+def _in_u32(value: int) -> bool:
+    return 0 <= value <= _U32
+
+
+def _in_u64(value: int) -> bool:
+    # (a value past _SHORT is boxed: only then the comparison with the 64-bit limit)
+    return value >= 0 and (value <= _SHORT or value <= _U64)
+
+
+def _fast_set(obj: dict[str, Any], line: int) -> SetRegion | None:
+    """The lean path's record of ``obj`` (read as line ``line``), or ``None`` when it leaves
+    the line to the general parser."""
+    lean = JsonLines(LineSource())
+    if not lean._lean(obj, line):
+        return None
+    return _new_set_region(lean.region, lean.expect, lean.line, lean.note)
 
 
 def parse_lines(
@@ -373,40 +506,16 @@ def parse_lines(
     rules: a :class:`BadLine` for what is not text). The common line is then parsed from its
     bytes, undecoded (orjson refuses whatever is not UTF-8 or holds a NUL, so such a line
     goes through ``decode`` and fails the same way); any other line is decoded first."""
-    loads = _fast_loads
-    fast_set = _fast_set
-    for number, text in enumerate(lines, 1):
-        try:  # the lean path: the common request line
-            obj = loads(text)
-        except ValueError:
-            pass
-        else:
-            if type(obj) is dict:
-                fast = fast_set(obj, number)
-                if fast is not None:
-                    yield fast
-                    continue
-        if type(text) is bytes:
-            if decode is None:
-                raise TypeError("parse_lines: bytes lines need decode")
-            text = decode(text)
-        assert isinstance(text, str)
-        if not text or text.isspace():
-            if type(text) is not BadLine:
-                continue
-            error = TraceFormatError(path, number, text.problem)
-            if errors is None:
-                raise error
-            _record(errors, error)
-            continue
-        try:
-            op = _parse_line(text.strip(), number, path)
-        except TraceFormatError as exc:
-            if errors is None:
-                raise
-            _record(errors, exc)
-            continue
-        yield op
+    return operations(JsonLines(LineSource(lines=iter(lines)), path, errors, decode))
+
+
+def operations(parser: JsonLines) -> Iterator[TraceOp]:
+    """Every operation ``parser`` reads, as records."""
+    while True:
+        kind = parser.advance()
+        if kind == END:
+            return
+        yield parser.operation(kind)
 
 
 def _parse_line(text: str, number: int, path: str) -> TraceOp:

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .jsonl import PARSES_BYTES, parse_lines
-from .lines import MAX_LINE, TOO_LONG, Counter, bounded
+from .jsonl import PARSES_BYTES, JsonLines, operations
+from .lines import MAX_LINE, TOO_LONG, Counter, LineSource
 from .records import BadLine, TraceFormatError, TraceOp
 from .strace_ff import MergedLog, ff_files
 
@@ -59,7 +59,7 @@ def _open_binary(path: str) -> BinaryIO:
         raise TraceFormatError(path, 0, exc.strerror or str(exc)) from None
 
 
-def _followed(stream: BinaryIO, path: str, follow: Follow, counter: Counter) -> Iterator[bytes]:
+def _followed(stream: BinaryIO, path: str, follow: Follow) -> Iterator[bytes]:
     """Lines of a file that keeps growing: at the end, wait for more. A partial last line is
     held until its newline arrives (or the follow ends)."""
     pending = b""
@@ -77,7 +77,6 @@ def _followed(stream: BinaryIO, path: str, follow: Follow, counter: Counter) -> 
                             if not rest or rest.endswith(b"\n"):
                                 break
                     pending = TOO_LONG
-                counter.n += 1
                 yield pending
                 pending = b""
                 quiet_since = time.monotonic()
@@ -88,7 +87,6 @@ def _followed(stream: BinaryIO, path: str, follow: Follow, counter: Counter) -> 
             reason = f"no new line for {follow.timeout:g} s"
         if reason is not None:
             if pending:
-                counter.n += 1
                 yield pending
             if follow.on_stop is not None:
                 follow.on_stop(reason)
@@ -175,7 +173,6 @@ class TraceReader:
         #: What the input could not tell (one line each, e.g. the strace options that leave
         #: calls out), known once it has been read.
         self.notes: list[str] = []
-        self._count = Counter()
         self._merged: MergedLog | None = None
         files = ff or (ff_files(path) if follow is None and path != "-"
                        and not os.path.lexists(path) else [])
@@ -184,22 +181,26 @@ class TraceReader:
                 self._merged = MergedLog(files, self.notes)
             except OSError as exc:
                 raise TraceFormatError(path, 0, exc.strerror or str(exc)) from None
-            self._raw = self._merged.lines(self._count)
+            self._source = LineSource(lines=self._merged.lines(Counter()))
         else:
             self._stream = _open_binary(path)
-            self._raw = (_followed(self._stream, path, follow, self._count)
-                         if follow is not None and path != "-"
-                         else bounded(self._stream, self._count))
-        self._text = (self._decode(line) for line in self._raw)
+            self._source = (LineSource(lines=_followed(self._stream, path, follow))
+                            if follow is not None and path != "-" else LineSource(self._stream))
+        self._text = (self._decode(line) for line in self._source)
+        self._head: list[str] = []
+        self._sniffed = False
 
     @property
     def lines(self) -> int:
         """Lines read so far."""
-        return self._count.n
+        return self._source.n
 
-    def _decode(self, line: bytes) -> str:
+    def _decode(self, line: str | bytes) -> str:
         """A line as text (a UTF-8 BOM at the start of the input dropped); a line that is not
         text becomes a :class:`BadLine` for the parser to report with its number."""
+        if type(line) is str:  # (already text)
+            return line
+        assert isinstance(line, bytes)
         if line is TOO_LONG:
             return BadLine(f"line longer than {MAX_LINE} characters")
         if b"\0" in line:
@@ -208,33 +209,48 @@ class TraceReader:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             return BadLine("not UTF-8 text")
-        if self._count.n == 1 and text.startswith(_BOM):
+        if self._source.n == 1 and text.startswith(_BOM):
             text = text[1:]
         return text
 
-    def _jsonl_lines(self) -> Iterator[str] | Iterator[bytes]:
-        """The lines still to read, for the JSON-lines parser: undecoded where it parses
-        bytes (it decodes, with :meth:`_decode`, the lines it does not take as they are)."""
-        return self._raw if PARSES_BYTES else self._text
+    def _sniff(self) -> None:
+        """Decide the format (``auto``): read until a line decides (QEMU may print other things
+        first); the lines read are kept, for the parser to start with."""
+        if self._sniffed:
+            return
+        self._sniffed = True
+        if self.format != "auto":
+            return
+        head = self._head
+        for line in self._text:
+            head.append(line)
+            fmt = None if type(line) is BadLine else sniff_line(line)
+            if fmt is not None or len(head) >= SNIFF_LINES:
+                break
+        self.format = sniff_format(head)
+        if self.format == "none" and len(head) >= SNIFF_LINES:
+            self.format = "qemu"  # a long log without an event so far: keep reading
+
+    def json_lines(self) -> JsonLines | None:
+        """For a JSON-lines trace, its parser (the format decided first), to read the
+        operations one at a time with :meth:`JsonLines.advance` instead of iterating this
+        reader; ``None`` for any other format. The caller closes the reader."""
+        self._sniff()
+        if self.format != "jsonl":
+            return None
+        # (the lines undecoded where the parser takes bytes: it decodes, with _decode, the
+        # lines it does not take as they are)
+        source = self._source if PARSES_BYTES else LineSource(lines=self._text)
+        return JsonLines(source, self.path, self.errors, self._decode, self._head)
 
     def __iter__(self) -> Iterator[TraceOp]:
         try:
-            head: list[str] = []
-            if self.format == "auto":
-                # Read until a line decides (QEMU may print other things first).
-                for line in self._text:
-                    head.append(line)
-                    fmt = None if type(line) is BadLine else sniff_line(line)
-                    if fmt is not None or len(head) >= SNIFF_LINES:
-                        break
-                self.format = sniff_format(head)
-                if self.format == "none" and len(head) >= SNIFF_LINES:
-                    self.format = "qemu"  # a long log without an event so far: keep reading
-            if self.format == "jsonl":  # reports a BadLine itself
-                yield from parse_lines(itertools.chain(head, self._jsonl_lines()), self.path,
-                                       self.errors, self._decode)
+            parser = self.json_lines()
+            if parser is not None:  # reports a BadLine itself
+                yield from operations(parser)
                 return
-            lines = _checked_lines(itertools.chain(head, self._text), self.path, self.errors)
+            lines = _checked_lines(itertools.chain(self._head, self._text), self.path,
+                                   self.errors)
             if self.format == "strace":
                 from .strace import parse_strace
 

@@ -10,11 +10,15 @@ from memslot import constants
 
 
 def test_public_names_are_all_declared() -> None:
+    """Those loaded and those loaded on first use (``dir()``) alike."""
     public = {
-        name for name, value in vars(memslot).items()
-        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+        name for name in dir(memslot)
+        if not name.startswith("_") and not isinstance(getattr(memslot, name), types.ModuleType)
     }
     assert public == set(memslot.__all__)
+    loaded = {name for name, value in vars(memslot).items()
+              if not name.startswith("_") and not isinstance(value, types.ModuleType)}
+    assert loaded <= public
 
 
 def test_constants_export_only_kernel_names_and_helpers() -> None:

@@ -8,12 +8,12 @@ backend that answers the same calls, guest memory for Python VMMs, and trace too
 512
 """
 
-from typing import TYPE_CHECKING
+import typing as _typing
 
 from . import constants as _constants
 from .constants import *  # noqa: F403  (kernel names are the public names)
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from .backends.base import (
         KVM_HVA_ERR_BAD,
         KVM_HVA_ERR_RO_BAD,
@@ -76,7 +76,7 @@ _LAZY: dict[str, str] = {
     "MemoryRegion": "request",
 }
 
-if not TYPE_CHECKING:  # (to a type checker every public name is imported above)
+if not _typing.TYPE_CHECKING:  # (to a type checker every public name is imported above)
 
     def __getattr__(name: str) -> object:
         module = _LAZY.get(name)

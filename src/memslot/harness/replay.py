@@ -195,7 +195,7 @@ class Replayer:
         requests then go to the model without a record (nor a step, unless the result
         differs from the trace's)."""
         tally = tally if tally is not None else Tally()
-        model = self.vm if isinstance(self.vm, ModelIntrospection) else None
+        model = _introspection(self.vm)
         if isinstance(ops, JsonLines):
             if (model is not None and on_step is None and not self.check
                     and self.budget is None):
@@ -318,8 +318,8 @@ class Replayer:
         if isinstance(op, SetRegion):
             region = op.region if op.region.guest_memfd is None else self._gmem_for(op, vm)
             cost = self.budget.admit(region) if self.budget is not None else 0  # may raise
-            if isinstance(vm, ModelIntrospection):
-                model = vm
+            model = _introspection(vm)
+            if model is not None:
                 step = self._call(index, op, lambda: model.submit(region))
             else:
                 step = self._call(index, op, lambda: vm.apply(region))
@@ -363,9 +363,10 @@ class Replayer:
                 self._gmem[(op.vm, op.fd)] = step.value
             return step
         if isinstance(op, MarkDirty):
-            if not isinstance(vm, FaultInjection):
+            injector = _injection(vm)
+            if injector is None:
                 return ReplayStep(index, op, None, message="guest writes need the model")
-            return self._call(index, op, lambda: vm.mark_page_dirty(op.gfn, op.as_id))
+            return self._call(index, op, lambda: injector.mark_page_dirty(op.gfn, op.as_id))
         return self._lifetime(index, op, vm)
 
     def _lifetime(self, index: int, op: TraceOp, vm: VM) -> ReplayStep:
@@ -437,9 +438,16 @@ def _readable_pages(vm: VM, op: ClearDirtyLog) -> int:
     return min(op.num_pages, slot.npages - op.first_page)
 
 
-def _introspection(vm: VM | None) -> ModelIntrospection | None:
+# (``object`` parameters: compiled, a VM narrowed by isinstance() to a protocol became a type
+# mypyc checks as None, and the model was refused with a TypeError)
+def _introspection(vm: object) -> ModelIntrospection | None:
     """The model's introspection of ``vm``, when it has one."""
     return vm if isinstance(vm, ModelIntrospection) else None
+
+
+def _injection(vm: object) -> FaultInjection | None:
+    """``vm``'s fault injection (guest writes), when it has one."""
+    return vm if isinstance(vm, FaultInjection) else None
 
 
 def _failed(index: int, op: TraceOp, exc: KvmError | Divergence) -> ReplayStep:

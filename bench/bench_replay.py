@@ -13,30 +13,45 @@ is a fresh ``python -m memslot replay`` process (``-q``, ``--json-lines``, ``--j
 output to /dev/null, timed from start to exit in wall time and in CPU time (user + system: the
 figure that holds on a machine shared with other work); the peak RSS is that process's
 ``ru_maxrss``. A tenth of the trace is replayed too: the difference between the two is the
-rate past the start-up (about 0.3 s of CPU for imports, numpy's the most), and their peak RSS shows
-whether memory grows with the trace. Last, the model alone: ``ModelVM.submit`` of the parsed
-requests in this process, for the share of parsing and the replay loop. Run it on an installed
-memslot (``pip install .``) so that the model is the mypyc-compiled build.
+rate past the start-up, the tenth less its requests at that rate the start-up (imports:
+numpy's about half), and their peak RSS shows whether memory grows with the trace. Last, the
+model alone: ``ModelVM.submit`` of the parsed requests in this process, for the share of
+parsing and the replay loop. Run it on an installed memslot (``pip install .``) so that the
+model is the mypyc-compiled build.
 
-Measured 2026-11-29 on this project's 2-CPU machine, shared (load average 2-4), medians of 3
-runs, two alternating sessions each; CPU figures are the ones that hold under load:
+Measured 2026-11-29 on this project's 2-CPU machine, shared (load average 4-7: CPU figures
+swing by 20 %, wall figures more), medians of 3 runs, two alternating sessions each:
 
     python3 -m venv /tmp/v && /tmp/v/bin/pip install .
     /tmp/v/bin/python bench/bench_replay.py --modes=-q
 
-                                 main at 9cc50f3 (before)    3d54982 (after)
-    end to end, per CPU second   37,000 / 40,000             58,000 / 60,000
-    past start-up, per CPU s.    41,000 / 43,000             62,000 / 67,000
-    per request past start-up    24.4 / 23.3 us              16.0 / 15.0 us
-    the model alone (submit)     7.7 / 9.8 us                7.7 / 7.9 us
-    peak RSS, 200,000 / 20,000   41 / 41 MiB                 42 / 42 MiB
+                                 main at e7bc6c2 (before)    this round (after)
+    end to end, per CPU second   68,000 / 85,000             89,000 / 101,000
+    end to end, wall             49,000 / 38,000             42,000 / 46,000
+    past start-up, per CPU s.    73,000 / 103,000            105,000 / 113,000
+    per request past start-up    13.6 / 9.7 us               9.5 / 8.8 us
+    the model alone (submit)     5.8 / 6.9 us                6.1 / 6.0 us
+    start-up (100 requests)      0.39 s CPU                  0.26 s CPU
+    peak RSS, 200,000 / 20,000   42 / 42 MiB                 32 / 32 MiB
 
-(Wall figures swing with the other work: 37k-42k before, 46k-58k after.) Instructions per
-request (callgrind, deterministic): about 84,000 end to end before, 56,000 after; the engine's
-``set_memory_region`` 42,000 before, about 36,000 after. The goal of 100,000 requests per second is
-not reached: start-up is about 0.3 s of CPU (numpy's import the largest part), and past it a
-request still costs about twice the model's own time (parse, the SetRegion record, the replay
-loop, the generator layers of the reader and the CLI).
+The same two builds in one alternating run (``replay -q`` of the 200,000 requests, 5 runs
+each): 2.58 s of CPU before, 1.95 s after (77,000 and 103,000 requests per CPU second); of the
+100-request trace, 9 runs each: 0.39 s and 0.26 s. Deterministic, with callgrind (``valgrind
+--tool=callgrind python -m memslot replay -q``, 20,000 requests less 100): about 57,200
+instructions per request before, 47,100 after, of which ``ModelVM.submit`` about 32,900
+(the engine's ``set_memory_region`` 27,500): past the model, parsing and the loop cost 14,000,
+about 24,000 before. Start-up, the whole replay of 100 requests: 898 million instructions
+before, 629 million after. What changed: the quiet replay runs as one compiled loop (the
+JSON-lines parser's ``advance()`` and the replay, no generator layers, no record per plain
+request, ints not boxed twice) and the command line imports only what ``replay`` uses.
+
+Still short of the goal's 2 us past the model and 0.12 s of start-up: orjson's ``loads``
+(about 5,400 instructions a line) and three ``int(text, 16)`` are most of what remains of
+parsing; of the start-up, numpy's import is about 340 million instructions (the engine's
+dirty bitmaps import it at module level, ``engine/dirty.py`` and ``engine/dirty_log.py``),
+the thirteen frozen dataclasses of ``trace/records.py`` about 60 million, orjson's import
+about 90 million. (Before this round: main at 9cc50f3 37,000-40,000 per CPU second, 3d54982
+58,000-60,000.)
 """
 
 from __future__ import annotations
@@ -166,8 +181,10 @@ def main() -> None:
             print(f"{'':20} past start-up {extra / max(wall - s_wall, 1e-9):>9,.0f} "
                   f"requests/s wall, {extra / max(cpu - s_cpu, 1e-9):>9,.0f} per CPU second "
                   f"(the {extra:,} requests between {small_n:,} and {args.requests:,})")
-            print(f"{'':20} peak RSS {rss / 1024:.0f} MiB ({s_rss / 1024:.0f} MiB for "
-                  f"{small_n:,} requests); medians of {args.runs} runs")
+            startup = s_cpu - small_n * (cpu - s_cpu) / extra
+            print(f"{'':20} start-up {startup:.2f} s CPU; peak RSS {rss / 1024:.0f} MiB "
+                  f"({s_rss / 1024:.0f} MiB for {small_n:,} requests); medians of {args.runs} "
+                  "runs")
             per_request.append(f"{mode} {(cpu - s_cpu) / extra * 1e6:.1f} us")
         # Last: the parsed trace held in this process would count in the peak RSS of the
         # replays forked after it.

@@ -127,6 +127,21 @@ def test_every_command_detects_the_log(tmp_path: Path,
     capsys.readouterr()
 
 
+def test_strace_writing_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No ``-o``: ``strace -f VMM 2> LOG``. The first process's lines have no pid until it
+    has company, then ``[pid N]``; a line broken before its result (``clone3(...`` then
+    `` => {parent_tid=[N]}, 88) = N``) is continued by the next."""
+    assert STRACE is not None
+    log = tmp_path / "stderr.strace"
+    with open(log, "w") as f:
+        done = subprocess.run([STRACE, "-f", sys.executable, str(VMM)], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=f, timeout=120)
+    assert done.returncode == 0
+    text = log.read_text()
+    assert text.startswith("execve(") and "\n[pid " in text
+    assert_whole(replay(capsys, log))
+
+
 def test_no_timestamps_without_f_read_the_main_thread(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -383,6 +398,29 @@ def test_rare_results() -> None:
     ops = parse(text)
     unknown = SetRegion(MemoryRegion(0, 1, 0x100000, 1 << 20, 0x7F0000000000), None, 4)
     assert ops == [*EXPECTED, unknown]
+
+
+def test_a_call_line_broken_before_its_result() -> None:
+    """Continued by the next line when that is no call of its own; else named."""
+    clone = ("9 clone3({flags=CLONE_VM|CLONE_FILES|CLONE_THREAD, exit_signal=0, stack=0x7f00, "
+             "stack_size=0x7fff00}\n")
+    text = ("9 ioctl(3, KVM_CREATE_VM, 0) = 4\n"
+            + clone.replace("}\n", "}/usr/bin/strace: Process 10 attached\n")
+            + " => {parent_tid=[10]}, 88) = 10\n"
+            "9 clone(child_stack=NULL, flags=CLONE_CHILD_CLEARTID|SIGCHLD\n"
+            ", child_tidptr=0x7f837160ae50) = 11\n"
+            f"10 ioctl(4, KVM_SET_USER_MEMORY_REGION, {REGION}) = 0\n"
+            "11 ioctl(4, KVM_CREATE_VM, 0) = -1 ENOTTY (Inappropriate ioctl for device)\n")
+    moved = SetRegion(MemoryRegion(0, 1, 0x100000, 1 << 20, 0x7F0000000000), 0, 6)
+    assert parse(text) == [EXPECTED[0], moved]
+    errors: list[TraceFormatError] = []
+    broken = "9 ioctl(3, KVM_CREATE_VM, 0) = 4\n" + clone + "9 close(4) = 0\n"
+    assert list(parse_strace(broken.splitlines(keepends=True), "t.strace", errors)) == \
+        EXPECTED[:1]
+    assert [str(e) for e in errors] == ["t.strace:2: clone3: truncated or malformed call (no "
+                                        "') = result')"]
+    with pytest.raises(TraceFormatError, match=r"t.strace:2: clone3: truncated"):
+        parse("9 ioctl(3, KVM_CREATE_VM, 0) = 4\n" + clone)
 
 
 def test_a_pointer_only_region_names_the_cause() -> None:

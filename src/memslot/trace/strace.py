@@ -131,6 +131,8 @@ _EXIT = re.compile(r"\+\+\+ (?:exited with -?\d+|killed by SIG\w+(?: \(core dump
 _DUMP = re.compile(r" \| (?P<offset>[0-9a-f]{5,8})  (?P<hex>[0-9a-f ]{1,49}?)\s{2,}.{0,16} \|$")
 _MISSED = re.compile(r" \| memslot record: (?P<why>.+)$")
 _UNFINISHED = " <unfinished ...>"
+#: strace's own notes on stderr, which may land inside a call's line (no ``-o``, no ``-q``).
+_NOTE = re.compile(r"(?:\S*strace: Process \d+ (?:attached|detached|suspended)\s*)+$")
 #: A result: the value (``-y`` may name the fd it is), the errno and its text, strace's
 #: ``(DELAYED)``-style notes, ``<unavailable>`` (strace could not fetch it) and ``-T``'s time.
 _RET = re.compile(
@@ -230,6 +232,13 @@ class CallReader:
     halves per thread. ``feed`` returns the call a line completes (or ``None``). Only the
     calls that matter here (:data:`_INTERESTING`) are returned; the others cost a name lookup.
 
+    A call whose line ends before its result is continued by the next line when that one is
+    no call of its own (strace writing to stderr breaks ``clone3({...}`` before
+    `` => {parent_tid=[N]}, 88) = N``, and ``clone(..., flags=...|SIGCHLD`` before
+    ``, child_tidptr=...) = N``, putting its own ``strace: Process N attached`` between,
+    which is dropped); otherwise it is malformed, and its line number and
+    cause are put in ``broken`` for the caller to report.
+
     ``results`` counts the results of those calls: ``[succeeded, failed]`` (what tells a log
     of failed calls only, or of successful ones only, from a whole one); ``truncated`` is the
     number of a last line cut short (no newline: strace was killed while writing it)."""
@@ -239,9 +248,21 @@ class CallReader:
         self.exited: list[int] = []
         self.results = [0, 0]
         self.truncated = 0
+        self.partial: tuple[int, str, int] | None = None  # a call line without its result
+        self.broken: list[tuple[int, str]] = []
 
     def feed(self, line: str, number: int) -> Call | None:
         text = line.rstrip("\r\n")
+        if "strace: Process " in text:  # strace's own note, written into a call's line
+            text = _NOTE.sub("", text)
+        if self.partial is not None:
+            tid, body, start = self.partial
+            self.partial = None
+            rest = split_prefix(text)[1]
+            if (rest and rest[:1] not in ("<", "+", "-", "|", ">") and _CALL.match(rest) is None
+                    and not text.startswith((" | ", " > "))):
+                return self._complete(tid, body + text, start, line)
+            self._broken(body, start)
         tid, body = split_prefix(text)
         first = body[:1]
         if first == "+":
@@ -260,6 +281,9 @@ class CallReader:
             if start is None or start[0] != resumed.group("name"):
                 return None  # begun before the log did (an attach), or not one of ours
             body = f"{start[0]}({start[1]}{resumed.group('rest')}"
+        return self._complete(tid, body, number, line)
+
+    def _complete(self, tid: int, body: str, number: int, line: str) -> Call | None:
         m = _CALL.match(body)
         if m is None:
             return None
@@ -273,8 +297,9 @@ class CallReader:
         if split is None:
             if not line.endswith("\n"):  # the last line, cut short
                 self.truncated = number
-                return None
-            raise LineError(f"{name}: truncated or malformed call (no ') = result')")
+            else:  # continued by the next line, or malformed
+                self.partial = (tid, body, number)
+            return None
         head, ret = split
         call = Call(tid, name, head[len(name) + 1:], ret, number)
         if ret[:1] == "-" and " E" in ret:
@@ -282,6 +307,16 @@ class CallReader:
         elif ret[:1] != "?":
             self.results[0] += 1
         return call
+
+    def _broken(self, body: str, number: int) -> None:
+        name = body.split("(", 1)[0]
+        self.broken.append((number, f"{name}: truncated or malformed call (no ') = result')"))
+
+    def end(self) -> None:
+        """The input ended: a call line still waiting for its continuation is malformed."""
+        if self.partial is not None:
+            self._broken(self.partial[1], self.partial[2])
+            self.partial = None
 
     def unfinished(self) -> list[tuple[int, str, str, int]]:
         """Calls begun but never resumed: ``(tid, name, args, line)``."""
@@ -858,6 +893,13 @@ def parse_strace(
                 raise error from None
             errors.append(error)
             continue
+        if reader.broken:
+            for at, message in reader.broken:
+                error = TraceFormatError(path, at, message)
+                if errors is None:
+                    raise error
+                errors.append(error)
+            reader.broken.clear()
         if call is not None:
             held = call
         if reader.exited:
@@ -869,6 +911,12 @@ def parse_strace(
             reader.exited.clear()
     if held is not None:
         yield from finish(held)
+    reader.end()
+    for at, message in reader.broken:
+        error = TraceFormatError(path, at, message)
+        if errors is None:
+            raise error
+        errors.append(error)
     for tid, name, args, line_number in reader.unfinished():
         if name == "ioctl":  # the log ends inside the call: its result is unknown
             yield from finish(Call(tid, name, args, "?", line_number))

@@ -256,13 +256,13 @@ class CallReader:
         if "strace: Process " in text:  # strace's own note, written into a call's line
             text = _NOTE.sub("", text)
         if self.partial is not None:
-            tid, body, start = self.partial
+            tid, body, begun = self.partial
             self.partial = None
             rest = split_prefix(text)[1]
             if (rest and rest[:1] not in ("<", "+", "-", "|", ">") and _CALL.match(rest) is None
                     and not text.startswith((" | ", " > "))):
-                return self._complete(tid, body + text, start, line)
-            self._broken(body, start)
+                return self._complete(tid, body + text, begun, line)
+            self._broken(body, begun)
         tid, body = split_prefix(text)
         first = body[:1]
         if first == "+":

@@ -19,10 +19,17 @@ from pathlib import Path
 import pytest
 
 from memslot.cli.main import main
+from memslot.constants import KVM_CAP_NR_MEMSLOTS
 from memslot.request import MemoryRegion
 from memslot.trace.qemu import parse_qemu_trace
 from memslot.trace.reader import TraceReader, read_trace
-from memslot.trace.records import CreateVm, SetRegion, TraceFormatError, TraceOp
+from memslot.trace.records import (
+    CheckExtension,
+    CreateVm,
+    SetRegion,
+    TraceFormatError,
+    TraceOp,
+)
 from memslot.trace.strace import parse_strace
 
 STRACE = shutil.which("strace")
@@ -78,6 +85,7 @@ WHOLE = [
     ["-f", "-X", "verbose"],
     ["-f", "-v"],
     ["-f", "-s", "4"],
+    ["-f", "-xx"],
     ["-f", "-n"],
     ["-f", "--decode-pids=comm"],
     ["-f", "-e", "trace=%desc"],
@@ -428,6 +436,13 @@ def test_a_pointer_only_region_names_the_cause() -> None:
                        r"log has only the struct's address \('0x7ffd1234'\): strace -e "
                        r"raw=ioctl"):
         parse("9 ioctl(0x3, 0xae01, 0) = 4\n9 ioctl(0x4, 0x4020ae46, 0x7ffd1234) = 0\n")
+
+
+def test_hex_strings_name_dev_kvm() -> None:
+    """``-xx``: the path in hex (a system KVM_CHECK_EXTENSION is kept only on /dev/kvm)."""
+    text = ('9 openat(AT_FDCWD, "\\x2f\\x64\\x65\\x76\\x2f\\x6b\\x76\\x6d", O_RDWR) = 3\n'
+            "9 ioctl(3, KVM_CHECK_EXTENSION, KVM_CAP_NR_MEMSLOTS) = 32764\n")
+    assert parse(text) == [CheckExtension(KVM_CAP_NR_MEMSLOTS, 32764, True, 0, 2)]
 
 
 def test_a_vm_descriptor_reused_by_dev_kvm_without_close_lines() -> None:

@@ -646,6 +646,8 @@ class StraceParser:
         table = self.table(call.tid)
         paths = [a for a in args if a.startswith('"')]
         path = paths[0].strip('"') if paths else ""
+        if "\\x" in path:  # -x / -xx: "\x2f\x64\x65\x76..."
+            path = re.sub(r"\\x([0-9a-f]{2})", lambda m: chr(int(m.group(1), 16)), path)
         if path == _KVM_PATH:
             flags_text = args[2] if call.name == "openat" and len(args) > 2 else (
                 args[1] if len(args) > 1 else "0")

@@ -17,8 +17,9 @@ from .trace_input import Input, add_input_options
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    add_input_options(p, file_help="trace: a QEMU -trace kvm_set_user_memory log or JSON lines "
-                                   "('-' for standard input, converted as lines arrive)")
+    add_input_options(p, file_help="trace: a QEMU -trace kvm_set_user_memory log, an strace log "
+                                   "or JSON lines ('-' for standard input, converted as lines "
+                                   "arrive)")
     p.add_argument("-o", "--output", metavar="OUT",
                    help="write the JSON lines to OUT (written whole, only when every line was "
                         "read; default stdout)")

@@ -409,5 +409,5 @@ def _summary(
     return out
 
 
-COMMAND = Command("replay", "replay a memslot trace (JSON lines or QEMU trace) and compare "
+COMMAND = Command("replay", "replay a memslot trace (JSON lines, QEMU or strace log) and compare "
                   "each result with the recorded one", configure, run)

@@ -25,8 +25,9 @@ def add_input_options(p: argparse.ArgumentParser, follow: bool = False,
                       file_help: str | None = None, optional: bool = False) -> None:
     """FILE, ``--format``, ``--keep-going`` and (``follow``) ``--follow``."""
     p.add_argument("file", metavar="FILE", nargs="?" if optional or follow else None,
-                   help=file_help or "trace: memslot JSON lines or a QEMU kvm_set_user_memory "
-                   "log ('-' for standard input, read as lines arrive)")
+                   help=file_help or "trace: memslot JSON lines, a QEMU kvm_set_user_memory "
+                   "log or an strace log (strace -ff -o PREFIX: PREFIX, or its PREFIX.* files; "
+                   "'-' for standard input, read as lines arrive)")
     # a shell's PREFIX.* of strace -ff -o PREFIX: read together (nothing else is accepted)
     p.add_argument("more_files", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--format", choices=FORMATS, default="auto",

@@ -234,10 +234,10 @@ class CallReader:
 
     A call whose line ends before its result is continued by the next line when that one is
     no call of its own (strace writing to stderr breaks ``clone3({...}`` before
-    `` => {parent_tid=[N]}, 88) = N``, and ``clone(..., flags=...|SIGCHLD`` before
-    ``, child_tidptr=...) = N``, putting its own ``strace: Process N attached`` between,
-    which is dropped); otherwise it is malformed, and its line number and
-    cause are put in ``broken`` for the caller to report.
+    `` => {parent_tid=[N]}, 88) = N`` or `` <unfinished ...>``, and
+    ``clone(..., flags=...|SIGCHLD`` before ``, child_tidptr=...) = N``, putting its own
+    ``strace: Process N attached`` between, which is dropped); otherwise it is malformed, and
+    its line number and cause are put in ``broken`` for the caller to report.
 
     ``results`` counts the results of those calls: ``[succeeded, failed]`` (what tells a log
     of failed calls only, or of successful ones only, from a whole one); ``truncated`` is the
@@ -259,8 +259,8 @@ class CallReader:
             tid, body, begun = self.partial
             self.partial = None
             rest = split_prefix(text)[1]
-            if (rest and rest[:1] not in ("<", "+", "-", "|", ">") and _CALL.match(rest) is None
-                    and not text.startswith((" | ", " > "))):
+            if (rest and (rest[:1] not in ("<", "+", "-", "|", ">") or rest == _UNFINISHED[1:])
+                    and _CALL.match(rest) is None and not text.startswith((" | ", " > "))):
                 return self._complete(tid, body + text, begun, line)
             self._broken(body, begun)
         tid, body = split_prefix(text)

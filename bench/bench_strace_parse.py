@@ -14,18 +14,19 @@ strace output options the lines are written with (``-t``/``-tt``/``-ttt``/``-r``
 in this process; the figure is CPU time (process time), the median of the runs.
 
 Measured 2026-11-29 on this project's 2-CPU machine, shared (the full test suite ran beside
-it: figures swing), pure Python, 200,000 lines, medians of 3, the old reader run from main's
-sources (``PYTHONPATH=/tmp/before/src``) alternating with the new one in the same session:
+it), pure Python, 200,000 lines, medians of 3 runs, two rounds, the old reader run from main's
+sources before this work (``PYTHONPATH=/tmp/before/src``, a ``git archive`` of e7bc6c2)
+alternating with the new one in the same session:
 
     python bench/bench_strace_parse.py --options="-f" --lines 200000
     python bench/bench_strace_parse.py --options="-f -tt -T -y" --lines 200000
 
-                          main at e7bc6c2 (before)    after (this reader)
-    -f                    91,000 / 81,000 lines/s     140,000 / 167,000 lines/s
-    -f -tt -T -y          76,000 / 63,000 lines/s      88,000 / 121,000 lines/s
+                          main at e7bc6c2 (before)    after
+    -f                    94,000 / 92,000 lines/s     151,000 / 165,000 lines/s  (1.6-1.8x)
+    -f -tt -T -y          70,000 / 77,000 lines/s     154,000 / 156,000 lines/s  (2.0-2.2x)
+    -f -ttt -n -i --decode-pids=comm   (read no call)  147,000 lines/s
 
-(The old reader read no call at all of ``-i``, ``-n`` or ``--decode-pids=comm`` logs.) What
-changed: a call that is not one of the few read is dropped after its name, before its result is
+What changed: a call that is not one of the few read is dropped after its name, before its result is
 split out, and arguments are split by visiting only the characters that matter.
 """
 

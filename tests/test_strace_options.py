@@ -416,13 +416,14 @@ def test_a_call_line_broken_before_its_result() -> None:
             + clone.replace("}\n", "}/usr/bin/strace: Process 10 attached\n")
             + " => {parent_tid=[10]}, 88) = 10\n"
             "9 clone(child_stack=NULL, flags=CLONE_CHILD_CLEARTID|SIGCHLD\n"
+            "strace: Process 11 attached\n"
             ", child_tidptr=0x7f837160ae50) = 11\n"
             + clone + " <unfinished ...>\n"
             "12 rseq(0x7fea3ee2cfe0, 0x20, 0, 0x53053053) = 0\n"
             "9 <... clone3 resumed> => {parent_tid=[12]}, 88) = 12\n"
             f"10 ioctl(4, KVM_SET_USER_MEMORY_REGION, {REGION}) = 0\n"
             "11 ioctl(4, KVM_CREATE_VM, 0) = -1 ENOTTY (Inappropriate ioctl for device)\n")
-    moved = SetRegion(MemoryRegion(0, 1, 0x100000, 1 << 20, 0x7F0000000000), 0, 10)
+    moved = SetRegion(MemoryRegion(0, 1, 0x100000, 1 << 20, 0x7F0000000000), 0, 11)
     assert parse(text) == [EXPECTED[0], moved]
     errors: list[TraceFormatError] = []
     broken = "9 ioctl(3, KVM_CREATE_VM, 0) = 4\n" + clone + "9 close(4) = 0\n"

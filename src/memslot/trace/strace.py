@@ -255,6 +255,8 @@ class CallReader:
         text = line.rstrip("\r\n")
         if "strace: Process " in text:  # strace's own note, written into a call's line
             text = _NOTE.sub("", text)
+            if not text.strip():  # or on a line of its own, maybe inside a broken call
+                return None
         if self.partial is not None:
             tid, body, begun = self.partial
             self.partial = None

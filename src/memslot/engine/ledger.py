@@ -127,7 +127,7 @@ class AllocGroup:
     field is. (A plain class, not a NamedTuple: compiled, one is built per allocation without
     a Python-level call.)"""
 
-    __slots__ = ("as_id", "bytes", "serial", "slot_id", "specs", "vmalloc_bytes")
+    __slots__ = ("_freed", "as_id", "bytes", "serial", "slot_id", "specs", "vmalloc_bytes")
 
     def __init__(self, serial: int, as_id: int, slot_id: int, specs: tuple[Spec, ...],
                  bytes: int, vmalloc_bytes: int) -> None:
@@ -137,6 +137,7 @@ class AllocGroup:
         self.specs = specs
         self.bytes = bytes
         self.vmalloc_bytes = vmalloc_bytes
+        self._freed = False  # the ledger's mark (not part of the value)
 
     def _key(self) -> tuple[int, int, int, tuple[Spec, ...], int, int]:
         return (self.serial, self.as_id, self.slot_id, self.specs, self.bytes,
@@ -199,9 +200,10 @@ class Ledger:
     """Live allocations, running totals and the armed ENOMEM fault."""
 
     __slots__ = (
+        "_dead",
         "_fault_countdown",
         "_fault_kind",
-        "_groups",
+        "_order",
         "_serial",
         "allocated",
         "freed",
@@ -212,7 +214,11 @@ class Ledger:
 
     def __init__(self, page_size: int = 4096) -> None:
         self.page_size = page_size
-        self._groups: dict[int, AllocGroup] = {}
+        # Groups in allocation (serial) order; a freed one is marked and stays until the
+        # dead outnumber the live (then the list is rebuilt: amortised O(1) per free, with
+        # no hashing of serial numbers on the request path).
+        self._order: list[AllocGroup] = []
+        self._dead = 0
         self.live_bytes = 0
         self.vmalloc_bytes = 0
         self._serial = 0
@@ -245,7 +251,7 @@ class Ledger:
         serial = self._serial + 1
         self._serial += len(specs)
         g = AllocGroup(serial, as_id, slot_id, specs, group.bytes, group.vmalloc_bytes)
-        self._groups[serial] = g
+        self._order.append(g)
         self.live_bytes += group.bytes
         self.vmalloc_bytes += group.vmalloc_bytes
         self.allocated.append(g)
@@ -260,7 +266,7 @@ class Ledger:
                 return None
         self._serial = serial = self._serial + 1
         g = AllocGroup(serial, as_id, slot_id, (one,), one.bytes, one.vmalloc_bytes)
-        self._groups[serial] = g
+        self._order.append(g)
         self.live_bytes += one.bytes
         self.vmalloc_bytes += one.vmalloc_bytes
         self.allocated.append(g)
@@ -283,7 +289,13 @@ class Ledger:
 
     def free(self, g: AllocGroup) -> None:
         """Release a group (a double free is a model bug and raises ``KeyError``)."""
-        del self._groups[g.serial]
+        if g._freed:
+            raise KeyError(g.serial)
+        g._freed = True
+        self._dead += 1
+        if self._dead > 32 and self._dead * 2 > len(self._order):
+            self._order = [x for x in self._order if not x._freed]
+            self._dead = 0
         self.live_bytes -= g.bytes
         self.vmalloc_bytes -= g.vmalloc_bytes
         self.freed.append(g)
@@ -293,8 +305,13 @@ class Ledger:
         self.allocated = []
         self.freed = []
 
+    def _live_groups(self) -> list[AllocGroup]:
+        """The live groups in serial order (a snapshot)."""
+        return [g for g in list(self._order) if not g._freed]
+
     def is_live(self, g: AllocGroup) -> bool:
-        return self._groups.get(g.serial) == g
+        """Not freed (a group is only ever made by the ledger of its VM)."""
+        return not g._freed
 
     def check(self, holders: Iterable[tuple[str, str, AllocGroup]]) -> list[str]:
         """Ownership problems, given what each live slot holds as ``(owner, what, group)``:
@@ -309,14 +326,14 @@ class Ledger:
             owned[g.serial] = owner
             if not self.is_live(g):
                 problems.append(f"{owner} holds freed {g!r}")
-        for g in self._groups.values():
+        groups = self._live_groups()
+        for g in groups:
             if g.serial not in owned:
                 for a in g.items:
                     problems.append(
                         f"leak: {a.label} #{a.serial} of slot {a.as_id}:{a.slot_id} "
                         f"({a.bytes} bytes) is allocated but no live slot owns it"
                     )
-        groups = list(self._groups.values())
         live = sum(g.bytes for g in groups)
         vmalloc = sum(g.vmalloc_bytes for g in groups)
         if (live, vmalloc) != (self.live_bytes, self.vmalloc_bytes):
@@ -326,18 +343,18 @@ class Ledger:
 
     @property
     def groups(self) -> list[AllocGroup]:
-        return list(self._groups.values())
+        return self._live_groups()
 
     @property
     def live(self) -> dict[int, Allocation]:
         """Every live allocation by serial."""
-        return {a.serial: a for g in list(self._groups.values()) for a in g.items}
+        return {a.serial: a for g in self._live_groups() for a in g.items}
 
     def __iter__(self) -> Iterator[Allocation]:
         return iter(list(self.live.values()))
 
     def __len__(self) -> int:
-        return sum(len(g.specs) for g in list(self._groups.values()))
+        return sum(len(g.specs) for g in self._live_groups())
 
 
 def flatten(groups: list[AllocGroup]) -> list[Allocation]:

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PIP := -m pip install -q --disable-pip-version-check
 SOURCES := pyproject.toml setup.py $(shell find src -name '*.py' -o -name 'py.typed' -o -path '*/data/*' -type f)
 
-.PHONY: run test test-pure dev lint bench clean deps-record lab-deps matrix docs
+.PHONY: run test test-pure dev lint bench clean deps-record deps-bench lab-deps matrix docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,17 @@ dev: $(BIN)/python
 
 bench: $(VENV)/.installed-run
 	$(BIN)/python bench/bench_memslots.py
+
+# bench/bench_model_instructions.py counts instructions with valgrind's callgrind.
+deps-bench:
+	@command -v valgrind >/dev/null && exit 0; \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq -o DPkg::Lock::Timeout=600 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
+	        --no-install-recommends valgrind >/dev/null; \
+	else \
+	    echo "deps-bench: valgrind missing (install it as root with apt-get)"; \
+	fi
 
 # The kernel lab's host side: QEMU for every emulated architecture (TCG, no host KVM needed),
 # the RISC-V firmware, and what apt and the image builder use (see README, "The kernel lab").

@@ -52,6 +52,35 @@ dirty bitmaps import it at module level, ``engine/dirty.py`` and ``engine/dirty_
 the thirteen frozen dataclasses of ``trace/records.py`` about 60 million, orjson's import
 about 90 million. (Before this round: main at 9cc50f3 37,000-40,000 per CPU second, 3d54982
 58,000-60,000.)
+
+The model's round, measured apart (06:00 UTC, load average 4-5, three alternating sessions of
+3 runs, on main at 61eb16d: the model's changes, before the compiled loop above landed):
+
+                                 main at e7bc6c2 (before)    61eb16d (after)
+    end to end, per CPU second   64,000 / 76,000 / 85,000    111,000 / 93,000 / 118,000
+    past start-up, per CPU s.    70,000 / 89,000 / 113,000   135,000 / 110,000 / 143,000
+    per request past start-up    14.3 / 11.3 / 8.9 us        7.4 / 9.1 / 7.0 us
+    the model alone (submit)     5.8 / 6.8 / 6.0 us          3.1 / 3.9 / 3.3 us
+    peak RSS, 200,000 / 20,000   42 / 42 MiB                 42 / 42 MiB
+
+(Wall figures swing with the other work: 50,000-59,000 requests/s before, 50,000-73,000 after.)
+Instructions per request of the model alone (``bench/bench_model_instructions.py``: callgrind,
+deterministic; ``ModelVM.submit`` of the bench trace's first 10,000 requests): 32,200 before,
+18,200 at 61eb16d (the engine's ``set_memory_region`` 27,700 before, 15,400 after), 17,100 with
+the ledger change that followed it. With 32,000 other slots in the address space: 34,300
+before, 26,500 after; the growth is the sorted gfn index (logarithmic) and Python's cyclic GC,
+whose full collections now walk the slots' objects (plain classes stay tracked; tuples of ints
+were untracked), amortised by its rule of collecting only after a quarter of the old objects is
+new (CPU time per request grows about 20% in both builds).
+
+Per CPU second the goal of 100,000 requests/s is met in two sessions of three; start-up is
+about 0.3 s of CPU (numpy's import the largest part), and past it the parse, the SetRegion
+record and the replay loop still cost about as much as the model. What the model's 18,200 go
+to: two or three lock pairs (slots_lock once, srcu per swap: about 1,300), the slot-set indexes
+(gfn-sorted bases, id and base dicts, the hva tree: about 3,500), the ledger (about 2,200;
+1,200 after the ledger change), building and freeing the result record, its step list and
+journals (about 2,500), the uncompiled ``ModelVM.submit`` wrapper (about 1,000), and one to
+three slot views per request.
 """
 
 from __future__ import annotations

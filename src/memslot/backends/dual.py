@@ -353,6 +353,9 @@ class DualVM(VM):
     def describe_metadata(self, slot: MemorySlot) -> dict[str, Any]:
         return self._introspect().describe_metadata(slot)
 
+    def slot_metadata_bytes(self, slot: MemorySlot) -> tuple[int, int]:
+        return self._introspect().slot_metadata_bytes(slot)
+
     def metadata_bytes(self) -> int:
         return self._introspect().metadata_bytes()
 

@@ -402,6 +402,22 @@ class ModelVM(VM):
         """Live ledger entries, oldest first."""
         return sorted(self.ledger, key=lambda a: a.serial)
 
+    def slot_metadata_bytes(self, slot: MemorySlot) -> tuple[int, int]:
+        """``(bytes, vmalloc_bytes)`` of one slot's allocations: the totals of
+        :meth:`describe_metadata` from the ledger groups the slot holds, without building the
+        per-array description (a final table of 32,764 slots asks this of each)."""
+        total = vmalloc = 0
+        if slot.struct is not None:
+            total = slot.struct.bytes
+        for group in self.arch.groups(slot.arch):
+            total += group.bytes
+            vmalloc += group.vmalloc_bytes
+        bitmap = slot.dirty_bitmap
+        if bitmap is not None and bitmap.alloc is not None:
+            total += bitmap.alloc.bytes
+            vmalloc += bitmap.alloc.vmalloc_bytes
+        return total, vmalloc
+
     def describe_metadata(self, slot: MemorySlot) -> dict[str, Any]:
         """Per-array entries and bytes and large-page facts of one slot."""
         out = self.arch.describe(slot)

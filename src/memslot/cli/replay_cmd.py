@@ -95,8 +95,8 @@ def slot_table_rows(vms: dict[int, VM]) -> tuple[list[list[str]], list[str]]:
             row = [str(s.as_id), str(s.id), f"{s.guest_phys_addr:#x}",
                    human_bytes(s.memory_size), f"{s.userspace_addr:#x}", flag_names(s.flags)]
             if with_metadata and model is not None:
-                d = model.describe_metadata(s)
-                row += [human_bytes(d["bytes"]), human_bytes(d["vmalloc_bytes"])]
+                size, vmalloc = model.slot_metadata_bytes(s)
+                row += [human_bytes(size), human_bytes(vmalloc)]
             if several:
                 row.insert(0, str(number))
             rows.append(row)

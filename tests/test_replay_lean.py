@@ -148,3 +148,16 @@ def test_replay_loads_only_what_it_runs(tmp_path: Path) -> None:
     unwanted = others | {"memslot.guest", "memslot.backends.kvm", "memslot.lab",
                          "memslot.tools.layout", "rich", "PIL"}
     assert not loaded & unwanted
+
+
+def test_hex_spellings_are_kept_and_the_cache_is_bounded() -> None:
+    """The lean path reads each ``"0x"`` spelling once; what it keeps is bounded, and what is
+    not a spelling it takes is left to the general parser."""
+    from memslot.trace import jsonl
+
+    assert jsonl._hex_value("0x10") == 16 and jsonl._hex_value("0X1f") == 31
+    for bad in ("0x", "0x0x1", "10", "x10", "0xg", ""):
+        assert jsonl._hex_value(bad) is None
+    for n in range(jsonl._HEX_KEPT + 10):
+        assert jsonl._hex_value(hex((1 << 40) + n)) == (1 << 40) + n
+    assert len(jsonl._HEX) <= jsonl._HEX_KEPT

@@ -416,21 +416,19 @@ class JsonLines:
         gpa = obj.get("guest_phys_addr")
         length = obj.get("memory_size")
         ua = obj.get("userspace_addr")
-        try:  # a bad hex string ("0x", "0x0x1") is the general path's to word
-            if type(gpa) is str:
-                if not (gpa.startswith("0x") or gpa.startswith("0X")):
-                    return False
-                gpa = int(gpa, 16)
-            if type(length) is str:
-                if not (length.startswith("0x") or length.startswith("0X")):
-                    return False
-                length = int(length, 16)
-            if type(ua) is str:
-                if not (ua.startswith("0x") or ua.startswith("0X")):
-                    return False
-                ua = int(ua, 16)
-        except ValueError:
-            return False
+        # (a bad hex string, "0x" or "0x0x1", is the general path's to word)
+        if type(gpa) is str:
+            gpa = _hex_value(gpa)
+            if gpa is None:
+                return False
+        if type(length) is str:
+            length = _hex_value(length)
+            if length is None:
+                return False
+        if type(ua) is str:
+            ua = _hex_value(ua)
+            if ua is None:
+                return False
         # The region holds the int objects JSON gave (made before the checks below: compiled,
         # a value checked as an int is held unboxed, and would be boxed again, a new object).
         fields = (slot, flags, gpa, length, ua, 0, None)
@@ -473,6 +471,27 @@ class JsonLines:
         self.line = line
         self.note = note
         return True
+
+
+#: The ``"0x"`` spellings the lean path read, with their values: a VMM's trace names the same
+#: addresses and sizes again and again, and a lookup costs a third of int(text, 16).
+_HEX: dict[str, object] = {}
+_HEX_KEPT: Final = 4096
+
+
+def _hex_value(text: str) -> object:
+    """The value of a ``"0x"`` spelling, ``None`` for any other text."""
+    value = _HEX.get(text)
+    if value is None:
+        if not (text.startswith("0x") or text.startswith("0X")):
+            return None
+        try:
+            value = int(text, 16)
+        except ValueError:
+            return None
+        if len(_HEX) < _HEX_KEPT:
+            _HEX[text] = value
+    return value
 
 
 def _in_u32(value: int) -> bool:

@@ -5,10 +5,12 @@ second half is only KVM_GET_DIRTY_LOG's scratch buffer and is accounted, not mod
 from __future__ import annotations
 
 import threading
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .ledger import AllocGroup
+
+if TYPE_CHECKING:  # numpy is imported where a bitmap is read (its import is most of start-up)
+    import numpy as np
 
 WORD_BITS = 64
 ALL_ONES = (1 << 64) - 1
@@ -83,6 +85,8 @@ class DirtyBitmap:
             return self._to_array()
 
     def _to_array(self) -> np.ndarray:
+        import numpy as np
+
         if self.filled:
             out = np.full(self.nwords, ALL_ONES, dtype="<u8")
             if self.nwords and self.npages & 63:
@@ -113,6 +117,8 @@ class DirtyBitmap:
             self._clear(first_word, masks)
 
     def _clear(self, first_word: int, masks: np.ndarray) -> None:
+        import numpy as np
+
         words = self.words
         nonzero = np.flatnonzero(masks)
         for i in nonzero.tolist():
@@ -130,9 +136,13 @@ class DirtyBitmap:
 
     def count(self) -> int:
         """Number of dirty pages."""
+        import numpy as np
+
         return int(np.unpackbits(self.to_array().view(np.uint8)).sum())
 
     def dirty_pages(self) -> np.ndarray:
         """Slot-relative indices of the dirty pages, ascending."""
+        import numpy as np
+
         bits = np.unpackbits(self.to_array().view(np.uint8), bitorder="little")
         return np.flatnonzero(bits[: self.npages])

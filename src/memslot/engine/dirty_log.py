@@ -5,8 +5,6 @@ the dirty-logging capabilities of ``kvm_vm_ioctl_enable_cap_generic`` and
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..constants import (
     KVM_CAP_DIRTY_LOG_RING,
     KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
@@ -98,6 +96,8 @@ class DirtyLog:
                 return
             assert bitmap is not None
             data = bitmap.ljust(n, b"\0")[:n] if len(bitmap) < n else bitmap[:n]
+            import numpy as np  # here, not at start-up (its import is most of it)
+
             masks = np.frombuffer(data, dtype="<u8")
             target = memslot.dirty_bitmap
             assert target is not None

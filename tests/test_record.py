@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import qmp
 from memslot import KvmVM, ModelVM, detect_profile
 from memslot.backends.base import VM
 from memslot.harness.replay import Replayer
@@ -182,26 +183,10 @@ def test_qemu_recording_equals_its_own_trace_and_replays(
 def qmp_migrate_and_quit(path: Path, timeout: float = 120.0) -> str:
     """Over QMP: migrate to /dev/null (every slot dirty-logged, the logs fetched and cleared),
     then quit. Returns the migration's final status."""
-    import json
-    import socket
-
     deadline = time.monotonic() + timeout
-    sock = socket.socket(socket.AF_UNIX)
-    while True:
-        try:
-            sock.connect(str(path))
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "QEMU's QMP socket never appeared"
-            time.sleep(0.1)
-    with sock, sock.makefile("rw") as f:
+    with qmp.connect(path, timeout) as sock, sock.makefile("rw") as f:
         def command(name: str, **arguments: object) -> dict[str, object]:
-            f.write(json.dumps({"execute": name, "arguments": arguments}) + "\n")
-            f.flush()
-            while True:
-                reply: dict[str, object] = json.loads(f.readline())
-                if "return" in reply or "error" in reply:
-                    return reply
+            return qmp.command(f, name, **arguments)
 
         f.readline()  # the greeting
         command("qmp_capabilities")

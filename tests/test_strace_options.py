@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import qmp
 from memslot.cli.main import main
 from memslot.constants import KVM_CAP_NR_MEMSLOTS
 from memslot.request import MemoryRegion
@@ -313,21 +313,10 @@ def test_strace_killed_mid_run(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def qmp_quit(path: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    sock = socket.socket(socket.AF_UNIX)
-    while True:
-        try:
-            sock.connect(str(path))
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "QEMU's QMP socket never appeared"
-            time.sleep(0.1)
-    with sock, sock.makefile("rw") as f:
-        f.readline()
+    with qmp.connect(path, timeout) as sock, sock.makefile("rw") as f:
+        f.readline()  # the greeting
         for name in ("qmp_capabilities", "quit"):
-            f.write(json.dumps({"execute": name}) + "\n")
-            f.flush()
-            f.readline()
+            qmp.command(f, name)
 
 
 @pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed (make deps-record)")
